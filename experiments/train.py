@@ -1,0 +1,102 @@
+r"""Trains a FER model on FER2013 (learn on Training, select on PublicTest, report PrivateTest).
+
+  python -m experiments.train --model=acnn_alstm --data=path/to/fer2013.csv
+
+Running the same command again on the same --workdir resumes from the latest
+checkpoint. Results land in the workdir: checkpoints/, metrics.jsonl,
+curves.png, results.json (PrivateTest metrics of the best checkpoint).
+"""
+
+from absl import app, flags
+
+from ferjax import cli, models
+from ferjax.augment import AugmentConfig
+from ferjax.config import CLASS_WEIGHTING, LABEL_SETS, OPTIMIZERS, default_config
+
+_MODEL = flags.DEFINE_enum("model", "acnn_alstm", models.model_names(), "Model to train.")
+_DATA = flags.DEFINE_string(
+    "data", None, "FER2013 as fer2013.csv, fer2013.csv.gz, Kaggle's fer2013.tar.gz or an image "
+    "folder with train/ and test/. Default: $FER2013_PATH.")
+_LABELS = flags.DEFINE_enum("labels", "fer2013", LABEL_SETS,
+                            "fer2013 (7 classes) or ferplus (8-class FER+ majority votes).")
+_FERPLUS = flags.DEFINE_string("ferplus", None,
+                               "fer2013new.csv for --labels=ferplus. Default: $FERPLUS_PATH.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Where the run lives. Default: runs/<model>[-ferplus].")
+_FRESH = flags.DEFINE_bool("fresh", False, "Move an existing run in --workdir aside "
+                           "(renamed, never deleted) and start over.")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Epochs over Training. Default: per model.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch size. Default: 64.")
+_LR = flags.DEFINE_float("learning_rate", None, "Peak learning rate. Default: per model.")
+_OPTIMIZER = flags.DEFINE_enum("optimizer", None, OPTIMIZERS,
+                               "adamw, adam or sgd (Nesterov). Default: per model.")
+_WD = flags.DEFINE_float("weight_decay", None, "Weight decay on kernels. Default: per model.")
+_WARMUP = flags.DEFINE_float("warmup_epochs", None, "Linear warm-up before the cosine decay.")
+_CLIP = flags.DEFINE_float("grad_clip", None, "Global gradient-norm clip; 0 turns it off.")
+_SMOOTH = flags.DEFINE_float("label_smoothing", None, "Label smoothing. Default: 0.1.")
+_WEIGHTING = flags.DEFINE_enum("class_weighting", None, CLASS_WEIGHTING,
+                               "Loss weights per class: none, balanced or sqrt.")
+_EMA = flags.DEFINE_float("ema_decay", None, "Parameter EMA decay used for evaluation; 0: off.")
+_SEED = flags.DEFINE_integer("seed", None, "Seed for initialisation, data order, augmentation "
+                             "and dropout. Default: 0.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps (smoke runs).")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", None, "Evaluate (and checkpoint) every N "
+                                   "steps. Default: once per epoch.")
+_CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", None, "Also checkpoint every N steps.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch size (256).")
+_MODEL_OPTION = flags.DEFINE_multi_string(
+    "model_option", [], "Model option as key=value, repeatable, e.g. --model_option=lstm_hidden=256"
+    " --model_option=bidirectional=true --model_option=widths=(32,64,128,128).")
+_AUGMENT = flags.DEFINE_multi_string(
+    "augment", [], "Augmentation option as key=value, repeatable: max_shift, flip, max_rotation, "
+    "max_scale, erase_prob.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False,
+                              "Drop malformed data rows (and report them) instead of failing.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() for a multi-host run.")
+
+
+@cli.exit_on_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  if _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize()
+  from ferjax.train import train_and_evaluate  # After flags: keeps --help fast.
+
+  changes = {name: flag.value for name, flag in (
+      ("epochs", _EPOCHS), ("batch_size", _BATCH), ("learning_rate", _LR),
+      ("optimizer", _OPTIMIZER), ("weight_decay", _WD), ("warmup_epochs", _WARMUP),
+      ("grad_clip", _CLIP), ("label_smoothing", _SMOOTH), ("class_weighting", _WEIGHTING),
+      ("ema_decay", _EMA), ("seed", _SEED), ("max_steps", _MAX_STEPS),
+      ("eval_every", _EVAL_EVERY), ("checkpoint_every", _CKPT_EVERY),
+      ("eval_batch_size", _EVAL_BATCH)) if flag.value is not None}
+  overrides = cli.parse_options(_MODEL_OPTION.value, "model_option")
+  augment = cli.parse_options(_AUGMENT.value, "augment")
+  config = default_config(_MODEL.value, labels=_LABELS.value, model_overrides=overrides,
+                          augment=AugmentConfig(**_checked_augment(augment)), **changes)
+  workdir = _WORKDIR.value or f"runs/{config.model}" + ("-ferplus" if config.labels == "ferplus"
+                                                         else "")
+  results = train_and_evaluate(config, workdir, data_path=_DATA.value,
+                               ferplus_path=_FERPLUS.value, fresh=_FRESH.value,
+                               on_error="skip" if _SKIP_BAD.value else "raise")
+  none, flip = results["test_tta_none"], results["test_tta_flip"]
+  print(f"{config.model}: {results['test_split']} accuracy {none['accuracy']:.2%} "
+        f"(flip TTA {flip['accuracy']:.2%}), macro-F1 {none['macro_f1']:.4f}; "
+        f"best checkpoint step {results['best_step']} in {workdir}")
+
+
+def _checked_augment(options: dict) -> dict:
+  from ferjax.errors import ConfigError
+  known = set(AugmentConfig.__dataclass_fields__)
+  unknown = sorted(set(options) - known)
+  if unknown:
+    raise ConfigError(f"--augment: unknown option(s) {', '.join(unknown)}; "
+                      f"known: {', '.join(sorted(known))}")
+  return options
+
+
+if __name__ == "__main__":
+  app.run(main)

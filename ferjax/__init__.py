@@ -1,0 +1,3 @@
+"""ferjax: facial expression recognition with JAX and Flax NNX."""
+
+__version__ = "0.1.0"

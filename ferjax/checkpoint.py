@@ -1,0 +1,187 @@
+"""Orbax checkpoints of a run: the latest (for resuming) and the best (for use).
+
+Each checkpoint holds the model state (parameters and BatchNorm statistics),
+the optimiser state, the parameter EMA when used, and a JSON ``meta`` item with
+the run's config, model name, label set and ferjax version, so evaluation and
+inference rebuild the right model without the user repeating flags. States are
+restored into abstract states from ``nnx.eval_shape``, as the Flax NNX guides
+do.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from ferjax.errors import CheckpointError
+
+BEST_METRIC = "eval_accuracy"
+
+
+class CheckpointStore:
+  """The checkpoints of one run under ``<workdir>/checkpoints``.
+
+  Keeps the latest checkpoint and the one with the best ``eval_accuracy``;
+  older ones are deleted as new ones arrive. Writes are atomic: a run killed
+  while saving leaves the previous checkpoints intact.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, read_only: bool = False):
+    self.directory = os.path.abspath(os.fspath(directory))
+    if read_only and not os.path.isdir(self.directory):
+      raise CheckpointError(f"{self.directory}: no checkpoints here")
+    options = ocp.CheckpointManagerOptions(
+        best_fn=lambda m: m[BEST_METRIC],
+        best_mode="max",
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(n=1),
+            policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+                           keep_checkpoints_without_metrics=False),
+        ]),
+        create=not read_only,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def save(self, step: int, *, model: Any, optimizer: Any, ema: Any | None, meta: dict,
+           eval_accuracy: float | None = None) -> None:
+    """Writes a checkpoint; ``eval_accuracy`` makes it a candidate for best."""
+    items = {"model": ocp.args.StandardSave(model),
+             "optimizer": ocp.args.StandardSave(optimizer),
+             "meta": ocp.args.JsonSave(meta)}
+    if ema is not None:
+      items["ema"] = ocp.args.StandardSave(ema)
+    metrics = None if eval_accuracy is None else {BEST_METRIC: float(eval_accuracy)}
+    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    self._manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the best eval accuracy (None if no evaluated checkpoint)."""
+    if not any(info.metrics for info in self._manager._checkpoints):  # noqa: SLF001
+      return None
+    return self._manager.best_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def resolve(self, which: str | int) -> int:
+    """Turns ``best``, ``latest`` or a step number into a saved step."""
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f"{self.directory}: no checkpoints here")
+    if which == "latest":
+      return self.latest_step()
+    if which == "best":
+      step = self.best_step()
+      return self.latest_step() if step is None else step
+    try:
+      step = int(which)
+    except ValueError:
+      raise CheckpointError(f"--checkpoint must be best, latest or a step number, "
+                            f"got {which!r}") from None
+    if step not in steps:
+      raise CheckpointError(f"{self.directory}: no checkpoint at step {step}; "
+                            f"saved steps: {', '.join(map(str, sorted(steps)))}")
+    return step
+
+  def read_meta(self, step: int) -> dict:
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def restore(self, step: int, **abstract: Any) -> dict[str, Any]:
+    """Restores the named items (``model=``, ``optimizer=``, ``ema=``) at ``step``.
+
+    Each keyword gives the abstract state (from ``nnx.eval_shape``) to restore
+    into; its shardings decide where the arrays land.
+    """
+    items = {name: ocp.args.StandardRestore(_with_shardings(tree))
+             for name, tree in abstract.items()}
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f"{self.directory}/{step}: the checkpoint does not match the model it is loaded "
+          f"into ({str(e).splitlines()[0][:300]})") from None
+    return {name: restored[name] for name in abstract}
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def _with_shardings(tree: Any) -> Any:
+  """Gives abstract leaves without a sharding the default device's."""
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def fix(x):
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+    return x
+
+  return jax.tree.map(fix, tree)
+
+
+def find_checkpoints(path: str | os.PathLike) -> str:
+  """Accepts a workdir or its ``checkpoints/`` folder; returns the latter."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path}: no such directory")
+  sub = os.path.join(path, "checkpoints")
+  return sub if os.path.isdir(sub) else path
+
+
+def load_model(path: str | os.PathLike, which: str | int = "best", *,
+               expect_model: str | None = None):
+  """Rebuilds a trained model in eval mode from a run's checkpoint.
+
+  The model name, its options and the label set come from the checkpoint, so
+  nothing has to be repeated. Parameters are replaced by their EMA when the run
+  kept one.
+
+  Args:
+    path: a workdir, or its ``checkpoints/`` folder.
+    which: ``best``, ``latest`` or a step number.
+    expect_model: if given, the checkpoint must be of this model.
+
+  Returns:
+    ``(model, meta)``: the model in eval mode and the checkpoint's meta dict
+    (config, model, labels, class_names, num_classes, ferjax_version, step).
+
+  Raises:
+    CheckpointError: no such checkpoint, or it does not fit the model.
+  """
+  from flax import nnx
+
+  from ferjax.models import create_model  # Here: keeps checkpoint free of model imports.
+
+  store = CheckpointStore(find_checkpoints(path), read_only=True)
+  try:
+    step = store.resolve(which)
+    meta = store.read_meta(step)
+    if expect_model is not None and meta["model"] != expect_model:
+      raise CheckpointError(f"{store.directory}/{step} holds a {meta['model']!r} model, not "
+                            f"{expect_model!r}")
+    config = meta["config"]
+    model = create_model(meta["model"], num_classes=meta["num_classes"], rngs=nnx.Rngs(0),
+                         **config.get("model_overrides", {}))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            nnx.state(model, nnx.Not(nnx.RngState)))
+    items = {"model": abstract}
+    if config.get("ema_decay"):
+      items["ema"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  nnx.state(model, nnx.Param))
+    restored = store.restore(step, **items)
+  finally:
+    store.close()
+  nnx.update(model, restored["model"])
+  if "ema" in restored:
+    nnx.update(model, restored["ema"])
+  model.eval()
+  return model, {**meta, "step": step}

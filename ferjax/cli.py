@@ -1,0 +1,72 @@
+"""What every entrypoint shares: logging set-up, option parsing, one-line errors."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ferjax.errors import ConfigError, FerjaxError
+
+
+def setup_logging(verbose: bool = False) -> None:
+  """ferjax's own messages at INFO on stderr; library chatter (orbax, absl) at WARNING."""
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  ours = logging.getLogger("ferjax")
+  ours.handlers[:] = [handler]
+  ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+  ours.propagate = False
+  for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  # Orbax warns for every checkpoint saved without eval metrics (our mid-epoch
+  # resume points); that is by design here.
+  logging.getLogger("absl").addFilter(
+      lambda record: "did not provide metrics" not in record.getMessage())
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:
+    pass
+
+
+def exit_on_errors(main: Callable[..., Any]) -> Callable[..., Any]:
+  """Turns ferjax's errors into one line on stderr and exit status 2."""
+
+  @functools.wraps(main)
+  def wrapper(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except FerjaxError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(130)
+
+  return wrapper
+
+
+def parse_options(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+  """Parses ``key=value`` strings; values are Python literals, ``true``/``false`` or text.
+
+  Example: ``["lstm_hidden=256", "bidirectional=true", "widths=(32,64,128,128)"]``.
+  """
+  out: dict[str, Any] = {}
+  for item in items or ():
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+      raise ConfigError(f"--{flag}={item!r}: expected key=value")
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+      value: Any = text.lower() == "true"
+    else:
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        value = text
+    out[key.strip()] = value
+  return out

@@ -1,0 +1,122 @@
+"""Training configuration: one frozen dataclass, with per-model defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from ferjax.augment import AugmentConfig
+from ferjax.errors import ConfigError
+from ferjax.models import model_names, model_options
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LABEL_SETS = ("fer2013", "ferplus")
+CLASS_WEIGHTING = ("none", "balanced", "sqrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that decides what a training run computes.
+
+  Two runs with equal configs (and data) produce the same parameters; the
+  fields in ``RUN_CONTROL_FIELDS`` only say how long to run and how often to
+  report, so a resumed run may change them.
+  """
+
+  model: str = "acnn_alstm"
+  model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  labels: str = "fer2013"
+  epochs: int = 40
+  batch_size: int = 64
+  optimizer: str = "adamw"
+  learning_rate: float = 1e-3
+  weight_decay: float = 1e-4
+  momentum: float = 0.9  # SGD (Nesterov) only.
+  warmup_epochs: float = 1.0
+  grad_clip: float = 5.0  # Global-norm clipping; 0 turns it off.
+  label_smoothing: float = 0.1
+  class_weighting: str = "none"
+  ema_decay: float = 0.0  # 0 turns the parameter EMA off.
+  seed: int = 0
+  augment: AugmentConfig = AugmentConfig()
+  train_split: str = "Training"
+  eval_split: str = "PublicTest"
+  test_split: str = "PrivateTest"
+  # Run control: may change between a run and its resumption.
+  max_steps: int | None = None
+  eval_every: int | None = None  # Steps; default once per epoch.
+  checkpoint_every: int | None = None  # Steps; default at every evaluation.
+  eval_batch_size: int = 256
+
+  def __post_init__(self):
+    if self.model not in model_names():
+      raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(model_names())}")
+    unknown = sorted(set(self.model_overrides) - set(model_options(self.model)))
+    if unknown:
+      raise ConfigError(f"model {self.model!r} has no option {', '.join(unknown)}; its options: "
+                        f"{', '.join(sorted(model_options(self.model)))}")
+    _choice("optimizer", self.optimizer, OPTIMIZERS)
+    _choice("labels", self.labels, LABEL_SETS)
+    _choice("class_weighting", self.class_weighting, CLASS_WEIGHTING)
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+    for name in ("max_steps", "eval_every", "checkpoint_every"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ConfigError(f"{name} must be at least 1 (or unset), got {value}")
+    if not self.learning_rate > 0:
+      raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+    if not 0 <= self.label_smoothing < 1:
+      raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    if not 0 <= self.ema_decay < 1:
+      raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+    if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_epochs < 0:
+      raise ConfigError("weight_decay, grad_clip and warmup_epochs must not be negative")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    d = dict(d)
+    augment = d.pop("augment", None) or {}
+    for k in ("erase_area", "erase_aspect"):
+      if k in augment:
+        augment[k] = tuple(augment[k])
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ConfigError(f"unknown config fields {unknown}")
+    return cls(**d, augment=AugmentConfig(**augment))
+
+  def identity(self) -> dict[str, Any]:
+    """The fields that must match for a run to resume from a checkpoint."""
+    d = self.to_dict()
+    for name in RUN_CONTROL_FIELDS:
+      d.pop(name)
+    return json.loads(json.dumps(d))  # Tuples to lists, as after a JSON round trip.
+
+
+RUN_CONTROL_FIELDS = ("max_steps", "eval_every", "checkpoint_every", "eval_batch_size")
+
+# Defaults that train each model well (see BUILD_NOTES.md for the runs).
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dnn": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=5e-4, epochs=40),
+    "cnn_lstm": dict(optimizer="adamw", learning_rate=2e-3, weight_decay=1e-4, epochs=50),
+    "cnn_alstm": dict(optimizer="adamw", learning_rate=2e-3, weight_decay=1e-4, epochs=50),
+    "acnn_alstm": dict(optimizer="adamw", learning_rate=2e-3, weight_decay=1e-4, epochs=50),
+}
+
+
+def default_config(model: str, **changes) -> TrainConfig:
+  """The recommended config for ``model``, with ``changes`` applied on top."""
+  if model not in model_names():
+    raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(model_names())}")
+  return TrainConfig(model=model, **{**MODEL_DEFAULTS.get(model, {}), **changes})
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -1,0 +1,42 @@
+"""Errors that ferjax raises for bad input, each naming where the problem is."""
+
+from __future__ import annotations
+
+import os
+
+
+class FerjaxError(Exception):
+  """Base class of every error ferjax raises on purpose.
+
+  Entrypoints print these as one line and exit with a non-zero status instead
+  of showing a traceback.
+  """
+
+
+class DataError(FerjaxError):
+  """A data file is missing, unreadable or malformed.
+
+  Attributes:
+    path: the file (or folder) at fault.
+    line: the 1-based line number inside ``path`` (None when not line based).
+    reason: what is wrong, without the location.
+  """
+
+  def __init__(self, reason: str, *, path: str | os.PathLike, line: int | None = None):
+    self.path = os.fspath(path)
+    self.line = line
+    self.reason = reason
+    where = self.path if line is None else f"{self.path}:{line}"
+    super().__init__(f"{where}: {reason}")
+
+
+class ConfigError(FerjaxError):
+  """A flag, config value or workdir does not fit what was asked for."""
+
+
+class CheckpointError(FerjaxError):
+  """A checkpoint is missing or does not match the model that should load it."""
+
+
+class TrainingDivergedError(FerjaxError):
+  """The training loss became NaN or infinite."""

@@ -1,0 +1,214 @@
+"""Exact evaluation: predictions over a whole split, test-time augmentation, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ferjax.augment import affine_warp
+from ferjax.input_pipeline import eval_batches
+from ferjax.preprocess import preprocess
+
+TTA_MODES = ("none", "flip", "ten_crop")
+# ten_crop: five 44x44 crops (centre and corners) scaled back to 48x48, and their mirrors.
+_CROP = 44
+
+
+def tta_views(x_BxHxWxC: jax.Array, tta: str) -> jax.Array:
+  """Stacks the test-time views of a preprocessed batch: ``(V, B, H, W, C)``."""
+  if tta == "none":
+    return x_BxHxWxC[None]
+  flipped = x_BxHxWxC[:, :, ::-1]
+  if tta == "flip":
+    return jnp.stack([x_BxHxWxC, flipped])
+  if tta != "ten_crop":
+    raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+  b, h, w, _ = x_BxHxWxC.shape
+  scale = jnp.full((b,), h / _CROP, jnp.float32)
+  angle = jnp.zeros((b,), jnp.float32)
+  d = (h - _CROP) / 2 * scale[0]  # Corner crops sit this far off centre after scaling.
+  views = []
+  for dy, dx in ((0, 0), (-d, -d), (-d, d), (d, -d), (d, d)):
+    for flip in (False, True):
+      # The warp mirrors after shifting, so the mirror of crop (dy, dx) uses -dx.
+      shift = jnp.broadcast_to(jnp.asarray([dy, -dx if flip else dx], jnp.float32), (b, 2))
+      views.append(affine_warp(x_BxHxWxC, angle, scale, shift, jnp.full((b,), flip)))
+  return jnp.stack(views)
+
+
+def predict_probs(model_fn: Callable[[jax.Array], jax.Array], images_BxHxWx1: jax.Array,
+                  tta: str = "none") -> jax.Array:
+  """Class probabilities for uint8 faces, averaged over the TTA views.
+
+  Args:
+    model_fn: maps preprocessed float images to logits (eval mode).
+    images_BxHxWx1: uint8 faces.
+    tta: ``none``, ``flip`` or ``ten_crop``.
+
+  Returns:
+    float32 ``(B, C)`` probabilities.
+  """
+  views_VxBxHxWxC = tta_views(preprocess(images_BxHxWx1), tta)
+  v, b = views_VxBxHxWxC.shape[:2]
+  logits = model_fn(views_VxBxHxWxC.reshape(v * b, *views_VxBxHxWxC.shape[2:]))
+  return jax.nn.softmax(logits.reshape(v, b, -1), axis=-1).mean(axis=0)
+
+
+def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.ndarray,
+                    batch_size: int, shard: Callable | None = None) -> np.ndarray:
+  """Runs ``predict_fn`` over every image once, in fixed-shape padded batches.
+
+  Args:
+    predict_fn: uint8 ``(batch_size, 48, 48, 1)`` → probabilities ``(batch_size, C)``.
+    images: uint8 ``(N, 48, 48, 1)``.
+    batch_size: the one batch shape used (the last batch is padded).
+    shard: optional placement of each batch on devices.
+
+  Returns:
+    float32 ``(N, C)`` probabilities; padding rows are dropped.
+  """
+  outputs = []
+  dummy = np.zeros(len(images), np.int32)
+  for batch in eval_batches(images, dummy, batch_size):
+    x = batch["image"] if shard is None else shard({"image": batch["image"]})["image"]
+    outputs.append((predict_fn(x), int(batch["mask"].sum())))
+  # One host transfer per batch, after all batches were dispatched.
+  return np.concatenate([np.asarray(p)[:n] for p, n in outputs]).astype(np.float32)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray,
+                           class_names: Sequence[str]) -> dict:
+  """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, NLL.
+
+  Args:
+    probs: ``(N, C)`` predicted probabilities.
+    labels: ``(N,)`` true labels.
+    class_names: the C class names.
+
+  Returns:
+    A JSON-ready dict; ``confusion[i][j]`` counts true class i predicted as j.
+  """
+  labels = np.asarray(labels)
+  c = len(class_names)
+  pred = probs.argmax(axis=1)
+  confusion = np.zeros((c, c), np.int64)
+  np.add.at(confusion, (labels, pred), 1)
+  tp = np.diag(confusion).astype(np.float64)
+  support = confusion.sum(axis=1)
+  predicted = confusion.sum(axis=0)
+  precision = np.divide(tp, predicted, out=np.zeros(c), where=predicted > 0)
+  recall = np.divide(tp, support, out=np.zeros(c), where=support > 0)
+  f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(c),
+                 where=(precision + recall) > 0)
+  present = support > 0
+  nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+  return {
+      "num_examples": int(len(labels)),
+      "accuracy": float(tp.sum() / max(len(labels), 1)),
+      "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+      "loss": float(nll.mean()) if len(labels) else 0.0,
+      "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                           "f1": float(f1[i]), "support": int(support[i])}
+                    for i, name in enumerate(class_names)},
+      "confusion": confusion.tolist(),
+      "class_names": list(class_names),
+  }
+
+
+def format_metrics(metrics: dict, title: str = "") -> str:
+  """A plain-text table of :func:`classification_metrics` output."""
+  names = metrics["class_names"]
+  width = max(len(n) for n in names + ["macro avg"]) + 2
+  lines = [title] if title else []
+  lines.append(f"accuracy {metrics['accuracy']:.2%}  macro-F1 {metrics['macro_f1']:.4f}  "
+               f"loss {metrics['loss']:.4f}  examples {metrics['num_examples']}")
+  lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+  for name in names:
+    m = metrics["per_class"][name]
+    lines.append(f"{name:<{width}}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}"
+                 f"{m['support']:>10d}")
+  lines.append("confusion (rows: true, columns: predicted)")
+  short = [n[:7] for n in names]
+  lines.append(" " * width + "".join(f"{s:>8}" for s in short))
+  for name, row in zip(names, metrics["confusion"]):
+    lines.append(f"{name:<{width}}" + "".join(f"{v:>8d}" for v in row))
+  return "\n".join(lines)
+
+
+
+def make_predict_fn(model, tta: str = "none") -> Callable[[np.ndarray], jax.Array]:
+  """A jitted ``uint8 faces → probabilities`` function for a model in eval mode.
+
+  The model's state is split out once and passed to ``jax.jit`` as data (the
+  functional form: no per-call graph traversal).
+  """
+  from flax import nnx
+
+  if tta not in TTA_MODES:
+    raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def predict(state, images):
+    return predict_probs(nnx.merge(graphdef, state), images, tta)
+
+  return lambda images: predict(state, images)
+
+
+def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: str | None = None,
+                        tta: str = "none", data=None, data_path: str | None = None,
+                        ferplus_path: str | None = None, batch_size: int = 256,
+                        expect_model: str | None = None, output_dir: str | None = None) -> dict:
+  """Evaluates a run's checkpoint on a split; writes JSON and a confusion-matrix PNG.
+
+  Args:
+    workdir: the run's workdir (or its ``checkpoints/``).
+    checkpoint: ``best``, ``latest`` or a step.
+    split: split to report; default the run's test split (PrivateTest).
+    tta: ``none``, ``flip`` or ``ten_crop``.
+    data: a loaded :class:`ferjax.data.FerData` (else read from ``data_path``).
+    data_path: FER2013 in any supported form (default ``$FER2013_PATH``).
+    ferplus_path: ``fer2013new.csv`` when the run used FER+ labels.
+    batch_size: the fixed evaluation batch (the last one is padded and masked).
+    expect_model: fail unless the checkpoint holds this model.
+    output_dir: where to write results (default: the workdir).
+
+  Returns:
+    The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added.
+  """
+  import json
+  import os
+
+  from ferjax import checkpoint as checkpoint_lib
+  from ferjax import plots
+  from ferjax.config import TrainConfig
+  from ferjax.train import load_training_data, resolve_splits
+
+  model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
+  config = TrainConfig.from_dict(meta["config"])
+  if data is None:
+    data = load_training_data(config, data_path, ferplus_path=ferplus_path)
+  elif config.labels == "ferplus" and data.num_classes != meta["num_classes"]:
+    raise ValueError("this checkpoint was trained on FER+ labels; pass FER+-labelled data")
+  config = resolve_splits(config, data)
+  split = split or config.test_split
+  subset = data.split(split)
+  probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size)
+  metrics = classification_metrics(probs, subset.labels, meta["class_names"])
+  metrics.update(step=meta["step"], split=split, tta=tta, model=meta["model"],
+                 labels=meta["labels"])
+  ckpt_dir = checkpoint_lib.find_checkpoints(workdir)
+  run_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir
+  out = os.path.abspath(output_dir or run_dir)
+  os.makedirs(out, exist_ok=True)
+  stem = os.path.join(out, f"eval-{split}-step{meta['step']}-tta_{tta}")
+  with open(stem + ".json", "w") as f:
+    json.dump(metrics, f, indent=2)
+  plots.plot_confusion(metrics["confusion"], meta["class_names"], stem + "-confusion.png",
+                       title=f"{meta['model']} {split} (step {meta['step']}, tta={tta}): "
+                       f"{metrics['accuracy']:.2%}")
+  metrics["files"] = [stem + ".json", stem + "-confusion.png"]
+  return metrics

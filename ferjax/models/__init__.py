@@ -1,0 +1,66 @@
+"""The model registry: every model by the name the entrypoints' ``--model`` takes."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+from flax import nnx
+
+from ferjax.errors import ConfigError
+from ferjax.models.alstm import AttentionLSTM
+from ferjax.models.dnn import DNN
+
+MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "dnn": DNN,
+    "cnn_lstm": functools.partial(AttentionLSTM, local_attention=False, global_attention=False),
+    "cnn_alstm": functools.partial(AttentionLSTM, local_attention=False, global_attention=True),
+    "acnn_alstm": functools.partial(AttentionLSTM, local_attention=True, global_attention=True),
+}
+
+
+def model_names() -> tuple[str, ...]:
+  """Names accepted by :func:`create_model` and ``--model``."""
+  return tuple(MODELS)
+
+
+def model_options(name: str) -> dict[str, object]:
+  """The keyword options of a model with their defaults (what overrides may set)."""
+  factory = _factory(name)
+  base = factory.func if isinstance(factory, functools.partial) else factory
+  defaults = {k: p.default for k, p in inspect.signature(base.__init__).parameters.items()
+              if p.kind == p.KEYWORD_ONLY and k != "rngs"}
+  if isinstance(factory, functools.partial):
+    defaults.update(factory.keywords)
+  return defaults
+
+
+def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides) -> nnx.Module:
+  """Builds a registered model.
+
+  Args:
+    name: one of :func:`model_names`.
+    num_classes: 7 for FER2013, 8 for FER+.
+    rngs: initialisation (``params``) and ``dropout`` streams.
+    **overrides: model options to change, e.g. ``lstm_hidden=256``; see
+      :func:`model_options`.
+
+  Returns:
+    The model; it maps float ``(B, 48, 48, 1)`` from ``preprocess`` to logits.
+
+  Raises:
+    ConfigError: unknown name or option.
+  """
+  factory = _factory(name)
+  unknown = sorted(set(overrides) - set(model_options(name)))
+  if unknown:
+    raise ConfigError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
+                      f"its options are {', '.join(sorted(model_options(name)))}")
+  return factory(num_classes, rngs=rngs, **overrides)
+
+
+def _factory(name: str):
+  if name not in MODELS:
+    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+  return MODELS[name]

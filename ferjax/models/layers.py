@@ -1,0 +1,177 @@
+"""Building blocks shared by the FER models: pooling, LRN, LSTM and attention.
+
+Pooling is written with reshapes and strided slices rather than
+``lax.reduce_window``: the forward result is identical, and the gradient
+becomes plain selects and pads that XLA fuses, instead of ``select_and_scatter``,
+which is slow on CPU (see BUILD_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# He initialisation suits ReLU networks trained from scratch.
+he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+
+def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+  """2x2 max pooling with stride 2 (VALID: an odd last row or column is dropped)."""
+  b, h, w, c = x_BxHxWxC.shape
+  x = x_BxHxWxC[:, :h - h % 2, :w - w % 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def max_pool_same(x_BxHxWxC: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+  """Max pooling with TensorFlow's SAME padding, as a maximum of strided slices."""
+  _, h, w, _ = x_BxHxWxC.shape
+  out_h, out_w = -(-h // stride), -(-w // stride)
+  pad_h = max((out_h - 1) * stride + window - h, 0)
+  pad_w = max((out_w - 1) * stride + window - w, 0)
+  x = jnp.pad(x_BxHxWxC, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                          (pad_w // 2, pad_w - pad_w // 2), (0, 0)),
+              constant_values=-jnp.inf)
+  span_h, span_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+  rows = x[:, 0:span_h:stride]
+  for i in range(1, window):
+    rows = jnp.maximum(rows, x[:, i:i + span_h:stride])
+  out = rows[:, :, 0:span_w:stride]
+  for j in range(1, window):
+    out = jnp.maximum(out, rows[:, :, j:j + span_w:stride])
+  return out
+
+
+class LocalResponseNorm(nnx.Module):
+  """Local response normalisation across channels with TensorFlow's semantics.
+
+  ``out = x / (bias + alpha * sum_{|j-c| <= radius} x_j**2) ** beta``; like
+  ``tf.nn.local_response_normalization``, alpha is *not* divided by the window
+  size. The windowed sum is a matmul with a banded 0/1 matrix.
+  """
+
+  def __init__(self, depth_radius: int = 4, bias: float = 1.0, alpha: float = 0.001 / 9.0,
+               beta: float = 0.75):
+    self.depth_radius = depth_radius
+    self.bias = bias
+    self.alpha = alpha
+    self.beta = beta
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    c = x_BxHxWxC.shape[-1]
+    idx = jnp.arange(c)
+    band_CxC = (jnp.abs(idx[:, None] - idx[None, :]) <= self.depth_radius).astype(x_BxHxWxC.dtype)
+    sqr_sum = jnp.square(x_BxHxWxC) @ band_CxC
+    return x_BxHxWxC * jnp.power(self.bias + self.alpha * sqr_sum, -self.beta)
+
+
+class ConvBlock(nnx.Module):
+  """3x3 convolution (+ BatchNorm) + ReLU."""
+
+  def __init__(self, in_features: int, out_features: int, *, batch_norm: bool, rngs: nnx.Rngs,
+               kernel_size: int = 3):
+    self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size), padding="SAME",
+                         use_bias=not batch_norm, kernel_init=he_normal, rngs=rngs)
+    self.norm = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs) if batch_norm else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.conv(x)
+    if self.norm is not None:
+      x = self.norm(x)
+    return jax.nn.relu(x)
+
+
+class LSTM(nnx.Module):
+  """A single-direction LSTM layer that returns the hidden state of every step.
+
+  The input projection of all steps is one matmul; only the recurrent matmul
+  runs inside the ``lax.scan`` over time. Gate order: input, forget, cell,
+  output; the forget-gate bias starts at 1.
+  """
+
+  def __init__(self, in_features: int, hidden_size: int, *, rngs: nnx.Rngs, reverse: bool = False):
+    self.hidden_size = hidden_size
+    self.reverse = reverse
+    bias = jnp.zeros((4 * hidden_size,)).at[hidden_size:2 * hidden_size].set(1.0)
+    self.input_proj = nnx.Linear(in_features, 4 * hidden_size,
+                                 kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+    self.input_proj.bias[...] = bias
+    self.hidden_proj = nnx.Linear(hidden_size, 4 * hidden_size, use_bias=False,
+                                  kernel_init=nnx.initializers.orthogonal(), rngs=rngs)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    b = x_BxTxD.shape[0]
+    hs = self.hidden_size
+    gates_x_TxBx4H = jnp.swapaxes(self.input_proj(x_BxTxD), 0, 1)
+    w_hh_Hx4H = self.hidden_proj.kernel[...]
+
+    def step(carry, gates_x_Bx4H):
+      h_BxH, c_BxH = carry
+      gates_Bx4H = gates_x_Bx4H + h_BxH @ w_hh_Hx4H
+      i, f, g, o = jnp.split(gates_Bx4H, 4, axis=-1)
+      c_BxH = jax.nn.sigmoid(f) * c_BxH + jax.nn.sigmoid(i) * jnp.tanh(g)
+      h_BxH = jax.nn.sigmoid(o) * jnp.tanh(c_BxH)
+      return (h_BxH, c_BxH), h_BxH
+
+    zeros = jnp.zeros((b, hs), x_BxTxD.dtype)
+    _, h_TxBxH = jax.lax.scan(step, (zeros, zeros), gates_x_TxBx4H, reverse=self.reverse)
+    return jnp.swapaxes(h_TxBxH, 0, 1)
+
+
+class StackedLSTM(nnx.Module):
+  """One or more LSTM layers, optionally bidirectional, dropout between layers.
+
+  Returns the outputs of the last layer for every step, ``(B, T, H * dirs)``.
+  """
+
+  def __init__(self, in_features: int, hidden_size: int, *, num_layers: int = 1,
+               bidirectional: bool = False, dropout: float = 0.0, rngs: nnx.Rngs):
+    if num_layers < 1:
+      raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    self.bidirectional = bidirectional
+    dirs = 2 if bidirectional else 1
+    self.forward_layers = nnx.List([
+        LSTM(in_features if i == 0 else hidden_size * dirs, hidden_size, rngs=rngs)
+        for i in range(num_layers)])
+    self.backward_layers = nnx.List([
+        LSTM(in_features if i == 0 else hidden_size * dirs, hidden_size, reverse=True, rngs=rngs)
+        for i in range(num_layers)] if bidirectional else [])
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.output_size = hidden_size * dirs
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    for i, forward in enumerate(self.forward_layers):
+      if i > 0:
+        x_BxTxD = self.dropout(x_BxTxD)
+      h_BxTxH = forward(x_BxTxD)
+      if self.bidirectional:
+        h_BxTxH = jnp.concatenate([h_BxTxH, self.backward_layers[i](x_BxTxD)], axis=-1)
+      x_BxTxD = h_BxTxH
+    return x_BxTxD
+
+  def final_state(self, h_BxTxH: jax.Array) -> jax.Array:
+    """Each direction's last hidden state: step T for forward, step 1 for backward."""
+    if not self.bidirectional:
+      return h_BxTxH[:, -1]
+    half = h_BxTxH.shape[-1] // 2
+    return jnp.concatenate([h_BxTxH[:, -1, :half], h_BxTxH[:, 0, half:]], axis=-1)
+
+
+class AdditiveAttention(nnx.Module):
+  """Soft attention over a sequence: ``score_t = u . tanh(W x_t + b)``, softmax over t.
+
+  ``u`` is a learned query vector; the scores measure how well each element
+  correlates with it.
+  """
+
+  def __init__(self, in_features: int, attention_size: int, *, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(in_features, attention_size, rngs=rngs)
+    self.query = nnx.Param(
+        jax.random.normal(rngs.params(), (attention_size,)) / math.sqrt(attention_size))
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    """Returns the attention weights ``(B, T)``, non-negative and summing to 1."""
+    scores_BxT = jnp.tanh(self.proj(x_BxTxD)) @ self.query[...]
+    return jax.nn.softmax(scores_BxT, axis=-1)

@@ -1,0 +1,519 @@
+"""Training: the loss, jitted train and eval steps, and the resumable training loop.
+
+Protocol: learn on Training, select the checkpoint on PublicTest, report
+PrivateTest. The steps work on the model's split state (``nnx.split`` around
+``jax.jit``), which costs less Python per call than ``nnx.jit`` at these model
+sizes (BUILD_NOTES.md). Augmentation runs inside the step; metrics accumulate
+on the device and are read a step late, so the loop never waits on the device
+except at evaluations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ferjax import __version__
+from ferjax import checkpoint as checkpoint_lib
+from ferjax import data as data_lib
+from ferjax import evaluate as evaluate_lib
+from ferjax import parallel
+from ferjax import plots
+from ferjax.augment import augment
+from ferjax.config import TrainConfig
+from ferjax.errors import ConfigError, TrainingDivergedError
+from ferjax.input_pipeline import TrainBatches
+from ferjax.models import create_model
+from ferjax.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def build_model(config: TrainConfig, num_classes: int) -> nnx.Module:
+  """The model a config describes, initialised from its seed."""
+  return create_model(config.model, num_classes=num_classes,
+                      rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+                      **config.model_overrides)
+
+
+def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+  """The optax optimiser: clipping, warm-up + cosine schedule, weight decay on kernels."""
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=config.learning_rate * 1e-3)
+
+  def decay_mask(params):  # Decay weight matrices and kernels, not biases, norms or queries.
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+  if config.optimizer == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                     optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+  elif config.optimizer == "adamw":
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+  else:  # adam: L2 on the loss gradient, as classic Adam does.
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                     optax.adam(schedule))
+  if config.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+  return tx
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
+  """Per-class loss weights, normalised to a mean of 1 over the training examples.
+
+  ``balanced`` weighs each class by 1/frequency, ``sqrt`` by 1/sqrt(frequency)
+  (milder: disgust is 1.5 % of FER2013), ``none`` weighs all alike.
+  """
+  counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+  if mode == "none":
+    w = np.ones(num_classes)
+  else:
+    freq = np.maximum(counts, 1) / counts.sum()
+    w = 1.0 / freq if mode == "balanced" else 1.0 / np.sqrt(freq)
+  w = w / (w[labels].mean() if len(labels) else 1.0)
+  return w.astype(np.float32)
+
+
+def loss_fn(logits_BxC: jax.Array, labels_B: jax.Array, weights_C: jax.Array,
+            label_smoothing: float, soft_labels_BxC: jax.Array | None = None) -> jax.Array:
+  """Weighted cross-entropy on logits (never on probabilities) with label smoothing."""
+  c = logits_BxC.shape[-1]
+  targets = (jax.nn.one_hot(labels_B, c) if soft_labels_BxC is None else soft_labels_BxC)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  per_example = optax.softmax_cross_entropy(logits_BxC, targets)
+  w = weights_C[labels_B]
+  return jnp.sum(w * per_example) / jnp.sum(w)
+
+
+class Trainer:
+  """Holds a model's split state on a mesh and its compiled train and predict steps.
+
+  Attributes:
+    state: ``{"model", "optimizer", "ema"}`` — the model's parameters and
+      BatchNorm statistics, the optimiser state, and the parameter EMA (None
+      when off). This is what checkpoints hold.
+  """
+
+  def __init__(self, config: TrainConfig, num_classes: int, mesh, *, total_steps: int,
+               steps_per_epoch: int, weights: np.ndarray):
+    self.config = config
+    self.mesh = mesh
+    model = build_model(config, num_classes)
+    optimizer = nnx.Optimizer(model, make_optimizer(config, total_steps, steps_per_epoch),
+                              wrt=nnx.Param)
+    self.graphdef, self.rng_state, model_state = nnx.split(model, nnx.RngState, ...)
+    self.opt_graphdef, opt_state = nnx.split(optimizer)
+    eval_model = nnx.clone(model)
+    eval_model.eval()  # Dropout off, BatchNorm on running statistics.
+    self.eval_graphdef = nnx.graphdef(eval_model)
+    # A copy: the EMA must not share (donated) buffers with the parameters.
+    ema = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)) if config.ema_decay else None
+    self.state = jax.device_put({"model": model_state, "optimizer": opt_state, "ema": ema},
+                                parallel.replicated(mesh))
+    self._weights = jnp.asarray(weights)
+    self._train_step_jit = jax.jit(self._train_step, donate_argnums=1)
+    self._predict = jax.jit(self._predict_impl, static_argnames="tta")
+
+  def train_step(self, state, metrics: Metrics, batch: Batch, step: jax.Array):
+    """One optimiser step; returns the new state and the updated metric sums."""
+    return self._train_step_jit(self.rng_state, state, metrics, batch, step)
+
+  def zero_metrics(self) -> Metrics:
+    return jax.device_put({k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")},
+                          parallel.replicated(self.mesh))
+
+  def _train_step(self, rng_state, state, metrics: Metrics, batch: Batch, step: jax.Array):
+    config = self.config
+    model = nnx.merge(self.graphdef, rng_state, state["model"])
+    optimizer = nnx.merge(self.opt_graphdef, state["optimizer"])
+    # Randomness is a pure function of (seed, step): resuming replays it exactly.
+    aug_key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step))
+    nnx.reseed(model, dropout=dropout_key)
+    x = augment(aug_key, preprocess(batch["image"]), config.augment)
+
+    def loss_of(model):
+      logits = model(x)
+      return loss_fn(logits, batch["label"], self._weights, config.label_smoothing,
+                     batch.get("soft_label")), logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+    optimizer.update(model, grads)
+    _, _, model_state = nnx.split(model, nnx.RngState, ...)
+    _, opt_state = nnx.split(optimizer)
+    ema = state["ema"]
+    if ema is not None:
+      d = config.ema_decay
+      ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, nnx.state(model, nnx.Param))
+    b = batch["label"].shape[0]
+    correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
+    metrics = {"loss": metrics["loss"] + loss * b, "correct": metrics["correct"] + correct,
+               "count": metrics["count"] + b}
+    return {"model": model_state, "optimizer": opt_state, "ema": ema}, metrics
+
+  def _predict_impl(self, rng_state, model_state, ema, images, tta: str):
+    model = nnx.merge(self.eval_graphdef, rng_state, model_state)
+    if ema is not None:
+      nnx.update(model, ema)
+    return evaluate_lib.predict_probs(model, images, tta)
+
+  def predict(self, images: jax.Array, tta: str = "none") -> jax.Array:
+    """Probabilities for a uint8 batch under the current (or EMA) parameters."""
+    return self._predict(self.rng_state, self.state["model"], self.state["ema"], images, tta=tta)
+
+  def predict_dataset(self, images: np.ndarray, tta: str = "none") -> np.ndarray:
+    return evaluate_lib.predict_dataset(
+        lambda x: self.predict(x, tta), images, self.config.eval_batch_size,
+        shard=lambda b: parallel.shard_batch(b, self.mesh))
+
+  def abstract_state(self) -> dict[str, Any]:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        self.state)
+
+
+def load_training_data(config: TrainConfig, data_path: str | None, *,
+                       ferplus_path: str | None = None, on_error: str = "raise"
+                       ) -> data_lib.FerData:
+  """Loads FER2013 (and FER+ labels when ``config.labels == "ferplus"``)."""
+  data_path = data_path or os.environ.get("FER2013_PATH")
+  if not data_path:
+    raise ConfigError("no data: pass --data=PATH/TO/fer2013.csv (or .csv.gz, .tar.gz, an "
+                      "image folder) or set FER2013_PATH")
+  data = data_lib.load_fer2013(data_path, on_error=on_error)
+  if config.labels == "ferplus":
+    ferplus_path = ferplus_path or os.environ.get("FERPLUS_PATH")
+    if not ferplus_path:
+      raise ConfigError("--labels=ferplus needs --ferplus=PATH/TO/fer2013new.csv "
+                        "(or FERPLUS_PATH)")
+    data = data_lib.with_ferplus_labels(data, data_lib.load_ferplus(ferplus_path))
+  return data
+
+
+def resolve_splits(config: TrainConfig, data: data_lib.FerData) -> TrainConfig:
+  """Maps the default CSV split names to an image folder's train/test."""
+  have = data.split_names
+  fallback = {"Training": "train", "PublicTest": "test", "PrivateTest": "test"}
+  changes = {}
+  for field in ("train_split", "eval_split", "test_split"):
+    name = getattr(config, field)
+    if name not in have:
+      alt = fallback.get(name)
+      if alt not in have:
+        raise ConfigError(f"--{field}={name}: the data has splits {', '.join(have)}")
+      changes[field] = alt
+  if changes:
+    log.warning("this data has splits %s; using %s", ", ".join(have),
+                ", ".join(f"{k}={v}" for k, v in changes.items()))
+  return dataclasses.replace(config, **changes)
+
+
+def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool) -> None:
+  """Refuses to mix runs: a workdir holding another run's config is an error.
+
+  With ``fresh`` an existing run is moved aside (never deleted) and a new one
+  starts.
+  """
+  config_file = os.path.join(workdir, "config.json")
+  has_run = os.path.exists(config_file) or os.path.isdir(os.path.join(workdir, "checkpoints"))
+  if has_run and fresh:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = f"{workdir.rstrip(os.sep)}.old-{stamp}"
+    shutil.move(workdir, aside)
+    log.warning("--fresh: moved the previous run in %s to %s", workdir, aside)
+    has_run = False
+  if has_run:
+    if not os.path.exists(config_file):
+      raise ConfigError(f"{workdir} holds checkpoints but no config.json; use another "
+                        "--workdir (or --fresh to move it aside)")
+    with open(config_file) as f:
+      saved = json.load(f)
+    ours = config.identity()
+    theirs = TrainConfig.from_dict(saved["config"]).identity()
+    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if diff:
+      detail = "; ".join(f"{k}: saved {theirs.get(k)!r}, now {ours.get(k)!r}" for k in diff)
+      raise ConfigError(f"{workdir} holds a different run ({detail}). Use another --workdir, "
+                        "or --fresh to move the old run aside and start over")
+  os.makedirs(workdir, exist_ok=True)
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerData | None = None,
+                       data_path: str | None = None, ferplus_path: str | None = None,
+                       fresh: bool = False, on_error: str = "raise",
+                       hooks: Sequence[Callable[[int], None]] = ()) -> dict:
+  """Trains (or resumes) a run in ``workdir`` and evaluates its best checkpoint.
+
+  Args:
+    config: what to train.
+    workdir: where checkpoints, ``metrics.jsonl``, curves and results go; the
+      same command on the same workdir resumes from the latest checkpoint.
+    data: the data set (else loaded from ``data_path`` / ``FER2013_PATH``).
+    data_path: FER2013 in any form :func:`ferjax.data.load_fer2013` reads.
+    ferplus_path: ``fer2013new.csv`` for ``labels="ferplus"``.
+    fresh: move an existing run in ``workdir`` aside and start over.
+    on_error: ``skip`` drops malformed data rows instead of failing.
+    hooks: called with the number of finished steps after every step.
+
+  Returns:
+    The final results (also written to ``workdir/results.json``).
+  """
+  workdir = os.path.abspath(workdir)
+  if data is None:
+    data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
+  config = resolve_splits(config, data)
+  prepare_workdir(workdir, config, fresh=fresh)
+  train, val, test = (data.split(getattr(config, f)) for f in
+                      ("train_split", "eval_split", "test_split"))
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
+
+  batches = TrainBatches(train.images, train.labels, config.batch_size, config.seed,
+                         soft_labels=None)
+  steps_per_epoch = batches.steps_per_epoch
+  total_steps = config.epochs * steps_per_epoch
+  stop_step = min(total_steps, config.max_steps or total_steps)
+  eval_every = config.eval_every or steps_per_epoch
+  trainer = Trainer(config, data.num_classes, mesh, total_steps=total_steps,
+                    steps_per_epoch=steps_per_epoch,
+                    weights=class_weights(train.labels, data.num_classes, config.class_weighting))
+  store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  meta = {"config": config.to_dict(), "model": config.model, "labels": config.labels,
+          "class_names": list(data.class_names), "num_classes": data.num_classes,
+          "ferjax_version": __version__}
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+
+  step = 0
+  best_accuracy = -1.0
+  if store.latest_step() is not None:
+    step = store.latest_step()
+    restored = store.restore(step, **{k: v for k, v in trainer.abstract_state().items()
+                                      if v is not None})
+    trainer.state = {**trainer.state, **restored}
+    best = store.best_step()
+    if best is not None:
+      best_accuracy = _best_accuracy(workdir, best)
+    log.info("resuming %s from step %d (epoch %.2f)", workdir, step, step / steps_per_epoch)
+  _log_setup(config, data, train, val, mesh, steps_per_epoch, stop_step, workdir)
+
+  writer = _summary_writer(workdir)
+  progress = _Progress(steps_per_epoch, config.batch_size)
+  metrics = trainer.zero_metrics()
+  previous = None
+  run_start = time.time()
+  while step < stop_step:
+    if step % steps_per_epoch == 0 or previous is None:
+      progress.start_epoch(step)
+    batch = parallel.shard_batch(batches.batch(step), mesh)
+    trainer.state, new_metrics = trainer.train_step(trainer.state, metrics, batch,
+                                                    jnp.asarray(step, jnp.int32))
+    step += 1
+    progress.current = step
+    if previous is not None and progress.wants_update():
+      progress.update(step, jax.device_get(previous))  # A step late: no stall.
+    previous, metrics = metrics, new_metrics
+    for hook in hooks:
+      hook(step)
+    at_eval = step % eval_every == 0 or step == stop_step
+    at_checkpoint = config.checkpoint_every and step % config.checkpoint_every == 0
+    if not (at_eval or at_checkpoint):
+      continue
+    train_metrics = _check_finite(jax.device_get(metrics), step, store)
+    if at_eval:
+      rate = progress.images_per_second()
+      record = _evaluate_step(trainer, val, data.class_names, config, step, steps_per_epoch,
+                              train_metrics, rate, time.time() - run_start)
+      best_accuracy = max(best_accuracy, record["eval_accuracy"])
+      record["best_eval_accuracy"] = best_accuracy
+      progress.finish_epoch(record)
+      _write_record(workdir, record, writer)
+      store.save(step, model=trainer.state["model"], optimizer=trainer.state["optimizer"],
+                 ema=trainer.state["ema"], meta={**meta, "step": step, "metrics": record},
+                 eval_accuracy=record["eval_accuracy"])
+      metrics = trainer.zero_metrics()
+      previous = None
+    else:
+      store.save(step, model=trainer.state["model"], optimizer=trainer.state["optimizer"],
+                 ema=trainer.state["ema"], meta={**meta, "step": step})
+  progress.close()
+  if writer is not None:
+    writer.close()
+  return _final_evaluation(trainer, store, test, data.class_names, config, workdir, meta)
+
+
+def _check_finite(metrics: dict, step: int, store) -> dict:
+  if not math.isfinite(float(metrics["loss"])):
+    last = store.latest_step()
+    kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
+        "no checkpoint was written"
+    raise TrainingDivergedError(
+        f"the training loss became {float(metrics['loss'])} by step {step}; {kept}. "
+        "Try a lower --learning_rate or --grad_clip")
+  return metrics
+
+
+def _evaluate_step(trainer: Trainer, val, class_names, config, step, steps_per_epoch,
+                   train_metrics, images_per_second, elapsed) -> dict:
+  t = time.time()
+  probs = trainer.predict_dataset(val.images)
+  m = evaluate_lib.classification_metrics(probs, val.labels, class_names)
+  count = max(float(train_metrics["count"]), 1.0)
+  record = {
+      "step": step,
+      "epoch": round(step / steps_per_epoch, 4),
+      "train_loss": float(train_metrics["loss"]) / count,
+      "train_accuracy": float(train_metrics["correct"]) / count,
+      "eval_split": config.eval_split,
+      "eval_loss": m["loss"],
+      "eval_accuracy": m["accuracy"],
+      "eval_macro_f1": m["macro_f1"],
+      "images_per_second": round(images_per_second, 1),
+      "eval_seconds": round(time.time() - t, 2),
+      "elapsed_seconds": round(elapsed, 1),
+  }
+  return record
+
+
+def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdir, meta) -> dict:
+  """Restores the best checkpoint and reports it on the test split."""
+  best = store.resolve("best")
+  restored = store.restore(best, **{k: v for k, v in trainer.abstract_state().items()
+                                    if v is not None and k != "optimizer"})
+  trainer.state = {**trainer.state, **restored}
+  results = {"model": config.model, "labels": config.labels, "best_step": best,
+             "selected_on": config.eval_split, "test_split": config.test_split,
+             "ferjax_version": __version__, "config": config.to_dict()}
+  for tta in ("none", "flip"):
+    m = evaluate_lib.classification_metrics(trainer.predict_dataset(test.images, tta),
+                                            test.labels, class_names)
+    results[f"test_tta_{tta}"] = m
+    log.info("%s", evaluate_lib.format_metrics(
+        m, f"{config.test_split} (checkpoint step {best}, tta={tta})"))
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def _best_accuracy(workdir: str, best_step: int) -> float:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if r.get("step") == best_step:
+          return float(r["eval_accuracy"])
+  return -1.0
+
+
+def _write_record(workdir: str, record: dict, writer) -> None:
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  plots.plot_training_curves(records, os.path.join(workdir, "curves.png"))
+  if writer is not None:
+    for k, v in record.items():
+      if isinstance(v, (int, float)) and k != "step":
+        writer.add_scalar(k, v, record["step"])
+    writer.flush()
+
+
+def _summary_writer(workdir: str):
+  try:
+    from tensorboardX import SummaryWriter  # Optional dependency.
+  except ImportError:
+    return None
+  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _log_setup(config, data, train, val, mesh, steps_per_epoch, stop_step, workdir) -> None:
+  log.info("ferjax %s | model %s | %s labels (%d classes) | %d devices (%s)", __version__,
+           config.model, config.labels, data.num_classes, mesh.devices.size,
+           jax.devices()[0].platform)
+  log.info("train %s: %d | select on %s: %d | report %s | batch %d, %d steps/epoch, "
+           "stopping at step %d | workdir %s", config.train_split, len(train), config.eval_split,
+           len(val), config.test_split, config.batch_size, steps_per_epoch, stop_step, workdir)
+
+
+class _Progress:
+  """A per-epoch progress bar with images/s and ETA, and one line per epoch."""
+
+  def __init__(self, steps_per_epoch: int, batch_size: int):
+    self.steps_per_epoch = steps_per_epoch
+    self.batch_size = batch_size
+    self.interactive = sys.stderr.isatty()
+    self.bar = None
+    self._t0 = time.time()
+    self._step0 = 0
+    self.current = 0
+    self._last_print = time.time()
+
+  def start_epoch(self, step: int) -> None:
+    self.close()
+    self._t0, self._step0 = time.time(), step
+    self.current = step
+    epoch = step // self.steps_per_epoch + 1
+    if self.interactive:
+      from tqdm import tqdm
+      self.bar = tqdm(total=self.steps_per_epoch * self.batch_size, unit="img", unit_scale=True,
+                      initial=(step % self.steps_per_epoch) * self.batch_size,
+                      desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+
+  def wants_update(self) -> bool:
+    return self.bar is not None or time.time() - self._last_print > 60
+
+  def update(self, step: int, metrics: dict) -> None:
+    count = max(float(metrics["count"]), 1.0)
+    loss, acc = float(metrics["loss"]) / count, float(metrics["correct"]) / count
+    if self.bar is not None:
+      self.bar.n = (step - 1) % self.steps_per_epoch * self.batch_size + self.batch_size
+      self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
+      self.bar.update(0)
+    else:
+      self._last_print = time.time()
+      done = (step - 1) % self.steps_per_epoch + 1
+      rate = self.images_per_second()
+      eta = (self.steps_per_epoch - done) * self.batch_size / max(rate, 1e-9)
+      log.info("epoch %d: step %d/%d, loss %.4f, acc %.4f, %.0f img/s, epoch ETA %.0fs",
+               (step - 1) // self.steps_per_epoch + 1, done, self.steps_per_epoch, loss, acc,
+               rate, eta)
+
+  def images_per_second(self) -> float:
+    """Training images per second this epoch; call right after a device sync."""
+    return (self.current - self._step0) * self.batch_size / max(time.time() - self._t0, 1e-9)
+
+  def finish_epoch(self, record: dict) -> None:
+    self.close()
+    log.info("epoch %.2f (step %d): train loss %.4f acc %.2f%% | %s loss %.4f acc %.2f%% "
+             "(best %.2f%%) | %.0f img/s | %.0fs elapsed", record["epoch"], record["step"],
+             record["train_loss"], 100 * record["train_accuracy"], record["eval_split"],
+             record["eval_loss"], 100 * record["eval_accuracy"],
+             100 * record["best_eval_accuracy"],
+             record["images_per_second"], record["elapsed_seconds"])
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None

@@ -1,0 +1,272 @@
+"""FER2013 / FER+ readers: every supported form, every bad input, the cache."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import HEADER, fer_rows, pixel_string, write_csv
+from ferjax import data as data_lib
+from ferjax.errors import DataError
+
+
+def _expected_images(n):
+  return np.stack([np.array(pixel_string(i).split(), np.uint8).reshape(48, 48, 1)
+                   for i in range(n)])
+
+
+def test_reads_plain_csv(tmp_path, cache_dir):
+  path = write_csv(tmp_path / "fer2013.csv", fer_rows(10))
+  d = data_lib.load_fer2013(path)
+  assert d.images.shape == (10, 48, 48, 1) and d.images.dtype == np.uint8
+  np.testing.assert_array_equal(d.images, _expected_images(10))
+  np.testing.assert_array_equal(d.labels, np.arange(10) % 7)
+  assert d.labels.dtype == np.int32
+  assert list(d.splits[:3]) == ["Training", "PublicTest", "PrivateTest"]
+  np.testing.assert_array_equal(d.rows, np.arange(10))
+  assert d.split_names == ("Training", "PublicTest", "PrivateTest")
+  assert len(d.split("PublicTest")) == 3
+
+
+def test_gzip_and_tar_forms_equal_plain(tmp_path, cache_dir):
+  rows = fer_rows(9)
+  plain = write_csv(tmp_path / "fer2013.csv", rows)
+  gz = tmp_path / "fer2013.csv.gz"
+  gz.write_bytes(gzip.compress(open(plain, "rb").read()))
+  tgz = tmp_path / "fer2013.tar.gz"
+  with tarfile.open(tgz, "w:gz") as tar:
+    tar.add(plain, arcname="fer2013/fer2013.csv")
+    info = tarfile.TarInfo("fer2013/README")
+    info.size = 5
+    tar.addfile(info, io.BytesIO(b"hello"))
+  ref = data_lib.load_fer2013(plain, cache=False)
+  for path in (gz, tgz):
+    d = data_lib.load_fer2013(path, cache=False)
+    np.testing.assert_array_equal(d.images, ref.images)
+    np.testing.assert_array_equal(d.labels, ref.labels)
+    np.testing.assert_array_equal(d.splits, ref.splits)
+
+
+def test_crlf_bom_and_column_order(tmp_path, cache_dir):
+  rows = [f"{u},{e},{p}" for e, p, u in (r.split(",") for r in fer_rows(4))]
+  path = tmp_path / "x.csv"
+  write_csv(path, rows, header="Usage, emotion ,pixels", newline="\r\n")
+  path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+  d = data_lib.load_fer2013(path, cache=False)
+  np.testing.assert_array_equal(d.images, _expected_images(4))
+  np.testing.assert_array_equal(d.labels, np.arange(4) % 7)
+
+
+@pytest.mark.parametrize("spelling", ["short", "long"])
+def test_image_folders(tmp_path, cache_dir, spelling):
+  names = {"short": ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"],
+           "long": ["anger", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]}
+  images = _expected_images(14)
+  for i in range(14):
+    split = "train" if i < 10 else "test"
+    folder = tmp_path / "faces" / split / names[spelling][i % 7]
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / f"im{i}.png"), images[i, ..., 0])
+  (tmp_path / "faces" / "train" / "happy" / ".DS_Store").write_bytes(b"junk")
+  d = data_lib.load_fer2013(tmp_path / "faces")
+  assert len(d) == 14 and d.split_names == ("train", "test")
+  assert len(d.split("train")) == 10
+  # Each image keeps its own label: match them up by content.
+  for i in range(14):
+    k = np.flatnonzero((d.images == images[i]).all(axis=(1, 2, 3)))
+    assert len(k) == 1 and d.labels[k[0]] == i % 7
+
+
+def test_image_folder_keeps_split_from_msambare_names(tmp_path, cache_dir):
+  img = _expected_images(1)[0, ..., 0]
+  for split, name in (("train", "Training_1.jpg"), ("test", "PublicTest_2.jpg"),
+                      ("test", "PrivateTest_3.jpg")):
+    folder = tmp_path / split / "sad"
+    folder.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(folder / name), img)
+  d = data_lib.load_fer2013(tmp_path, cache=False)
+  assert sorted(d.split_names) == ["PrivateTest", "PublicTest", "Training"]
+
+
+def test_image_folder_errors(tmp_path, cache_dir):
+  folder = tmp_path / "train" / "happy"
+  folder.mkdir(parents=True)
+  (folder / "notes.txt").write_text("not an image")
+  with pytest.raises(DataError, match="notes.txt: not an image file"):
+    data_lib.load_fer2013(tmp_path, cache=False)
+  cv2.imwrite(str(folder / "ok.png"), _expected_images(1)[0, ..., 0])
+  d = data_lib.load_fer2013(tmp_path, cache=False, on_error="skip")
+  assert len(d) == 1 and len(d.skipped) == 1 and d.skipped[0].path.endswith("notes.txt")
+  (tmp_path / "train" / "bored").mkdir()
+  with pytest.raises(DataError, match="unknown emotion folder 'bored'"):
+    data_lib.load_fer2013(tmp_path, cache=False)
+
+
+_ONES = " ".join(["1"] * 2303)  # 2303 valid pixels; rows below add the 2304th.
+
+BAD_ROWS = [
+    ("wrong pixel count", f"0,{_ONES},Training", "expected 2304 pixel values (48x48), found 2303"),
+    ("pixel out of range", f"0,256 {_ONES},Training", "pixel 1 is '256'"),
+    ("pixel not an integer", f"0,{_ONES} 12.5,Training", "pixel 2304 is '12.5'"),
+    ("negative pixel", f"0,-1 {_ONES},Training", "pixel 1 is '-1'"),
+    ("unknown emotion", f"7,1 {_ONES},Training", "unknown emotion '7'"),
+    ("unknown usage", f"0,1 {_ONES},Validation", "unknown Usage 'Validation'"),
+    ("missing field", f"0,1 {_ONES}", "expected 3 comma-separated fields, found 2"),
+    ("double space", f"0,1  {_ONES},Training", "pixel 2 is empty"),
+    ("empty line", "", "empty line"),
+]
+
+
+@pytest.mark.parametrize("name,bad_row,message", BAD_ROWS, ids=[b[0] for b in BAD_ROWS])
+def test_bad_row_names_file_and_line(tmp_path, cache_dir, name, bad_row, message):
+  rows = fer_rows(6, usages=("Training",))
+  rows[3] = bad_row
+  path = write_csv(tmp_path / "bad.csv", rows)
+  with pytest.raises(DataError) as info:
+    data_lib.load_fer2013(path)
+  assert info.value.line == 5  # Header is line 1; rows[3] is line 5.
+  assert info.value.path == path
+  assert str(info.value).startswith(f"{path}:5: ")
+  assert message in str(info.value)
+
+
+def test_skip_mode_drops_and_reports_bad_rows(tmp_path, cache_dir, caplog):
+  rows = fer_rows(8)
+  rows[1] = "9," + rows[1].split(",", 1)[1]
+  rows[6] = rows[6].replace(" ", " x", 1)
+  path = write_csv(tmp_path / "bad.csv", rows)
+  with caplog.at_level("WARNING"):
+    d = data_lib.load_fer2013(path, on_error="skip")
+  assert len(d) == 6
+  assert [e.line for e in d.skipped] == [3, 8]
+  np.testing.assert_array_equal(d.rows, [0, 2, 3, 4, 5, 7])
+  np.testing.assert_array_equal(d.images, _expected_images(8)[[0, 2, 3, 4, 5, 7]])
+  assert "skipped 2 bad rows (lines 3, 8)" in caplog.text
+
+
+def test_bad_files(tmp_path, cache_dir):
+  with pytest.raises(DataError, match="no such file"):
+    data_lib.load_fer2013(tmp_path / "missing.csv")
+  empty = tmp_path / "empty.csv"
+  empty.write_bytes(b"")
+  with pytest.raises(DataError, match="empty"):
+    data_lib.load_fer2013(empty)
+  header_only = write_csv(tmp_path / "h.csv", [])
+  with pytest.raises(DataError, match="no data rows"):
+    data_lib.load_fer2013(header_only)
+  no_usage = write_csv(tmp_path / "u.csv", ["0,1 2"], header="emotion,pixels")
+  with pytest.raises(DataError, match=r":1: missing column\(s\) usage"):
+    data_lib.load_fer2013(no_usage)
+  empty_gz = tmp_path / "empty.csv.gz"
+  empty_gz.write_bytes(gzip.compress(b""))
+  with pytest.raises(DataError, match="decompresses to nothing"):
+    data_lib.load_fer2013(empty_gz)
+  not_gz = tmp_path / "junk.csv.gz"
+  not_gz.write_bytes(b"\x1f\x8b" + b"garbage" * 10)
+  with pytest.raises(DataError, match="not a valid gzip file"):
+    data_lib.load_fer2013(not_gz)
+
+
+def test_truncated_gzip_names_the_line(tmp_path, cache_dir):
+  plain = write_csv(tmp_path / "f.csv", fer_rows(40))
+  full = gzip.compress(open(plain, "rb").read())
+  cut = tmp_path / "cut.csv.gz"
+  cut.write_bytes(full[:len(full) // 2])
+  with pytest.raises(DataError, match="truncated") as info:
+    data_lib.load_fer2013(cut)
+  assert info.value.path == str(cut) and 2 <= info.value.line <= 41
+
+
+def test_cache_hit_and_invalidation(tmp_path, cache_dir, monkeypatch):
+  path = write_csv(tmp_path / "f.csv", fer_rows(5))
+  first = data_lib.load_fer2013(path)
+  assert len(list(cache_dir.glob("*.npz"))) == 1
+
+  def no_parse(*args, **kwargs):
+    raise AssertionError("parsed again instead of using the cache")
+
+  monkeypatch.setattr(data_lib, "parse_fer2013_csv", no_parse)
+  again = data_lib.load_fer2013(path)
+  np.testing.assert_array_equal(again.images, first.images)
+  monkeypatch.undo()
+  monkeypatch.setenv("FERJAX_CACHE_DIR", str(cache_dir))
+  # A changed file (same size, new content and time) is parsed anew.
+  rows = fer_rows(5)
+  rows[0] = "6" + rows[0][1:]
+  write_csv(path, rows)
+  os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+  changed = data_lib.load_fer2013(path)
+  assert changed.labels[0] == 6 and first.labels[0] == 0
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, cache_dir):
+  path = write_csv(tmp_path / "f.csv", fer_rows(3))
+  data_lib.load_fer2013(path)
+  (cache_file,) = cache_dir.glob("*.npz")
+  cache_file.write_bytes(b"not a zip")
+  d = data_lib.load_fer2013(path)
+  np.testing.assert_array_equal(d.images, _expected_images(3))
+
+
+def _ferplus_csv(path, rows):
+  header = "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF"
+  with open(path, "w") as f:
+    f.write(header + "\n" + "\n".join(rows) + "\n")
+  return path
+
+
+def test_ferplus_majority_rules(tmp_path):
+  path = _ferplus_csv(tmp_path / "fer2013new.csv", [
+      "Training,fer0000000.png,4,0,0,1,5,0,0,0,0,0",   # anger 5 of 9 after dropping the lone vote
+      "Training,fer0000001.png,5,5,0,0,0,0,0,0,0,0",   # tie: no majority
+      "PublicTest,fer0000002.png,0,0,0,0,0,0,0,0,2,8",  # not a face
+      "PrivateTest,,10,0,0,0,0,0,0,0,0,0",              # no image name: dropped
+      "Training,fer0000004.png,1,1,1,0,0,0,0,7,0,0",   # contempt after outlier removal
+  ])
+  fp = data_lib.load_ferplus(path)
+  assert fp.labels.tolist() == [0, -1, -1, -1, 7]
+  np.testing.assert_allclose(fp.soft_labels[0, [0, 6]], [5 / 9, 4 / 9])
+  assert fp.soft_labels[1].sum() == 0
+  np.testing.assert_allclose(fp.soft_labels[4], np.eye(8)[7])
+  assert fp.votes.shape == (5, 10)
+
+
+def test_ferplus_joins_by_row(tmp_path, cache_dir):
+  usages = ["Training", "Training", "PublicTest", "PrivateTest", "Training"]
+  csv_path = write_csv(tmp_path / "f.csv", [f"0,{pixel_string(i)},{u}" for i, u in enumerate(usages)])
+  fp_path = _ferplus_csv(tmp_path / "fp.csv", [
+      "Training,a.png,0,10,0,0,0,0,0,0,0,0",
+      "Training,a.png,0,0,0,0,0,0,0,0,0,10",  # duplicate name, different row: keyed by row
+      "PublicTest,b.png,0,0,10,0,0,0,0,0,0,0",
+      "PrivateTest,c.png,10,0,0,0,0,0,0,0,0,0",
+      "Training,d.png,0,0,0,0,0,0,10,0,0,0",
+  ])
+  d = data_lib.with_ferplus_labels(data_lib.load_fer2013(csv_path), data_lib.load_ferplus(fp_path))
+  assert d.class_names == data_lib.FERPLUS_CLASSES
+  assert d.labels.tolist() == [3, 5, 6, 2]
+  assert d.rows.tolist() == [0, 2, 3, 4]
+  np.testing.assert_array_equal(d.images[1], _expected_images(3)[2])
+  assert d.soft_labels.shape == (4, 8)
+
+
+def test_ferplus_misaligned_usage_is_an_error(tmp_path, cache_dir):
+  csv_path = write_csv(tmp_path / "f.csv", fer_rows(2, usages=("Training",)))
+  fp_path = _ferplus_csv(tmp_path / "fp.csv", ["Training,a.png,10,0,0,0,0,0,0,0,0,0",
+                                               "PublicTest,b.png,10,0,0,0,0,0,0,0,0,0"])
+  with pytest.raises(DataError, match="not row-aligned"):
+    data_lib.with_ferplus_labels(data_lib.load_fer2013(csv_path), data_lib.load_ferplus(fp_path))
+
+
+def test_real_fer2013_counts(fer2013_path):
+  d = data_lib.load_fer2013(fer2013_path)
+  assert d.images.shape == (35887, 48, 48, 1)
+  assert {s: int((d.splits == s).sum()) for s in d.split_names} == {
+      "Training": 28709, "PublicTest": 3589, "PrivateTest": 3589}
+  assert d.class_counts().tolist() == [4953, 547, 5121, 8989, 6077, 4002, 6198]
+  assert not d.skipped

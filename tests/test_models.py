@@ -1,0 +1,210 @@
+"""Models: shapes, modes, attention behaviour, reference implementations, parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ferjax import models
+from ferjax.errors import ConfigError
+from ferjax.models import layers
+
+# Tiny variants keep the tests fast; the structure is the full models'.
+TINY = {
+    "dnn": dict(width=4, fc_sizes=(8, 8)),
+    "cnn_lstm": dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8),
+    "cnn_alstm": dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8),
+    "acnn_alstm": dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8),
+}
+
+
+def tiny(name, num_classes=7, seed=0, **extra):
+  return models.create_model(name, num_classes=num_classes, rngs=nnx.Rngs(seed, dropout=seed + 1),
+                             **{**TINY[name], **extra})
+
+
+def images(b=3, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(b, 48, 48, 1)), jnp.float32)
+
+
+def test_registry_covers_every_model():
+  assert set(TINY) == set(models.model_names())
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("num_classes", [7, 8])
+def test_shapes_finite_and_jit_agrees(name, num_classes):
+  model = tiny(name, num_classes)
+  model.eval()
+  x = images()
+  eager = model(x)
+  graphdef, state = nnx.split(model)
+  jitted = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+  assert eager.shape == (3, num_classes)
+  assert np.isfinite(np.asarray(eager)).all()
+  np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
+  # Logits, not probabilities: rows do not sum to 1.
+  assert not np.allclose(np.asarray(eager).sum(-1), 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_dropout_on_in_train_mode_off_in_eval(name):
+  model = tiny(name, dropout=0.5)
+  x = images()
+  model.train()
+  a, b = model(x), model(x)  # The dropout stream advances between calls.
+  assert not np.allclose(a, b)
+  model.eval()
+  c, d = model(x), model(x)
+  np.testing.assert_array_equal(c, d)
+
+
+@pytest.mark.parametrize("name,keys", [("cnn_lstm", set()), ("cnn_alstm", {"beta"}),
+                                       ("acnn_alstm", {"alpha", "beta"}), ("dnn", set())])
+def test_attention_weights_are_distributions(name, keys):
+  model = tiny(name)
+  model.eval()
+  _, aux = model.forward(images(4))
+  assert set(aux) == keys
+  for w in aux.values():
+    assert w.shape == (4, 36)  # 36 positions of the 6x6 map; 36 LSTM steps.
+    assert (np.asarray(w) >= 0).all()
+    np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_lstm_runs_over_36_steps_and_every_position_matters():
+  model = tiny("acnn_alstm")
+  model.eval()
+  fmap = model.trunk(images(2))
+  assert fmap.shape == (2, 6, 6, 8)
+
+  def logit_sum(f):
+    return model.head(f)[0].sum()
+
+  grad = jax.grad(logit_sum)(fmap)
+  per_position = np.abs(np.asarray(grad)).sum(axis=(0, 3)).ravel()
+  assert per_position.shape == (36,) and (per_position > 0).all()
+
+
+def test_local_attention_reacts_to_one_position_and_reweights_the_sequence():
+  model = tiny("acnn_alstm")
+  model.eval()
+  fmap = model.trunk(images(1))
+  _, aux = model.head(fmap)
+  bumped = fmap.at[0, 2, 3].multiply(5.0).at[0, 2, 3].add(3.0)  # Position 2*6+3 = 15.
+  _, aux2 = model.head(bumped)
+  delta = np.abs(np.asarray(aux2["alpha"] - aux["alpha"]))[0]
+  assert delta[15] > 0 and delta[15] == delta.max()
+  # Uniform attention leaves the features unchanged (the 36 * alpha scaling).
+  feats = jnp.ones((1, 36, 8))
+  assert np.allclose(feats * (36 * jnp.full((1, 36), 1 / 36))[..., None], feats)
+
+
+def test_without_local_attention_alpha_is_absent_and_option_switches_it():
+  assert "alpha" not in tiny("acnn_alstm", local_attention=False).forward(images(1))[1]
+
+
+def test_bidirectional_multilayer_lstm_options():
+  model = tiny("acnn_alstm", lstm_layers=2, bidirectional=True)
+  model.eval()
+  logits, aux = model.forward(images(2))
+  assert logits.shape == (2, 7) and aux["beta"].shape == (2, 36)
+  assert model.lstm.output_size == 16 and len(model.lstm.forward_layers) == 2
+
+
+def _lstm_reference(x, w_ih, b, w_hh, reverse=False):
+  """A plain per-step LSTM in numpy, gates (i, f, g, o)."""
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  bsz, t, _ = x.shape
+  hs = w_hh.shape[0]
+  h, c = np.zeros((bsz, hs)), np.zeros((bsz, hs))
+  out = np.zeros((bsz, t, hs))
+  for step in (range(t - 1, -1, -1) if reverse else range(t)):
+    gates = x[:, step] @ w_ih + b + h @ w_hh
+    i, f, g, o = np.split(gates, 4, axis=-1)
+    c = sig(f) * c + sig(i) * np.tanh(g)
+    h = sig(o) * np.tanh(c)
+    out[:, step] = h
+  return out
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_matches_reference(reverse):
+  lstm = layers.LSTM(5, 6, rngs=nnx.Rngs(0), reverse=reverse)
+  x = np.random.default_rng(1).normal(size=(2, 7, 5)).astype(np.float32)
+  ours = np.asarray(lstm(jnp.asarray(x)))
+  ref = _lstm_reference(x.astype(np.float64), np.asarray(lstm.input_proj.kernel[...]),
+                        np.asarray(lstm.input_proj.bias[...]),
+                        np.asarray(lstm.hidden_proj.kernel[...]), reverse)
+  np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+  assert np.asarray(lstm.input_proj.bias[...])[6:12].tolist() == [1.0] * 6  # Forget bias.
+
+
+def _tie_free(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).permutation(np.prod(shape)).reshape(shape),
+                     jnp.float32) / np.prod(shape)
+
+
+@pytest.mark.parametrize("size", [48, 24, 13])
+def test_max_pool_same_matches_reduce_window(size):
+  x = _tie_free((2, size, size, 3))
+  ref = lambda x: nnx.max_pool(x, (3, 3), (2, 2), padding="SAME")
+  np.testing.assert_array_equal(layers.max_pool_same(x), ref(x))
+  g_ours = jax.grad(lambda x: (layers.max_pool_same(x) ** 2).sum())(x)
+  g_ref = jax.grad(lambda x: (ref(x) ** 2).sum())(x)
+  np.testing.assert_allclose(g_ours, g_ref, rtol=1e-6)
+
+
+def test_max_pool_2x2_matches_reduce_window():
+  x = _tie_free((2, 12, 12, 3))
+  ref = lambda x: nnx.max_pool(x, (2, 2), (2, 2))
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), ref(x))
+  np.testing.assert_allclose(jax.grad(lambda x: (layers.max_pool_2x2(x) ** 2).sum())(x),
+                             jax.grad(lambda x: (ref(x) ** 2).sum())(x), rtol=1e-6)
+
+
+def test_lrn_has_tensorflow_semantics():
+  x = np.random.default_rng(0).normal(size=(1, 2, 2, 12)).astype(np.float32) * 20
+  out = np.asarray(layers.LocalResponseNorm()(jnp.asarray(x)))
+  ref = np.empty_like(x)
+  for c in range(12):
+    window = x[..., max(0, c - 4):c + 5]
+    ref[..., c] = x[..., c] / (1 + (0.001 / 9) * (window ** 2).sum(-1)) ** 0.75
+  np.testing.assert_allclose(out, ref, rtol=1e-5)
+
+
+def _count(model):
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_parameter_counts_match_the_architecture():
+  # dnn: conv5x5x64, conv3x3x64, fc(12*12*64 -> 384), fc384->192, fc192->7; all with biases.
+  dnn = models.create_model("dnn", num_classes=7, rngs=nnx.Rngs(0))
+  assert _count(dnn) == (25 * 64 + 64) + (9 * 64 * 64 + 64) + (9216 * 384 + 384) + \
+      (384 * 192 + 192) + (192 * 7 + 7)
+  # acnn_alstm: BN trunk (no conv bias), LSTM(128), two attentions (W, b, u), classifier.
+  widths, hs, att = (32, 64, 128, 128), 128, 128
+  trunk = sum(9 * cin * cout + 2 * cout for cin, cout in zip((1,) + widths[:-1], widths))
+  lstm = 128 * 4 * hs + 4 * hs + hs * 4 * hs
+  attention = lambda d: d * att + att + att
+  head = hs * 7 + 7
+  full = models.create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0))
+  assert _count(full) == trunk + attention(128) + lstm + attention(hs) + head
+  no_local = models.create_model("cnn_alstm", num_classes=7, rngs=nnx.Rngs(0))
+  assert _count(no_local) == trunk + lstm + attention(hs) + head
+  plain = models.create_model("cnn_lstm", num_classes=7, rngs=nnx.Rngs(0))
+  assert _count(plain) == trunk + lstm + head
+
+
+def test_unknown_model_and_option_errors():
+  with pytest.raises(ConfigError, match="unknown model 'resnet'.*acnn_alstm"):
+    models.create_model("resnet", num_classes=7, rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match="no option 'hidden'.*lstm_hidden"):
+    models.create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), hidden=3)
+  assert models.model_options("cnn_lstm")["local_attention"] is False
+  assert math.isclose(models.model_options("acnn_alstm")["dropout"], 0.5)

@@ -1,0 +1,112 @@
+"""Batching, preprocessing and on-device augmentation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ferjax import augment as aug
+from ferjax.evaluate import tta_views
+from ferjax.input_pipeline import TrainBatches, eval_batches
+from ferjax.preprocess import PIXEL_MEAN, PIXEL_STD, preprocess
+
+
+def _data(n=50):
+  rng = np.random.default_rng(0)
+  return rng.integers(0, 256, (n, 48, 48, 1), dtype=np.uint8), np.arange(n, dtype=np.int32)
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_step():
+  images, labels = _data()
+  a = TrainBatches(images, labels, batch_size=8, seed=3)
+  b = TrainBatches(images, labels, batch_size=8, seed=3)
+  assert a.steps_per_epoch == 6  # The partial last batch is dropped.
+  seen = np.concatenate([a.batch(s)["label"] for s in range(6)])
+  assert len(np.unique(seen)) == 48  # An epoch visits distinct examples.
+  # Random access (as after a resume) gives the same batches as sequential access.
+  for step in (13, 2, 7, 13):
+    np.testing.assert_array_equal(a.batch(step)["label"], b.batch(step)["label"])
+    np.testing.assert_array_equal(a.batch(step)["image"], images[a.batch(step)["label"]])
+  assert not np.array_equal(a.epoch_order(0), a.epoch_order(1))
+  c = TrainBatches(images, labels, batch_size=8, seed=4)
+  assert not np.array_equal(a.epoch_order(0), c.epoch_order(0))
+
+
+def test_train_batches_reject_batch_larger_than_data():
+  images, labels = _data(5)
+  with pytest.raises(ValueError, match="larger than the 5"):
+    TrainBatches(images, labels, batch_size=8, seed=0)
+
+
+def test_eval_batches_fixed_shape_every_example_once():
+  images, labels = _data(21)
+  batches = list(eval_batches(images, labels, 8))
+  assert [b["image"].shape for b in batches] == [(8, 48, 48, 1)] * 3
+  assert [int(b["mask"].sum()) for b in batches] == [8, 8, 5]
+  got = np.concatenate([b["label"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(got, labels)
+  assert (batches[-1]["image"][5:] == 0).all()
+
+
+def test_preprocess_standardises():
+  x = preprocess(np.array([[0, 255]], np.uint8).reshape(1, 1, 2, 1))
+  assert x.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(x).ravel(),
+                             [(0 - PIXEL_MEAN) / PIXEL_STD, (1 - PIXEL_MEAN) / PIXEL_STD], rtol=1e-6)
+
+
+def test_augment_is_deterministic_given_key_and_jittable():
+  x = preprocess(_data(4)[0])
+  config = aug.AugmentConfig(erase_prob=0.5)
+  f = jax.jit(aug.augment, static_argnums=2)
+  a = f(jax.random.key(0), x, config)
+  b = f(jax.random.key(0), x, config)
+  c = f(jax.random.key(1), x, config)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  assert a.shape == x.shape and a.dtype == x.dtype
+
+
+def test_no_augment_and_identity_warp_leave_images_unchanged():
+  x = preprocess(_data(3)[0])
+  np.testing.assert_array_equal(aug.augment(jax.random.key(0), x, aug.NO_AUGMENT), x)
+  b = x.shape[0]
+  same = aug.affine_warp(x, jnp.zeros(b), jnp.ones(b), jnp.zeros((b, 2)), jnp.zeros(b, bool))
+  np.testing.assert_allclose(same, x, atol=1e-5)
+
+
+def test_warp_flip_and_integer_shift_are_exact():
+  x = preprocess(_data(2)[0])
+  b = x.shape[0]
+  flipped = aug.affine_warp(x, jnp.zeros(b), jnp.ones(b), jnp.zeros((b, 2)), jnp.ones(b, bool))
+  np.testing.assert_allclose(flipped, x[:, :, ::-1], atol=1e-5)
+  shift = jnp.asarray([[2.0, -3.0]] * b)  # dy=2 down, dx=3 left
+  moved = aug.affine_warp(x, jnp.zeros(b), jnp.ones(b), shift, jnp.zeros(b, bool))
+  np.testing.assert_allclose(moved[:, 2:, :-3], x[:, :-2, 3:], atol=1e-5)
+
+
+def test_random_erasing_sets_a_rectangle_to_the_mean():
+  x = jnp.ones((64, 48, 48, 1))
+  out = aug.augment(jax.random.key(0), x, aug.AugmentConfig(
+      max_shift=0, flip=False, max_rotation=0, max_scale=0, erase_prob=1.0))
+  erased = np.asarray(out[..., 0] == 0)
+  frac = erased.mean(axis=(1, 2))
+  assert ((frac > 0.005) & (frac < 0.3)).all()
+  rows, cols = erased.any(axis=2), erased.any(axis=1)
+  # The erased pixels of each image form one filled rectangle.
+  assert (erased.sum(axis=(1, 2)) == rows.sum(1) * cols.sum(1)).all()
+
+
+@pytest.mark.parametrize("tta,views", [("none", 1), ("flip", 2), ("ten_crop", 10)])
+def test_tta_views(tta, views):
+  x = preprocess(_data(3)[0])
+  v = tta_views(x, tta)
+  assert v.shape == (views, 3, 48, 48, 1)
+  if tta == "ten_crop":  # Five crops, each followed by its mirror image.
+    np.testing.assert_allclose(v[1], v[0][:, :, ::-1], atol=1e-4)
+    np.testing.assert_allclose(v[9], v[8][:, :, ::-1], atol=1e-4)
+    assert not np.allclose(v[0], v[2])
+  else:
+    np.testing.assert_allclose(v[0], x, atol=1e-5)  # The first view is the face itself.

@@ -1,0 +1,245 @@
+"""Training and evaluation end to end on tiny real-format data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import fer_rows, write_csv
+from ferjax import checkpoint as checkpoint_lib
+from ferjax import train as train_lib
+from ferjax.augment import NO_AUGMENT
+from ferjax.config import TrainConfig, default_config
+from ferjax.data import load_fer2013
+from ferjax.errors import CheckpointError, ConfigError, TrainingDivergedError
+from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, make_predict_fn,
+                             predict_dataset)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ALSTM = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory):
+  """64 Training, 20 PublicTest, 21 PrivateTest rows (ragged against batch 16)."""
+  rows = fer_rows(64, usages=("Training",)) + fer_rows(20, usages=("PublicTest",)) + \
+      fer_rows(21, usages=("PrivateTest",))
+  return write_csv(tmp_path_factory.mktemp("data") / "fer2013.csv", rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_csv):
+  return load_fer2013(tiny_csv, cache=False)
+
+
+def tiny_config(**changes):
+  base = dict(model="acnn_alstm", model_overrides=TINY_ALSTM, epochs=2, batch_size=16,
+              eval_batch_size=16, learning_rate=3e-3)
+  return TrainConfig(**{**base, **changes})
+
+
+def _params(workdir, which="latest"):
+  model, meta = checkpoint_lib.load_model(workdir, which)
+  return jax.tree.map(np.asarray, nnx.state(model, nnx.Param)), meta
+
+
+def test_end_to_end_train_checkpoint_evaluate(tmp_path, tiny_csv, tiny_data):
+  workdir = str(tmp_path / "run")
+  results = train_lib.train_and_evaluate(tiny_config(), workdir, data_path=tiny_csv)
+  for name in ("config.json", "metrics.jsonl", "curves.png", "results.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records] == [4, 8]  # Once per epoch of 64 // 16 steps.
+  assert results["test_tta_none"]["num_examples"] == 21
+  assert results["best_step"] in (4, 8)
+
+  metrics = evaluate_checkpoint(workdir, checkpoint="best", tta="flip", data=tiny_data,
+                                batch_size=16)
+  assert metrics["num_examples"] == 21 and metrics["split"] == "PrivateTest"
+  assert metrics["step"] == results["best_step"]
+  assert metrics["accuracy"] == pytest.approx(results["test_tta_flip"]["accuracy"])
+  assert all(os.path.exists(f) for f in metrics["files"])
+  # The checkpoint alone rebuilds the model: no flags needed.
+  model, meta = checkpoint_lib.load_model(workdir, "best")
+  assert meta["model"] == "acnn_alstm" and meta["labels"] == "fer2013"
+  assert meta["class_names"][1] == "disgust" and meta["ferjax_version"]
+
+
+def test_evaluation_is_exact_with_a_ragged_last_batch(tiny_data):
+  model = train_lib.build_model(tiny_config(), 7)
+  model.eval()
+  test = tiny_data.split("PrivateTest")
+  traces = []
+
+  def model_fn(x):
+    traces.append(x.shape)
+    return model(x)
+
+  graphdef, state = nnx.split(model)
+  predict = jax.jit(lambda s, x: jax.nn.softmax(nnx.merge(graphdef, s)(
+      (x.astype(jnp.float32) / 255 - 0.5077) / 0.255)))
+  from ferjax.evaluate import predict_probs
+  counted = jax.jit(lambda x: predict_probs(model_fn, x))
+  probs = predict_dataset(counted, test.images, batch_size=16)
+  assert probs.shape == (21, 7) and len(traces) == 1  # One compile for full and padded batches.
+  whole = np.asarray(predict(state, test.images))
+  np.testing.assert_allclose(probs, whole, rtol=1e-4, atol=1e-6)
+  m = classification_metrics(probs, test.labels, tiny_data.class_names)
+  assert m["num_examples"] == 21
+  assert m["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == test.labels))
+  assert sum(map(sum, m["confusion"])) == 21
+
+
+def test_metrics_by_hand():
+  probs = np.eye(3)[[0, 1, 1, 2, 2, 2]] * 0.9 + 0.1 / 3
+  labels = np.array([0, 1, 2, 2, 2, 0])
+  m = classification_metrics(probs, labels, ["a", "b", "c"])
+  assert m["accuracy"] == pytest.approx(4 / 6)
+  assert m["confusion"] == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
+  assert m["per_class"]["c"]["precision"] == pytest.approx(2 / 3)
+  assert m["per_class"]["c"]["recall"] == pytest.approx(2 / 3)
+  assert m["macro_f1"] == pytest.approx(np.mean([2 / 3, 2 / 3, 2 / 3]))
+
+
+def test_loss_falls_when_overfitting_one_batch(tiny_data):
+  config = tiny_config(augment=NO_AUGMENT, label_smoothing=0.0, learning_rate=1e-2,
+                       model_overrides={**TINY_ALSTM, "dropout": 0.0})
+  from ferjax import parallel
+  mesh = parallel.make_mesh()
+  trainer = train_lib.Trainer(config, 7, mesh, total_steps=60, steps_per_epoch=60,
+                              weights=np.ones(7, np.float32))
+  train = tiny_data.split("Training")
+  batch = parallel.shard_batch({"image": train.images[:16], "label": train.labels[:16]}, mesh)
+  losses = []
+  for step in range(60):
+    trainer.state, m = trainer.train_step(trainer.state, trainer.zero_metrics(), batch,
+                                          jnp.asarray(step))
+    losses.append(float(m["loss"]) / 16)
+  assert losses[-1] < 0.3 * losses[0]
+
+
+def test_workdir_with_another_run_is_refused_and_fresh_moves_it_aside(tmp_path, tiny_data):
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
+  with pytest.raises(ConfigError, match="learning_rate: saved 0.003, now 0.001"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=2, learning_rate=1e-3), workdir,
+                                 data=tiny_data)
+  assert os.path.exists(os.path.join(workdir, "checkpoints"))  # Untouched.
+  train_lib.train_and_evaluate(tiny_config(max_steps=2, learning_rate=1e-3), workdir,
+                               data=tiny_data, fresh=True)
+  aside = [d for d in os.listdir(tmp_path) if d.startswith("run.old-")]
+  assert len(aside) == 1
+  assert os.path.exists(os.path.join(tmp_path, aside[0], "checkpoints"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(checkpoint_every=2)
+  train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=2), workdir, data=tiny_data)
+  good, _ = _params(workdir)
+  real_loss = train_lib.loss_fn
+  monkeypatch.setattr(train_lib, "loss_fn", lambda *a, **k: real_loss(*a, **k) * jnp.nan)
+  with pytest.raises(TrainingDivergedError, match=r"step 4.*last good checkpoint \(step 2\)"):
+    train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=6), workdir, data=tiny_data)
+  store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  assert store.all_steps() == [2]
+  after, _ = _params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, good, after)
+
+
+def test_checkpoint_keeps_latest_and_best(tmp_path):
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt")
+  tree = {"w": jnp.arange(3.0)}
+  for step, acc in ((1, 0.2), (2, 0.6), (3, None), (4, 0.4), (5, None)):
+    store.save(step, model=tree, optimizer=tree, ema=None, meta={"step": step},
+               eval_accuracy=acc)
+  assert store.resolve("best") == 2 and store.resolve("latest") == 5
+  assert sorted(store.all_steps()) == [2, 5]
+  with pytest.raises(CheckpointError, match="no checkpoint at step 3"):
+    store.resolve(3)
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path, tiny_data):
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(max_steps=1), workdir, data=tiny_data)
+  with pytest.raises(CheckpointError, match="holds a 'acnn_alstm' model, not 'dnn'"):
+    evaluate_checkpoint(workdir, data=tiny_data, expect_model="dnn")
+  with pytest.raises(CheckpointError, match="no such directory"):
+    checkpoint_lib.load_model(tmp_path / "missing")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(CheckpointError, match="no checkpoints here"):
+    checkpoint_lib.load_model(tmp_path / "empty")
+
+
+_RUNNER = textwrap.dedent("""
+    import os, signal, sys, json
+    import numpy as np, jax
+    from flax import nnx
+    from ferjax import train, checkpoint, cli
+    cli.setup_logging()
+    from ferjax.config import TrainConfig
+    workdir, data_path, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    config = TrainConfig(model="acnn_alstm", model_overrides=dict(widths=(4, 4, 8, 8),
+        lstm_hidden=8, attention_size=8), epochs=3, batch_size=16, eval_batch_size=16,
+        checkpoint_every=3, ema_decay=0.5, learning_rate=3e-3)
+    def hook(step):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    train.train_and_evaluate(config, workdir, data_path=data_path, hooks=[hook])
+    model, meta = checkpoint.load_model(workdir, "latest")
+    np.savez(os.path.join(workdir, "final.npz"),
+             *[np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.RngState)))])
+    print("devices", jax.device_count())
+""")
+
+
+def _run(args, env_extra=None, check=True):
+  env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
+  return subprocess.run([sys.executable, "-c", _RUNNER, *map(str, args)], env=env,
+                        capture_output=True, text=True, check=False, timeout=600)
+
+
+def _final(workdir):
+  with np.load(os.path.join(workdir, "final.npz")) as z:
+    return [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_csv):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  assert _run([straight, tiny_csv, -1]).returncode == 0
+  first = _run([killed, tiny_csv, 7])  # Mid-epoch 2, after the checkpoint at step 6.
+  assert first.returncode == -9, first.stderr[-2000:]
+  assert checkpoint_lib.CheckpointStore(killed / "checkpoints").latest_step() == 6
+  resumed = _run([killed, tiny_csv, -1])
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming" in resumed.stderr
+  for a, b in zip(_final(straight), _final(killed), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_two_devices_match_one(tmp_path, tiny_csv):
+  one, two = tmp_path / "one", tmp_path / "two"
+  r1 = _run([one, tiny_csv, -1])
+  r2 = _run([two, tiny_csv, -1], {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
+  assert "devices 1" in r1.stdout and "devices 2" in r2.stdout
+  for a, b in zip(_final(one), _final(two), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_default_configs_are_valid():
+  for name in ("dnn", "cnn_lstm", "cnn_alstm", "acnn_alstm"):
+    c = default_config(name)
+    assert c.model == name and TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+  with pytest.raises(ConfigError, match="optimizer must be one of adamw, adam, sgd"):
+    default_config("dnn", optimizer="lamb")
