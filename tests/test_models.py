@@ -168,6 +168,16 @@ def test_max_pool_2x2_matches_reduce_window():
                              jax.grad(lambda x: (ref(x) ** 2).sum())(x), rtol=1e-6)
 
 
+def test_max_pool_2x2_gradient_with_ties_matches_select_and_scatter():
+  # ReLU outputs tie at zero all the time; the gradient must go where
+  # lax.reduce_window's select_and_scatter sends it (the first maximum).
+  x = jnp.asarray(np.random.default_rng(0).integers(-2, 3, (2, 8, 8, 4)), jnp.float32)
+  ref = lambda x: nnx.max_pool(x, (2, 2), (2, 2))
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 4, 4)), jnp.float32)
+  np.testing.assert_array_equal(jax.grad(lambda x: (layers.max_pool_2x2(x) * w).sum())(x),
+                                jax.grad(lambda x: (ref(x) * w).sum())(x))
+
+
 def test_lrn_has_tensorflow_semantics():
   x = np.random.default_rng(0).normal(size=(1, 2, 2, 12)).astype(np.float32) * 20
   out = np.asarray(layers.LocalResponseNorm()(jnp.asarray(x)))
@@ -208,3 +218,17 @@ def test_unknown_model_and_option_errors():
     models.create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), hidden=3)
   assert models.model_options("cnn_lstm")["local_attention"] is False
   assert math.isclose(models.model_options("acnn_alstm")["dropout"], 0.5)
+
+
+@pytest.mark.parametrize("cin,k", [(1, 3), (3, 3), (1, 5), (16, 3)])
+def test_conv2d_matches_lax_convolution(cin, k):
+  conv = layers.Conv2D(cin, 6, k, rngs=nnx.Rngs(0))
+  assert conv.im2col == (cin <= 4)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 10, cin)), jnp.float32)
+  ref = lambda kernel, x: jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+  np.testing.assert_allclose(conv(x), ref(conv.kernel[...], x), rtol=1e-5, atol=1e-5)
+  graphdef, params = nnx.split(conv)
+  g = jax.grad(lambda p: (nnx.merge(graphdef, p)(x) ** 2).sum())(params)
+  g_ref = jax.grad(lambda kern: (ref(kern, x) ** 2).sum())(conv.kernel[...])
+  np.testing.assert_allclose(g["kernel"][...], g_ref, rtol=1e-4, atol=1e-4)
