@@ -16,6 +16,7 @@ from ferjax.models import layers
 
 # Tiny variants keep the tests fast; the structure is the full models'.
 TINY = {
+    "vgg_alstm": dict(widths=(4, 4, 4, 4, 8, 8, 8, 8), lstm_hidden=8, attention_size=8),
     "dnn": dict(width=4, fc_sizes=(8, 8)),
     "cnn_lstm": dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8),
     "cnn_alstm": dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8),
@@ -232,3 +233,14 @@ def test_conv2d_matches_lax_convolution(cin, k):
   g = jax.grad(lambda p: (nnx.merge(graphdef, p)(x) ** 2).sum())(params)
   g_ref = jax.grad(lambda kern: (ref(kern, x) ** 2).sum())(conv.kernel[...])
   np.testing.assert_allclose(g["kernel"][...], g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_summary_table_counts_match_the_model():
+  from ferjax.models.summary import count_params, summarize
+  s = summarize("acnn_alstm", widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
+  model = tiny("acnn_alstm")
+  assert s.params == count_params(model) == sum(r.params for r in s.rows)
+  assert [r.path for r in s.rows][:4] == [f"trunk/blocks/{i}" for i in range(4)]
+  assert s.rows[3].output_shape == (1, 12, 12, 8)
+  assert s.mflops >= sum(r.mflops for r in s.rows) * 0.99 > 0
+  assert "| **total** |" in s.markdown()

@@ -17,6 +17,11 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "cnn_lstm": functools.partial(AttentionLSTM, local_attention=False, global_attention=False),
     "cnn_alstm": functools.partial(AttentionLSTM, local_attention=False, global_attention=True),
     "acnn_alstm": functools.partial(AttentionLSTM, local_attention=True, global_attention=True),
+    # The stronger model: a VGG-style BatchNorm trunk (two 3x3 convs per stage,
+    # 48 → 24 → 12 → 6) under the same two-attention LSTM head.
+    "vgg_alstm": functools.partial(
+        AttentionLSTM, widths=(32, 32, 64, 64, 128, 128, 256, 256), pool_after=(1, 3, 5),
+        local_attention=True, global_attention=True, lstm_hidden=256, attention_size=128),
 }
 
 

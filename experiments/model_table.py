@@ -1,0 +1,33 @@
+r"""Prints the layer table (output shapes, parameters, MFLOPs per image) of each model.
+
+  python -m experiments.model_table                 # every registered model
+  python -m experiments.model_table --model=vgg_alstm --model_option=lstm_hidden=128
+
+FLOPs come from XLA's cost analysis of the compiled forward pass at batch 1.
+"""
+
+from absl import app, flags
+
+from ferjax import cli, models
+
+_MODEL = flags.DEFINE_multi_enum("model", None, models.model_names(),
+                                 "Model(s) to summarise. Default: all.")
+_CLASSES = flags.DEFINE_integer("num_classes", 7, "7 for FER2013, 8 for FER+.")
+_OPTION = flags.DEFINE_multi_string("model_option", [], "Model option key=value (repeatable).")
+
+
+@cli.exit_on_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from ferjax.models.summary import summarize
+
+  overrides = cli.parse_options(_OPTION.value, "model_option")
+  for name in _MODEL.value or models.model_names():
+    s = summarize(name, _CLASSES.value, **overrides)
+    print(f"### `{name}`: {s.params:,} parameters, {s.mflops:.1f} MFLOPs per image\n")
+    print(s.markdown() + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
