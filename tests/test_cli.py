@@ -1,0 +1,76 @@
+"""The absl entrypoints: a smoke run, and one-line errors with non-zero exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import fer_rows, write_csv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model_option=widths=(4,4,8,8)", "--model_option=lstm_hidden=8",
+        "--model_option=attention_size=8"]
+
+
+def run(module, *args, env=None):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600,
+                        env={**os.environ, "FERJAX_CACHE_DIR": os.environ.get(
+                            "FERJAX_CACHE_DIR", "/tmp/ferjax-test-cache"), **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def csv_path(tmp_path_factory):
+  rows = fer_rows(32, usages=("Training",)) + fer_rows(9, usages=("PublicTest",)) + \
+      fer_rows(9, usages=("PrivateTest",))
+  return write_csv(tmp_path_factory.mktemp("cli") / "fer2013.csv", rows)
+
+
+def test_train_then_evaluate(tmp_path, csv_path):
+  workdir = str(tmp_path / "run")
+  r = run("experiments.train", "--model=acnn_alstm", f"--data={csv_path}", f"--workdir={workdir}",
+          "--epochs=1", "--batch_size=8", "--eval_batch_size=8", "--max_steps=3", *TINY)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "acnn_alstm: PrivateTest accuracy" in r.stdout
+  assert "PublicTest loss" in r.stderr  # The per-epoch line.
+  assert os.path.exists(os.path.join(workdir, "results.json"))
+  r = run("experiments.evaluate", f"--workdir={workdir}", "--tta=flip", f"--data={csv_path}",
+          "--batch_size=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "accuracy" in r.stdout and "confusion" in r.stdout
+  out = [f for f in os.listdir(workdir) if f.startswith("eval-PrivateTest") and f.endswith(".json")]
+  assert json.load(open(os.path.join(workdir, out[0])))["num_examples"] == 9
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--model=resnet"], 1, "value should be one of <dnn|cnn_lstm|cnn_alstm|acnn_alstm|vgg_alstm>"),
+    (["--optimizer=lamb"], 1, "value should be one of <adamw|adam|sgd>"),
+    (["--data=/no/such/file.csv"], 2, "error: /no/such/file.csv: no such file or directory"),
+    (["--model_option=hidden=3"], 2, "error: model 'acnn_alstm' has no option hidden"),
+    (["--epochs=0"], 2, "error: epochs must be at least 1"),
+])
+def test_train_errors_are_one_line(tmp_path, args, code, message):
+  r = run("experiments.train", f"--workdir={tmp_path / 'w'}", *args, env={"FER2013_PATH": ""})
+  assert r.returncode == code
+  assert message in r.stderr
+  if code == 2:
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_bad_data_line_is_reported(tmp_path):
+  rows = fer_rows(4)
+  rows[2] = "3,1 2 3,Training"
+  path = write_csv(tmp_path / "bad.csv", rows)
+  r = run("experiments.train", f"--data={path}", f"--workdir={tmp_path / 'w'}")
+  assert r.returncode == 2
+  assert f"error: {path}:4: expected 2304 pixel values (48x48), found 3" in r.stderr
+  assert not os.path.exists(tmp_path / "w")  # Nothing written for a failed start.
+
+
+def test_evaluate_missing_workdir(tmp_path):
+  r = run("experiments.evaluate", f"--workdir={tmp_path / 'nothing'}")
+  assert r.returncode == 2 and "no such directory" in r.stderr
