@@ -474,6 +474,7 @@ class _Progress:
     self.close()
     self._t0, self._step0 = time.time(), step
     self.current = step
+    self._last_print = self._t0
     epoch = step // self.steps_per_epoch + 1
     if self.interactive:
       from tqdm import tqdm
@@ -485,7 +486,9 @@ class _Progress:
     return self.bar is not None or time.time() - self._last_print > 60
 
   def update(self, step: int, metrics: dict) -> None:
-    count = max(float(metrics["count"]), 1.0)
+    if not float(metrics["count"]):
+      return
+    count = float(metrics["count"])
     loss, acc = float(metrics["loss"]) / count, float(metrics["correct"]) / count
     if self.bar is not None:
       self.bar.n = (step - 1) % self.steps_per_epoch * self.batch_size + self.batch_size
