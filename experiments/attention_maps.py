@@ -1,0 +1,41 @@
+r"""Draws a model's local attention α (6x6 positions) as heat maps over test faces.
+
+  python -m experiments.attention_maps --checkpoint=runs/acnn_alstm \
+      --data=path/to/fer2013.csv --split=PrivateTest --num=32 --output=attention.png
+
+Each face is titled true→predicted label and the prediction's probability.
+Only models with local attention (acnn_alstm) have α to draw.
+"""
+
+from absl import app, flags
+
+from ferjax import cli
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
+                                  "weights shipped in ferjax/weights/default.")
+_WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
+_DATA = flags.DEFINE_string("data", None, "FER2013 in any supported form. Default: "
+                            "$FER2013_PATH.")
+_SPLIT = flags.DEFINE_string("split", "PrivateTest", "Split to take faces from.")
+_NUM = flags.DEFINE_integer("num", 32, "How many faces (the first of the split).")
+_COLUMNS = flags.DEFINE_integer("columns", 8, "Faces per row.")
+_OUTPUT = flags.DEFINE_string("output", "attention_maps.png", "The PNG to write.")
+
+
+@cli.exit_on_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  from ferjax.inference import render_attention_maps
+
+  result = render_attention_maps(_OUTPUT.value, checkpoint=_CHECKPOINT.value, which=_WHICH.value,
+                                 data_path=_DATA.value, split=_SPLIT.value, num=_NUM.value,
+                                 columns=_COLUMNS.value)
+  accuracy = "" if result["accuracy"] is None else f", {result['accuracy']:.0%} correct"
+  print(f"{result['num']} {result['split']} faces ({result['model']}, step {result['step']}"
+        f"{accuracy}); wrote {result['path']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,68 @@
+r"""Facial expressions in realtime: webcam, video file, image or folder of images.
+
+  python -m experiments.realtime                                # webcam 0, shipped weights
+  python -m experiments.realtime --checkpoint=runs/acnn_alstm --source=clip.mp4 \
+      --no_display --output=annotated.mp4 --csv=faces.csv --json=faces.json
+
+Each frame: Haar face detection → 48x48 crops → the model. The window shows
+boxes, the top label, a probability bar per emotion and the FPS; ``q`` quits.
+Without a display it runs headless. At the end it prints frames processed,
+faces found and FPS with the time per stage.
+"""
+
+from absl import app, flags
+
+from ferjax import cli
+
+_SOURCE = flags.DEFINE_string("source", "0", "Camera index, video file, image file or folder of "
+                              "images.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
+                                  "weights shipped in ferjax/weights/default.")
+_WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
+_OUTPUT = flags.DEFINE_string("output", None, "Annotated output: a video (.mp4, .mkv, .avi) for "
+                              "camera/video input, a folder for image input.")
+_CSV = flags.DEFINE_string("csv", None, "Write one row per face (frame, time, box, label, all "
+                           "probabilities) here.")
+_JSON = flags.DEFINE_string("json", None, "Write per-frame results and the run summary here.")
+_NO_DISPLAY = flags.DEFINE_bool("no_display", False, "Run without a window (automatic when "
+                                "there is no display).")
+_MAX_FACES = flags.DEFINE_integer("max_faces", 8, "Faces per frame (largest first); also the "
+                                  "model's fixed batch size.")
+_EVERY = flags.DEFINE_integer("every", 1, "Detect and classify every N-th frame; reuse the "
+                              "results in between.")
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Stop after this many frames.")
+_SCALE = flags.DEFINE_float("scale_factor", 1.1, "Haar cascade: step between search scales.")
+_NEIGHBORS = flags.DEFINE_integer("min_neighbors", 5, "Haar cascade: hits a face needs; higher "
+                                  "means fewer false faces.")
+_MIN_SIZE = flags.DEFINE_integer("min_size", 48, "Smallest face side in frame pixels.")
+_MARGIN = flags.DEFINE_float("margin", 0.1, "Fraction of the face box added on every side of "
+                             "the crop.")
+_DOWNSCALE = flags.DEFINE_float("downscale", 2.0, "Detect faces on the frame shrunk by this "
+                                "factor (1 = full size; faster when larger).")
+
+
+@cli.exit_on_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  from ferjax.faces import FaceDetector
+  from ferjax.inference import Predictor
+  from ferjax.video import format_summary, open_source, run_pipeline
+
+  # The source first: a wrong --source fails at once, before the model loads.
+  source = open_source(_SOURCE.value)
+  detector = FaceDetector(scale_factor=_SCALE.value, min_neighbors=_NEIGHBORS.value,
+                          min_size=_MIN_SIZE.value, margin=_MARGIN.value,
+                          max_faces=_MAX_FACES.value, downscale=_DOWNSCALE.value)
+  predictor = Predictor(_CHECKPOINT.value, _WHICH.value, max_faces=_MAX_FACES.value)
+  summary = run_pipeline(source, predictor, detector, output=_OUTPUT.value, csv_path=_CSV.value,
+                         json_path=_JSON.value, display=not _NO_DISPLAY.value,
+                         every=_EVERY.value, max_frames=_MAX_FRAMES.value)
+  print(format_summary(summary))
+  if summary["files"]:
+    print("wrote " + ", ".join(summary["files"]))
+
+
+if __name__ == "__main__":
+  app.run(main)

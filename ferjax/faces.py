@@ -1,0 +1,194 @@
+"""Face detection (OpenCV's frontal-face Haar cascade) and cropping to 48x48 model input."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from ferjax.errors import FerjaxError
+
+CASCADE_FILE = "haarcascade_frontalface_default.xml"
+FACE_SIZE = 48  # FER2013's face size: what every model takes.
+# The cascade's smallest window: a face smaller than this at detection scale is never found.
+CASCADE_WINDOW = 24
+
+
+class DetectorError(FerjaxError):
+  """The face detector cannot be built (cascade file missing or unreadable)."""
+
+
+class Box(NamedTuple):
+  """A face rectangle in frame pixels: top-left corner, width and height."""
+
+  x: int
+  y: int
+  w: int
+  h: int
+
+  @property
+  def area(self) -> int:
+    return self.w * self.h
+
+
+def to_gray(frame: np.ndarray) -> np.ndarray:
+  """Grey uint8 ``(H, W)`` from a BGR, BGRA or already grey OpenCV frame.
+
+  Args:
+    frame: uint8 ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` (BGR) or ``(H, W, 4)`` (BGRA).
+
+  Returns:
+    uint8 ``(H, W)``.
+
+  Raises:
+    ValueError: another dtype or layout.
+  """
+  import cv2
+
+  frame = np.asarray(frame)
+  if frame.dtype != np.uint8:
+    raise ValueError(f"frames must be uint8 (as OpenCV reads them), got {frame.dtype}")
+  if frame.ndim == 2:
+    return frame
+  if frame.ndim == 3 and frame.shape[2] == 1:
+    return frame[..., 0]
+  if frame.ndim == 3 and frame.shape[2] == 3:
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+  if frame.ndim == 3 and frame.shape[2] == 4:
+    return cv2.cvtColor(frame, cv2.COLOR_BGRA2GRAY)
+  raise ValueError(f"expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) frame, got shape "
+                   f"{frame.shape}")
+
+
+def expand_box(box: Box, margin: float, frame_hw: tuple[int, int]) -> Box:
+  """Grows ``box`` by ``margin`` of its size on every side, clipped to the frame.
+
+  Args:
+    box: the face rectangle.
+    margin: fraction of the width (height) added left and right (top and bottom).
+    frame_hw: the frame's ``(height, width)``.
+
+  Returns:
+    The grown box; at least 1x1 and inside the frame.
+  """
+  height, width = frame_hw
+  dx, dy = int(round(box.w * margin)), int(round(box.h * margin))
+  x0, y0 = max(0, box.x - dx), max(0, box.y - dy)
+  x1, y1 = min(width, box.x + box.w + dx), min(height, box.y + box.h + dy)
+  return Box(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
+
+
+def crop_face(gray: np.ndarray, box: Box, margin: float = 0.0, size: int = FACE_SIZE
+              ) -> np.ndarray:
+  """Cuts a face out of a grey frame and scales it to the model's input size.
+
+  Together with :func:`ferjax.preprocess.preprocess` this is the one path from
+  a camera frame to model input. Near the frame's edge the grown box is clipped,
+  so the crop may be slightly non-square before resizing.
+
+  Args:
+    gray: uint8 ``(H, W)`` grey frame.
+    box: the face rectangle in ``gray``'s pixels.
+    margin: fraction of the box size added on every side before cropping.
+    size: output side length (48 for every ferjax model).
+
+  Returns:
+    uint8 ``(size, size)``.
+  """
+  import cv2
+
+  x, y, w, h = expand_box(box, margin, gray.shape[:2])
+  # INTER_AREA averages the source pixels: the right filter for shrinking (the usual case).
+  return cv2.resize(gray[y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_AREA)
+
+
+class FaceDetector:
+  """Finds frontal faces with OpenCV's Haar cascade, on a downscaled grey frame.
+
+  Detecting at reduced resolution is the detector's main speed knob: the
+  cascade's cost grows with the pixel count, and faces big enough to classify
+  are still found. Boxes are mapped back to full-frame pixels.
+
+  Attributes:
+    scale_factor: step between the cascade's search scales (``detectMultiScale``).
+    min_neighbors: overlapping hits a face needs; higher means fewer false faces.
+    min_size: smallest face side, in full-frame pixels. The effective minimum is
+      also at least ``24 * downscale`` (the cascade's window at detection scale).
+    margin: fraction of the box size added on every side when cropping, so the
+      crop shows a little forehead and chin as FER2013's faces do.
+    max_faces: at most this many faces per frame (the largest are kept).
+    downscale: detect on the frame shrunk by this factor (1 = full size).
+  """
+
+  def __init__(self, *, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 48,
+               margin: float = 0.1, max_faces: int = 8, downscale: float = 2.0,
+               cascade_path: str | None = None):
+    import cv2
+
+    if scale_factor <= 1.0:
+      raise ValueError(f"scale_factor must be above 1, got {scale_factor}")
+    if downscale < 1.0:
+      raise ValueError(f"downscale must be at least 1, got {downscale}")
+    if max_faces < 1:
+      raise ValueError(f"max_faces must be at least 1, got {max_faces}")
+    if margin < 0:
+      raise ValueError(f"margin must not be negative, got {margin}")
+    if cascade_path is None:
+      cascade_path = os.path.join(cv2.data.haarcascades, CASCADE_FILE)
+    if not os.path.isfile(cascade_path):
+      raise DetectorError(f"{cascade_path}: Haar cascade file not found (opencv-python-headless "
+                          "4.x ships it under cv2.data.haarcascades)")
+    try:
+      self.cascade = cv2.CascadeClassifier(cascade_path)
+      loaded = not self.cascade.empty()
+    except (cv2.error, SystemError):  # A malformed file fails inside OpenCV's constructor.
+      loaded = False
+    if not loaded:
+      raise DetectorError(f"{cascade_path}: OpenCV could not load this Haar cascade")
+    self.cascade_path = cascade_path
+    self.scale_factor = scale_factor
+    self.min_neighbors = min_neighbors
+    self.min_size = min_size
+    self.margin = margin
+    self.max_faces = max_faces
+    self.downscale = downscale
+
+  def detect(self, gray: np.ndarray) -> list[Box]:
+    """Faces in a grey frame, largest first, at most ``max_faces``.
+
+    Args:
+      gray: uint8 ``(H, W)`` frame (see :func:`to_gray`).
+
+    Returns:
+      Boxes in ``gray``'s pixels; ``[]`` when there is no face.
+    """
+    import cv2
+
+    small = gray
+    if self.downscale > 1.0:
+      h, w = gray.shape[:2]
+      size = (max(1, int(round(w / self.downscale))), max(1, int(round(h / self.downscale))))
+      small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    side = max(1, int(round(self.min_size / self.downscale)))
+    found = self.cascade.detectMultiScale(small, scaleFactor=self.scale_factor,
+                                          minNeighbors=self.min_neighbors, minSize=(side, side))
+    if len(found) == 0:
+      return []
+    sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
+    boxes = [Box(int(round(x * sx)), int(round(y * sy)), int(round(w * sx)), int(round(h * sy)))
+             for x, y, w, h in np.asarray(found).tolist()]
+    boxes.sort(key=lambda b: b.area, reverse=True)
+    return boxes[:self.max_faces]
+
+  def crops(self, gray: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """The model-input crops of ``boxes``: uint8 ``(len(boxes), 48, 48)``."""
+    out_Nx48x48 = np.empty((len(boxes), FACE_SIZE, FACE_SIZE), np.uint8)
+    for i, box in enumerate(boxes):
+      out_Nx48x48[i] = crop_face(gray, box, self.margin)
+    return out_Nx48x48
+
+  def __repr__(self) -> str:
+    return (f"FaceDetector(scale_factor={self.scale_factor}, min_neighbors={self.min_neighbors}, "
+            f"min_size={self.min_size}, margin={self.margin}, max_faces={self.max_faces}, "
+            f"downscale={self.downscale})")

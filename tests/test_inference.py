@@ -1,0 +1,236 @@
+"""Predictor and face detection: the same crop and preprocess as training, one compile."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import fer_rows, write_csv
+from ferjax import checkpoint as checkpoint_lib
+from ferjax import faces as faces_lib
+from ferjax import inference
+from ferjax import preprocess as preprocess_lib
+from ferjax import train as train_lib
+from ferjax.config import TrainConfig
+from ferjax.errors import CheckpointError, ConfigError
+from ferjax.faces import Box, FaceDetector, crop_face, expand_box, to_gray
+from ferjax.inference import Predictor
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+CLIP = os.path.join(DATA_DIR, "asl_gestures_yes.mkv")
+TINY_MODEL = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
+
+
+def read_clip(every: int = 1) -> list[np.ndarray]:
+  """The test clip's BGR frames (640x480)."""
+  import cv2
+
+  capture = cv2.VideoCapture(CLIP)
+  frames = []
+  while True:
+    ok, frame = capture.read()
+    if not ok:
+      break
+    frames.append(frame)
+  capture.release()
+  return frames[::every]
+
+
+_TINY_RUN: dict[str, tuple[str, str]] = {}
+
+
+def train_tiny_run(tmp_path_factory) -> tuple[str, str]:
+  """A tiny acnn_alstm trained by train_and_evaluate: ``(workdir, csv)``, made once per session.
+
+  Cached here rather than by fixture scope: test_realtime imports this module, and a fixture
+  imported into a second module would be a second fixture (and a second training run).
+  """
+  if "run" not in _TINY_RUN:
+    root = tmp_path_factory.mktemp("tiny_run")
+    rows = fer_rows(32, usages=("Training",)) + fer_rows(16, usages=("PublicTest",)) + \
+        fer_rows(16, usages=("PrivateTest",))
+    csv_path = write_csv(root / "fer2013.csv", rows)
+    config = TrainConfig(model="acnn_alstm", model_overrides=TINY_MODEL, epochs=1, batch_size=16,
+                         eval_batch_size=16)
+    workdir = str(root / "run")
+    train_lib.train_and_evaluate(config, workdir, data_path=csv_path)
+    _TINY_RUN["run"] = (workdir, csv_path)
+  return _TINY_RUN["run"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  return train_tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def clip_frames():
+  return read_clip()
+
+
+def test_detector_finds_the_face_in_the_clip(clip_frames):
+  detector = FaceDetector()
+  found = [detector.detect(to_gray(f)) for f in clip_frames[::3]]
+  assert sum(1 for boxes in found if boxes) == len(found)  # 22/22, as measured on the clip.
+  x, y, w, h = found[0][0]
+  assert 60 <= w <= 120 and w == h  # Mapped back to full-frame pixels (~80 px face).
+  assert 0 <= x and x + w <= 640 and 0 <= y and y + h <= 480
+
+
+def test_downscaled_detection_agrees_with_full_size(clip_frames):
+  full, half = FaceDetector(downscale=1.0), FaceDetector(downscale=2.0)
+  gray = to_gray(clip_frames[0])
+  a, b = full.detect(gray)[0], half.detect(gray)[0]
+  centre = lambda box: np.array([box.x + box.w / 2, box.y + box.h / 2])  # noqa: E731
+  assert np.abs(centre(a) - centre(b)).max() < 0.15 * a.w
+  assert 0.8 < b.w / a.w < 1.25
+
+
+def test_faces_are_sorted_largest_first_and_capped(clip_frames):
+  import cv2
+
+  face = clip_frames[0]
+  small = cv2.resize(face, None, fx=0.75, fy=0.75, interpolation=cv2.INTER_AREA)
+  canvas = np.full((480, 640 + small.shape[1], 3), 128, np.uint8)
+  canvas[:small.shape[0], :small.shape[1]] = small
+  canvas[:, small.shape[1]:] = face
+  boxes = FaceDetector().detect(to_gray(canvas))
+  assert len(boxes) == 2 and boxes[0].area > boxes[1].area
+  assert boxes[0].x > small.shape[1]  # The full-size face is the bigger one.
+  assert len(FaceDetector(max_faces=1).detect(to_gray(canvas))) == 1
+
+
+def test_no_face_gives_no_boxes():
+  assert FaceDetector().detect(np.full((480, 640), 127, np.uint8)) == []
+
+
+def test_crop_is_48x48_uint8_and_clipped_at_the_frame_edge():
+  gray = np.arange(100 * 120, dtype=np.int64).reshape(100, 120).astype(np.uint8)
+  crop = crop_face(gray, Box(100, 80, 40, 40), margin=0.25)
+  assert crop.shape == (48, 48) and crop.dtype == np.uint8
+  assert expand_box(Box(100, 80, 40, 40), 0.25, (100, 120)) == Box(90, 70, 30, 30)
+  assert expand_box(Box(10, 10, 20, 20), 0.1, (100, 120)) == Box(8, 8, 24, 24)
+
+
+def test_to_gray_accepts_opencv_layouts_and_refuses_others():
+  bgr = np.zeros((4, 5, 3), np.uint8)
+  assert to_gray(bgr).shape == (4, 5)
+  assert to_gray(np.zeros((4, 5, 4), np.uint8)).shape == (4, 5)
+  assert to_gray(np.zeros((4, 5, 1), np.uint8)).shape == (4, 5)
+  with pytest.raises(ValueError, match="uint8"):
+    to_gray(np.zeros((4, 5, 3), np.float32))
+  with pytest.raises(ValueError, match="shape"):
+    to_gray(np.zeros((4, 5, 2), np.uint8))
+
+
+def test_a_missing_cascade_is_a_clear_error(tmp_path):
+  with pytest.raises(faces_lib.DetectorError, match="not found"):
+    FaceDetector(cascade_path=str(tmp_path / "nope.xml"))
+  bad = tmp_path / "bad.xml"
+  bad.write_text("<opencv_storage></opencv_storage>")
+  with pytest.raises(faces_lib.DetectorError, match="could not load"):
+    FaceDetector(cascade_path=str(bad))
+
+
+def test_predictor_equals_model_on_preprocessed_crop(tiny_run, clip_frames):
+  """Train/serve skew check: crop → preprocess → model is exactly the training path."""
+  workdir, _ = tiny_run
+  predictor = Predictor(workdir)
+  model, meta = checkpoint_lib.load_model(workdir, "best")
+  assert inference.preprocess is preprocess_lib.preprocess  # The one shared transform.
+  assert predictor.class_names == tuple(meta["class_names"]) and predictor.num_classes == 7
+  detector = FaceDetector()
+  gray = to_gray(clip_frames[0])
+  crops = detector.crops(gray, detector.detect(gray))
+  assert crops.shape == (1, 48, 48) and crops.dtype == np.uint8
+  # model(preprocess(crop)) as evaluation computes it (jitted only because eager is slow).
+  expected = nnx.jit(lambda m, x: jax.nn.softmax(m(preprocess_lib.preprocess(x)), axis=-1))(
+      model, crops[..., None])
+  probs = predictor.predict_faces(crops)
+  np.testing.assert_allclose(probs, np.asarray(expected), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(predictor.predict_faces(crops[0]), probs, rtol=1e-6)  # One face.
+  np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_one_compile_per_batch_size_whatever_the_number_of_faces(tiny_run):
+  predictor = Predictor(tiny_run[0], max_faces=4)
+  assert predictor.batch_sizes == (1, 2, 4)
+  predictor.warmup()
+  assert predictor.trace_count == 3
+  rng = np.random.default_rng(0)
+  faces = rng.integers(0, 256, (11, 48, 48), dtype=np.uint8)
+  singles = np.concatenate([predictor.predict_faces(f) for f in faces])
+  for n in (1, 3, 4, 0, 2, 5, 11):  # 5 and 11 run as 2 and 3 calls of compiled shapes.
+    probs = predictor.predict_faces(faces[:n])
+    assert probs.shape == (n, 7)
+    np.testing.assert_allclose(probs, singles[:n], rtol=1e-5, atol=1e-6)
+  probs, weights = predictor.predict_faces(faces[:0], attention=True)
+  assert probs.shape == (0, 7) and weights["alpha"].shape == (0, 36)
+  predictor.predict_faces(faces[:3], attention=True)  # The same compiled functions.
+  assert predictor.trace_count == 3
+
+
+def test_a_single_batch_shape_compiles_once(tiny_run):
+  predictor = Predictor(tiny_run[0], max_faces=4, batch_sizes=(4,))
+  assert predictor.batch_sizes == (4,)
+  for n in (1, 3, 4, 6):
+    assert predictor.predict_faces(np.zeros((n, 48, 48), np.uint8)).shape == (n, 7)
+  assert predictor.trace_count == 1
+  with pytest.raises(ValueError, match="batch_sizes"):
+    Predictor(tiny_run[0], max_faces=4, batch_sizes=(8,))
+
+
+def test_attention_weights_come_back_per_face(tiny_run):
+  predictor = Predictor(tiny_run[0])
+  assert predictor.has_local_attention and predictor.attention_keys == ("alpha", "beta")
+  faces = np.random.default_rng(1).integers(0, 256, (3, 48, 48, 1), dtype=np.uint8)
+  probs, weights = predictor.predict_faces(faces, attention=True)
+  assert probs.shape == (3, 7) and weights["alpha"].shape == (3, 36)
+  np.testing.assert_allclose(weights["alpha"].sum(axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(probs, predictor.predict_faces(faces), rtol=1e-6)
+
+
+def test_predictor_refuses_wrong_crops(tiny_run):
+  predictor = Predictor(tiny_run[0])
+  with pytest.raises(ValueError, match="uint8"):
+    predictor.predict_faces(np.zeros((2, 48, 48), np.float32))
+  with pytest.raises(ValueError, match="48"):
+    predictor.predict_faces(np.zeros((2, 64, 64), np.uint8))
+
+
+def test_missing_default_weights_or_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(inference, "DEFAULT_WEIGHTS", str(tmp_path / "weights" / "default"))
+  with pytest.raises(CheckpointError, match="no default weights"):
+    Predictor()
+  with pytest.raises(CheckpointError, match="no such directory"):
+    Predictor(tmp_path / "missing")
+
+
+def test_attention_maps_png(tiny_run, tmp_path):
+  workdir, csv_path = tiny_run
+  out = tmp_path / "maps" / "attention.png"
+  result = inference.render_attention_maps(str(out), checkpoint=workdir, data_path=csv_path,
+                                           split="PrivateTest", num=10, columns=5)
+  assert out.exists() and out.stat().st_size > 1000
+  assert result["num"] == 10 and result["model"] == "acnn_alstm"
+
+
+def test_attention_maps_refuse_a_model_without_local_attention(tmp_path):
+  from ferjax.models import create_model
+
+  model = create_model("cnn_alstm", num_classes=7, rngs=nnx.Rngs(0), **TINY_MODEL)
+  predictor = Predictor.from_model(model, [str(i) for i in range(7)])
+  assert not predictor.has_local_attention and predictor.attention_keys == ("beta",)
+  store = checkpoint_lib.CheckpointStore(tmp_path / "run" / "checkpoints")
+  config = TrainConfig(model="cnn_alstm", model_overrides=TINY_MODEL).to_dict()
+  state = nnx.state(model, nnx.Not(nnx.RngState))
+  store.save(1, model=state, optimizer={"x": np.zeros(1)}, ema=None,
+             meta={"config": config, "model": "cnn_alstm", "num_classes": 7, "labels": "fer2013",
+                   "class_names": [str(i) for i in range(7)]})
+  store.close()
+  with pytest.raises(ConfigError, match="'cnn_alstm' model has no local attention"):
+    inference.render_attention_maps(str(tmp_path / "a.png"), checkpoint=tmp_path / "run")

@@ -1,0 +1,206 @@
+"""The realtime pipeline on a real clip: sources, per-frame results, writers and the script."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ferjax import video
+from ferjax.errors import FerjaxError
+from ferjax.faces import FaceDetector
+from ferjax.inference import Predictor
+from test_inference import CLIP, read_clip, train_tiny_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIP_FRAMES = 65
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  return train_tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def clip_frames():
+  return read_clip()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_run):
+  p = Predictor(tiny_run[0], max_faces=4)
+  p.warmup()
+  return p
+
+
+def test_analyze_frame_finds_and_classifies_the_face(predictor, clip_frames):
+  results = video.analyze_frame(clip_frames[0], predictor, FaceDetector())
+  assert len(results) == 1
+  face = results[0]
+  assert face.probs.shape == (7,) and abs(face.probs.sum() - 1) < 1e-5
+  assert face.label == predictor.class_names[face.label_index]
+  assert face.score == pytest.approx(face.probs.max())
+  assert json.loads(json.dumps(face.to_dict(predictor.class_names)))["box"] == list(face.box)
+
+
+def test_empty_and_faceless_frames_give_no_results(predictor):
+  detector = FaceDetector()
+  assert video.analyze_frame(None, predictor, detector) == []
+  assert video.analyze_frame(np.zeros((0, 0, 3), np.uint8), predictor, detector) == []
+  assert video.analyze_frame(np.full((480, 640, 3), 90, np.uint8), predictor, detector) == []
+  with pytest.raises(ValueError, match="uint8"):
+    video.analyze_frame(np.zeros((48, 48, 3), np.float64), predictor, detector)
+
+
+def test_frames_with_different_face_counts_compile_once(predictor, clip_frames):
+  detector = FaceDetector(max_faces=4)
+  one = clip_frames[0]
+  two = np.concatenate([one, clip_frames[30]], axis=1)
+  blank = np.zeros_like(one)
+  before = predictor.trace_count
+  counts = [len(video.analyze_frame(f, predictor, detector)) for f in (one, two, blank, one, two)]
+  assert counts == [1, 2, 0, 1, 2]
+  assert predictor.trace_count == before == len(predictor.batch_sizes)  # All from warmup.
+
+
+def test_analyze_video_over_the_clip(predictor):
+  stats = video.PipelineStats()
+  stats.start()
+  results = list(video.analyze_video(CLIP, predictor, every=1, stats=stats))
+  stats.stop()
+  assert len(results) == CLIP_FRAMES and [r.index for r in results] == list(range(CLIP_FRAMES))
+  assert sum(1 for r in results if r.faces) >= CLIP_FRAMES - 2
+  assert results[30].time_s == pytest.approx(1.0)  # 30 fps clip.
+  summary = stats.summary()
+  assert summary["frames"] == CLIP_FRAMES and summary["fps"] > 0
+  assert {"read", "detect", "crop", "predict"} <= set(summary["ms_per_call"])
+
+
+def test_every_n_frames_reuses_results(predictor):
+  results = list(video.analyze_video(CLIP, predictor, every=3, max_frames=7))
+  assert [r.analyzed for r in results] == [True, False, False, True, False, False, True]
+  assert results[1].faces is results[0].faces
+
+
+def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
+  import cv2
+
+  out, table, record = tmp_path / "out.mp4", tmp_path / "faces.csv", tmp_path / "faces.json"
+  summary = video.run_pipeline(CLIP, predictor, output=str(out), csv_path=str(table),
+                               json_path=str(record))
+  assert summary["frames"] == CLIP_FRAMES and not summary["displayed"]
+  capture = cv2.VideoCapture(str(out))
+  written = 0
+  while capture.read()[0]:
+    written += 1
+  assert written == CLIP_FRAMES
+  assert capture.get(cv2.CAP_PROP_FRAME_WIDTH) == 640
+  capture.release()
+  with open(table, newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == video.csv_header(predictor.class_names)
+  assert len(rows) == summary["faces"] >= CLIP_FRAMES - 2
+  assert len({r["frame"] for r in rows}) == len(rows)  # One face per frame in this clip.
+  probs = np.array([[float(r[f"p_{n}"]) for n in predictor.class_names] for r in rows])
+  np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+  assert all(r["label"] == predictor.class_names[p.argmax()] for r, p in zip(rows, probs))
+  data = json.loads(record.read_text())
+  assert len(data["frames"]) == CLIP_FRAMES and data["summary"]["faces"] == summary["faces"]
+  assert data["class_names"] == list(predictor.class_names)
+
+
+def test_image_folder_skips_non_images_with_a_warning(predictor, clip_frames, tmp_path,
+                                                      caplog):
+  import cv2
+
+  folder = tmp_path / "images"
+  folder.mkdir()
+  cv2.imwrite(str(folder / "frame10.png"), clip_frames[10])
+  cv2.imwrite(str(folder / "frame9.jpg"), clip_frames[9])
+  (folder / "notes.txt").write_text("not an image")
+  (folder / "sub").mkdir()
+  with caplog.at_level(logging.WARNING, logger="ferjax"):
+    results = list(video.analyze_video(str(folder), predictor))
+  assert [r.name for r in results] == ["frame9.jpg", "frame10.png"]  # Natural order.
+  assert all(r.time_s is None and len(r.faces) == 1 for r in results)
+  assert "notes.txt: not an image file; skipped" in caplog.text
+  out = tmp_path / "annotated"
+  summary = video.run_pipeline(str(folder), predictor, output=str(out), every=5)
+  assert sorted(os.listdir(out)) == ["frame10.png", "frame9.jpg"]
+  assert summary["analyzed_frames"] == 2  # Images are always analysed.
+  assert summary["skipped"] == [str(folder / "notes.txt")]
+
+
+def test_single_image_source(predictor, clip_frames, tmp_path):
+  import cv2
+
+  path = tmp_path / "face.png"
+  cv2.imwrite(str(path), clip_frames[0])
+  results = list(video.analyze_video(str(path), predictor))
+  assert len(results) == 1 and results[0].name == "face.png" and len(results[0].faces) == 1
+  out = tmp_path / "annotated.jpg"
+  summary = video.run_pipeline(str(path), predictor, output=str(out))
+  assert summary["faces"] == 1 and cv2.imread(str(out)).shape == clip_frames[0].shape
+
+
+def test_unopenable_sources_raise_one_clear_error(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "fake.mp4").write_text("not a video")
+  (tmp_path / "fake.png").write_text("not an image")
+  cases = {str(tmp_path / "missing.mp4"): "no such file",
+           str(tmp_path / "empty"): "no image files",
+           str(tmp_path / "fake.mp4"): "cannot open this as a video",
+           "97": "camera 97: cannot open"}
+  for source, message in cases.items():
+    with pytest.raises(video.SourceError, match=message) as info:
+      video.open_source(source)
+    assert isinstance(info.value, FerjaxError) and "\n" not in str(info.value)
+  with pytest.raises(video.SourceError, match="cannot decode"):
+    list(video.open_source(str(tmp_path / "fake.png")))
+
+
+def test_drawing_keeps_the_frame_and_marks_it(predictor, clip_frames):
+  frame = clip_frames[0].copy()
+  faces = video.analyze_frame(frame, predictor, FaceDetector())
+  drawn = video.draw_results(frame, faces, predictor.class_names, fps=30.0)
+  assert drawn.shape == frame.shape and np.array_equal(frame, clip_frames[0])
+  assert (drawn != frame).any()
+  grey = video.draw_results(frame[..., 0], faces, predictor.class_names)
+  assert grey.shape == frame.shape
+
+
+def test_bad_output_names_are_refused(predictor, tmp_path):
+  with pytest.raises(FerjaxError, match="must end in"):
+    video.run_pipeline(CLIP, predictor, output=str(tmp_path / "out.gif"))
+
+
+def _script(*args):
+  env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+  env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.realtime", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_script_fails_in_one_line_for_a_source_it_cannot_open(tmp_path):
+  missing = str(tmp_path / "nope.mp4")
+  result = _script(f"--source={missing}", "--no_display")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f"error: {missing}: no such file, folder or camera"]
+
+
+def test_script_runs_headless_on_the_clip(tiny_run, tmp_path):
+  table = tmp_path / "faces.csv"
+  result = _script(f"--source={CLIP}", f"--checkpoint={tiny_run[0]}", f"--csv={table}",
+                   "--max_frames=12", "--every=2", "--max_faces=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "no display" in result.stderr and "running headless" in result.stderr
+  assert "frames processed 12 (model ran on 6)" in result.stdout
+  assert "FPS" in result.stdout and "detect" in result.stdout and "predict" in result.stdout
+  with open(table, newline="") as f:
+    assert len(list(csv.DictReader(f))) == 6
