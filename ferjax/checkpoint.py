@@ -48,12 +48,15 @@ class CheckpointStore:
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def save(self, step: int, *, model: Any, optimizer: Any, ema: Any | None, meta: dict,
+  def save(self, step: int, *, model: Any, optimizer: Any | None, ema: Any | None, meta: dict,
            eval_accuracy: float | None = None) -> None:
-    """Writes a checkpoint; ``eval_accuracy`` makes it a candidate for best."""
-    items = {"model": ocp.args.StandardSave(model),
-             "optimizer": ocp.args.StandardSave(optimizer),
-             "meta": ocp.args.JsonSave(meta)}
+    """Writes a checkpoint; ``eval_accuracy`` makes it a candidate for best.
+
+    ``optimizer=None`` writes an inference-only checkpoint (it cannot resume).
+    """
+    items = {"model": ocp.args.StandardSave(model), "meta": ocp.args.JsonSave(meta)}
+    if optimizer is not None:
+      items["optimizer"] = ocp.args.StandardSave(optimizer)
     if ema is not None:
       items["ema"] = ocp.args.StandardSave(ema)
     metrics = None if eval_accuracy is None else {BEST_METRIC: float(eval_accuracy)}
@@ -185,3 +188,37 @@ def load_model(path: str | os.PathLike, which: str | int = "best", *,
     nnx.update(model, restored["ema"])
   model.eval()
   return model, {**meta, "step": step}
+
+
+def export_model(path: str | os.PathLike, output: str | os.PathLike, which: str | int = "best"
+                 ) -> dict:
+  """Writes an inference-only copy of a run's checkpoint (no optimiser state).
+
+  The EMA, if the run kept one, is folded into the parameters. The result is a
+  folder with ``checkpoints/`` that :func:`load_model` and
+  ``ferjax.inference.Predictor`` read like a workdir; this is how the default
+  weights shipped in ``ferjax/weights/default`` are made.
+
+  Args:
+    path: the run's workdir (or its ``checkpoints/``).
+    output: the folder to create; it must not exist yet.
+    which: ``best``, ``latest`` or a step number.
+
+  Returns:
+    The meta dict written with it.
+  """
+  from flax import nnx
+
+  output = os.path.abspath(os.fspath(output))
+  if os.path.exists(output):
+    raise CheckpointError(f"{output} already exists; remove it or choose another --output")
+  model, meta = load_model(path, which)
+  meta = {**meta, "config": {**meta["config"], "ema_decay": 0.0},
+          "exported_from": {"path": os.path.abspath(os.fspath(path)), "step": meta["step"]}}
+  store = CheckpointStore(os.path.join(output, "checkpoints"))
+  try:
+    store.save(meta["step"], model=nnx.state(model, nnx.Not(nnx.RngState)), optimizer=None,
+               ema=None, meta=meta, eval_accuracy=meta.get("metrics", {}).get("eval_accuracy"))
+  finally:
+    store.close()
+  return meta

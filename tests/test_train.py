@@ -243,3 +243,17 @@ def test_default_configs_are_valid():
     assert c.model == name and TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
   with pytest.raises(ConfigError, match="optimizer must be one of adamw, adam, sgd"):
     default_config("dnn", optimizer="lamb")
+
+
+def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(max_steps=2, ema_decay=0.5), workdir, data=tiny_data)
+  out = tmp_path / "exported"
+  meta = checkpoint_lib.export_model(workdir, out)
+  assert meta["config"]["ema_decay"] == 0.0 and meta["exported_from"]["step"] == 2
+  original, _ = _params(workdir, "best")  # load_model folds the EMA in.
+  exported, _ = _params(out)
+  jax.tree.map(np.testing.assert_array_equal, original, exported)
+  assert not any("optimizer" in str(p) for p in out.rglob("*"))
+  with pytest.raises(CheckpointError, match="already exists"):
+    checkpoint_lib.export_model(workdir, out)

@@ -1,0 +1,29 @@
+r"""Writes an inference-only copy of a run's best checkpoint (no optimiser state).
+
+  python -m experiments.export_weights --workdir=runs/vgg_alstm --output=ferjax/weights/default
+
+The output loads like a workdir: ``Predictor("out")``, ``--checkpoint=out``.
+"""
+
+from absl import app, flags
+
+from ferjax import cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Folder to create.", required=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+
+
+@cli.exit_on_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  from ferjax.checkpoint import export_model
+
+  meta = export_model(_WORKDIR.value, _OUTPUT.value, _CHECKPOINT.value)
+  print(f"exported {meta['model']} step {meta['step']} to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
