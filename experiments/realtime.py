@@ -48,7 +48,8 @@ def main(argv):
   cli.setup_logging()
   from ferjax.faces import FaceDetector
   from ferjax.inference import Predictor
-  from ferjax.video import format_summary, open_source, run_pipeline
+  from ferjax.sources import open_source
+  from ferjax.video import format_summary, run_pipeline
 
   # The source first: a wrong --source fails at once, before the model loads.
   source = open_source(_SOURCE.value)

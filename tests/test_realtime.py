@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from ferjax import video
+from ferjax import annotate, sources, video
 from ferjax.errors import FerjaxError
 from ferjax.faces import FaceDetector
 from ferjax.inference import Predictor
@@ -104,7 +104,7 @@ def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
   capture.release()
   with open(table, newline="") as f:
     rows = list(csv.DictReader(f))
-  assert list(rows[0]) == video.csv_header(predictor.class_names)
+  assert list(rows[0]) == annotate.csv_header(predictor.class_names)
   assert len(rows) == summary["faces"] >= CLIP_FRAMES - 2
   assert len({r["frame"] for r in rows}) == len(rows)  # One face per frame in this clip.
   probs = np.array([[float(r[f"p_{n}"]) for n in predictor.class_names] for r in rows])
@@ -158,20 +158,20 @@ def test_unopenable_sources_raise_one_clear_error(tmp_path):
            str(tmp_path / "fake.mp4"): "cannot open this as a video",
            "97": "camera 97: cannot open"}
   for source, message in cases.items():
-    with pytest.raises(video.SourceError, match=message) as info:
-      video.open_source(source)
+    with pytest.raises(sources.SourceError, match=message) as info:
+      sources.open_source(source)
     assert isinstance(info.value, FerjaxError) and "\n" not in str(info.value)
-  with pytest.raises(video.SourceError, match="cannot decode"):
-    list(video.open_source(str(tmp_path / "fake.png")))
+  with pytest.raises(sources.SourceError, match="cannot decode"):
+    list(sources.open_source(str(tmp_path / "fake.png")))
 
 
 def test_drawing_keeps_the_frame_and_marks_it(predictor, clip_frames):
   frame = clip_frames[0].copy()
   faces = video.analyze_frame(frame, predictor, FaceDetector())
-  drawn = video.draw_results(frame, faces, predictor.class_names, fps=30.0)
+  drawn = annotate.draw_results(frame, faces, predictor.class_names, fps=30.0)
   assert drawn.shape == frame.shape and np.array_equal(frame, clip_frames[0])
   assert (drawn != frame).any()
-  grey = video.draw_results(frame[..., 0], faces, predictor.class_names)
+  grey = annotate.draw_results(frame[..., 0], faces, predictor.class_names)
   assert grey.shape == frame.shape
 
 

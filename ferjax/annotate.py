@@ -1,0 +1,249 @@
+"""Drawing results on frames and writing them out: annotated video or images, CSV, JSON.
+
+:func:`draw_results` draws boxes, labels and probability bars on a copy of a
+frame; the writers save annotated frames and per-face rows; and
+:func:`display_available` says whether a window can be shown here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ferjax.errors import ConfigError, FerjaxError
+
+if TYPE_CHECKING:  # Annotations only: ferjax.video imports this module.
+  from ferjax.video import FaceResult, FrameResult
+
+# Both encoders are built into opencv-python-headless's FFmpeg (checked headless, OpenCV 4.14).
+VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
+
+
+class OutputError(FerjaxError):
+  """An output file (annotated video or images, CSV, JSON) cannot be written."""
+
+
+# ----------------------------------------------------------------------------
+# Drawing
+# ----------------------------------------------------------------------------
+
+_GREEN = (80, 200, 80)
+_GREY = (170, 170, 170)
+_DARK = (40, 40, 40)
+_WHITE = (255, 255, 255)
+_FONT_SCALE = 0.4
+_BAR_W = 70
+_ROW_H = 12
+
+
+def draw_results(frame: np.ndarray, faces: Sequence[FaceResult], class_names: Sequence[str], *,
+                 fps: float | None = None) -> np.ndarray:
+  """Draws boxes, top label and a probability bar per emotion next to each face.
+
+  Args:
+    frame: uint8 BGR or grey frame (not modified).
+    faces: the frame's results.
+    class_names: names for the bars, in probability order.
+    fps: if given, written in the top-left corner.
+
+  Returns:
+    An annotated BGR copy of ``frame``.
+  """
+  import cv2
+
+  font = cv2.FONT_HERSHEY_SIMPLEX
+  out = np.ascontiguousarray(frame)
+  if out.ndim == 2 or out.shape[2] == 1:
+    out = cv2.cvtColor(out, cv2.COLOR_GRAY2BGR)
+  elif out.shape[2] == 4:
+    out = cv2.cvtColor(out, cv2.COLOR_BGRA2BGR)
+  else:
+    out = out.copy()
+  height, width = out.shape[:2]
+  label_w = max(cv2.getTextSize(n, font, _FONT_SCALE, 1)[0][0] for n in class_names) + 4
+  panel_w = label_w + _BAR_W + 40
+  panel_h = _ROW_H * len(class_names) + 4
+  for face in faces:
+    x, y, w, h = face.box
+    cv2.rectangle(out, (x, y), (x + w, y + h), _GREEN, 2)
+    text = f"{face.label} {face.score:.2f}"
+    (tw, th), _ = cv2.getTextSize(text, font, 0.55, 1)
+    ty = y - 6 if y - th - 8 >= 0 else y + h + th + 6
+    cv2.rectangle(out, (x, ty - th - 4), (x + tw + 4, ty + 4), _DARK, -1)
+    cv2.putText(out, text, (x + 2, ty), font, 0.55, _WHITE, 1, cv2.LINE_AA)
+    # The bars sit right of the box, or left of it when there is no room.
+    px = x + w + 6 if x + w + 6 + panel_w <= width else max(0, x - 6 - panel_w)
+    py = min(max(0, y), max(0, height - panel_h))
+    overlay = out[py:py + panel_h, px:px + panel_w]
+    overlay[:] = (overlay * 0.4).astype(np.uint8)  # Darken behind the bars, keep the scene visible.
+    for i, (name, p) in enumerate(zip(class_names, face.probs)):
+      row_y = py + 2 + i * _ROW_H
+      cv2.putText(out, name, (px + 2, row_y + _ROW_H - 3), font, _FONT_SCALE, _WHITE, 1,
+                  cv2.LINE_AA)
+      bx = px + label_w
+      color = _GREEN if i == face.label_index else _GREY
+      cv2.rectangle(out, (bx, row_y + 2), (bx + int(round(_BAR_W * float(p))), row_y + _ROW_H - 2),
+                    color, -1)
+      cv2.putText(out, f"{float(p):.2f}", (bx + _BAR_W + 3, row_y + _ROW_H - 3), font,
+                  _FONT_SCALE, _WHITE, 1, cv2.LINE_AA)
+  if fps is not None:
+    cv2.putText(out, f"{fps:.1f} FPS", (8, 20), font, 0.6, _DARK, 3, cv2.LINE_AA)
+    cv2.putText(out, f"{fps:.1f} FPS", (8, 20), font, 0.6, _WHITE, 1, cv2.LINE_AA)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Writers
+# ----------------------------------------------------------------------------
+
+
+class AnnotatedVideoWriter:
+  """Writes annotated frames to a video (``.mp4``/``.mkv``: mp4v, ``.avi``: MJPG).
+
+  The file is opened at the first frame, whose size it keeps; later frames of
+  another size are scaled to it.
+  """
+
+  def __init__(self, path: str, fps: float):
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in VIDEO_CODECS:
+      raise ConfigError(f"{path}: annotated video must end in {', '.join(VIDEO_CODECS)}")
+    self.path = path
+    self.fps = fps
+    self._codec = VIDEO_CODECS[ext]
+    self._writer = None
+    self._size: tuple[int, int] | None = None
+    self.frames = 0
+
+  def write(self, frame_bgr: np.ndarray) -> None:
+    import cv2
+
+    if self._writer is None:
+      self._size = (frame_bgr.shape[1], frame_bgr.shape[0])
+      _make_parent(self.path)
+      self._writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self._codec), self.fps,
+                                     self._size)
+      if not self._writer.isOpened():
+        raise OutputError(f"{self.path}: OpenCV cannot write a {self._codec} video here")
+    if (frame_bgr.shape[1], frame_bgr.shape[0]) != self._size:
+      frame_bgr = cv2.resize(frame_bgr, self._size, interpolation=cv2.INTER_AREA)
+    self._writer.write(frame_bgr)
+    self.frames += 1
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.release()
+      self._writer = None
+
+
+class AnnotatedImageWriter:
+  """Writes annotated images into a folder under the input images' names, or to one file."""
+
+  def __init__(self, path: str, *, single_file: bool = False):
+    if os.path.splitext(path)[1].lower() in VIDEO_CODECS:
+      raise ConfigError(f"{path}: for image input, --output is a folder of annotated images "
+                        "(or an image file for one input image), not a video")
+    self.path = path
+    self.single_file = single_file
+    self.frames = 0
+
+  def write(self, frame_bgr: np.ndarray, name: str) -> None:
+    import cv2
+
+    if self.single_file:
+      path = self.path
+      _make_parent(path)
+    else:
+      os.makedirs(self.path, exist_ok=True)
+      path = os.path.join(self.path, name)
+    if not cv2.imwrite(path, frame_bgr):
+      raise OutputError(f"{path}: OpenCV cannot write this image")
+    self.frames += 1
+
+  def close(self) -> None:
+    pass
+
+
+class ResultsCSV:
+  """One CSV row per face: frame, time, image name, box, label, score, every probability."""
+
+  def __init__(self, path: str, class_names: Sequence[str]):
+    _make_parent(path)
+    try:
+      self._file = open(path, "w", newline="")
+    except OSError as e:
+      raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    self.path = path
+    self.class_names = tuple(class_names)
+    self._writer = csv.writer(self._file)
+    self._writer.writerow(csv_header(self.class_names))
+    self.rows = 0
+
+  def write(self, result: FrameResult) -> None:
+    for i, face in enumerate(result.faces):
+      t = "" if result.time_s is None else f"{result.time_s:.4f}"
+      self._writer.writerow([result.index, t, result.name or "", i, *face.box, face.label,
+                             f"{face.score:.6f}", *(f"{float(p):.6f}" for p in face.probs)])
+      self.rows += 1
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def csv_header(class_names: Sequence[str]) -> list[str]:
+  """The columns :class:`ResultsCSV` writes."""
+  return ["frame", "time_s", "image", "face", "x", "y", "w", "h", "label", "score",
+          *(f"p_{name}" for name in class_names)]
+
+
+def _make_parent(path: str) -> None:
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise OutputError(f"{parent}: cannot create this folder ({e.strerror})") from None
+
+
+def write_json(path: str, data: dict) -> None:
+  """Writes ``data`` as indented JSON, creating the file's folder.
+
+  Args:
+    path: the JSON file.
+    data: JSON-ready contents.
+
+  Raises:
+    OutputError: the file or its folder cannot be written.
+  """
+  _make_parent(path)
+  try:
+    with open(path, "w") as f:
+      json.dump(data, f, indent=1)
+  except OSError as e:
+    raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+
+
+# ----------------------------------------------------------------------------
+# Window
+# ----------------------------------------------------------------------------
+
+
+def display_available() -> tuple[bool, str]:
+  """Whether OpenCV can open a window here, and if not, why."""
+  import cv2
+
+  if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                               or os.environ.get("WAYLAND_DISPLAY")):
+    # Checked first: some GUI back-ends abort the process without a display.
+    return False, "DISPLAY is not set"
+  try:
+    cv2.namedWindow("ferjax-probe", cv2.WINDOW_AUTOSIZE)
+    cv2.destroyWindow("ferjax-probe")
+  except cv2.error:
+    return False, "this OpenCV build has no GUI support (opencv-python-headless)"
+  return True, ""

@@ -1,0 +1,206 @@
+"""Frame sources: a camera, a video file or stream, an image file or a folder of images.
+
+:func:`open_source` opens one and checks that it gives frames; iterating the
+:class:`FrameSource` it returns yields ``(frame, time_s, name)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ferjax.errors import FerjaxError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pnm", ".tif", ".tiff",
+                    ".webp")
+
+
+class SourceError(FerjaxError):
+  """A frame source (camera, video, image or folder) cannot be opened or read."""
+
+
+def _natural_key(name: str):
+  return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+@contextlib.contextmanager
+def _quiet_opencv():
+  """Silences OpenCV's own multi-line warnings while we test a source; we report it ourselves."""
+  import cv2
+
+  level = cv2.utils.logging.getLogLevel()
+  cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+  try:
+    yield
+  finally:
+    cv2.utils.logging.setLogLevel(level)
+
+
+class FrameSource:
+  """Frames from a camera, a video file, an image file or a folder of images.
+
+  Iterating yields ``(frame, time_s, name)``: a uint8 BGR (or grey) frame, its
+  time in seconds (None for images) and the image's file name (None for video).
+  Open one with :func:`open_source`.
+
+  Attributes:
+    kind: ``camera``, ``video`` or ``images``.
+    description: how the source is named in messages.
+    fps: the source's frame rate when it has one, else None.
+    skipped: files of an image folder that were not images (or unreadable).
+  """
+
+  def __init__(self, kind: str, description: str, *, capture=None, first=None,
+               images: Sequence[str] = (), fps: float | None = None):
+    self.kind = kind
+    self.description = description
+    self.fps = fps
+    self.skipped: list[str] = []
+    self._capture = capture
+    self._first = first
+    self._images = list(images)
+
+  @property
+  def is_images(self) -> bool:
+    return self.kind == "images"
+
+  @property
+  def num_images(self) -> int:
+    """How many image files an image source lists (0 for video and cameras)."""
+    return len(self._images)
+
+  def __iter__(self) -> Iterator[tuple[np.ndarray, float | None, str | None]]:
+    if self.is_images:
+      yield from self._iter_images()
+    else:
+      yield from self._iter_capture()
+
+  def _iter_images(self):
+    import cv2
+
+    for path in self._images:
+      frame = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+      if frame is not None and frame.dtype != np.uint8:  # 16-bit PNG/TIFF.
+        frame = cv2.convertScaleAbs(frame, alpha=255.0 / max(1, int(frame.max())))
+      if frame is None:
+        if len(self._images) == 1:
+          raise SourceError(f"{path}: cannot decode this image")
+        log.warning("%s: cannot decode this image; skipped", path)
+        self.skipped.append(path)
+        continue
+      yield frame, None, os.path.basename(path)
+
+  def _iter_capture(self):
+    start = time.perf_counter()
+    index = 0
+    frame = self._first
+    self._first = None
+    while True:
+      if frame is None:
+        ok, frame = self._capture.read()
+        if not ok:
+          if self.kind == "camera":
+            log.warning("%s: no more frames (camera closed or unplugged)", self.description)
+          return
+      if self.kind == "camera":
+        t = time.perf_counter() - start
+      else:
+        t = index / self.fps if self.fps else None
+      yield frame, t, None
+      frame = None
+      index += 1
+
+  def close(self) -> None:
+    if self._capture is not None:
+      self._capture.release()
+      self._capture = None
+
+  def __enter__(self) -> FrameSource:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def open_source(source: int | str | os.PathLike | FrameSource) -> FrameSource:
+  """Opens a frame source and checks that it gives frames.
+
+  Args:
+    source: a camera index (``0`` or ``"0"``), a video file, an image file, a
+      folder of images (read in natural name order; files that are not images
+      are skipped with a warning), or a URL OpenCV understands.
+
+  Returns:
+    The opened source (already given back if ``source`` is one).
+
+  Raises:
+    SourceError: it does not exist, cannot be opened, or has no frame.
+  """
+  import cv2
+
+  if isinstance(source, FrameSource):
+    return source
+  if isinstance(source, (int, np.integer)) or (isinstance(source, str)
+                                                and source.strip().isdigit()):
+    index = int(source)
+    with _quiet_opencv():
+      capture = cv2.VideoCapture(index)
+      if not capture.isOpened():
+        raise SourceError(f"camera {index}: cannot open it (no camera at this index, no "
+                          "permission, or it is busy)")
+      # Keep at most one frame queued, so a slow pipeline shows the newest frame.
+      capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+      ok, first = capture.read()
+    if not ok:
+      capture.release()
+      raise SourceError(f"camera {index}: opened but gives no frames")
+    return FrameSource("camera", f"camera {index}", capture=capture, first=first,
+                       fps=capture.get(cv2.CAP_PROP_FPS) or None)
+  path = os.fspath(source)
+  if "://" in path:  # A stream URL: OpenCV decides.
+    return _open_video(path)
+  if not os.path.exists(path):
+    raise SourceError(f"{path}: no such file, folder or camera")
+  if os.path.isdir(path):
+    names = sorted(os.listdir(path), key=_natural_key)
+    images, others = [], []
+    for name in names:
+      full = os.path.join(path, name)
+      if not os.path.isfile(full):
+        continue
+      (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(full)
+    for other in others:
+      log.warning("%s: not an image file; skipped", other)
+    if not images:
+      raise SourceError(f"{path}: no image files in this folder (looked for "
+                        f"{', '.join(IMAGE_EXTENSIONS)})")
+    src = FrameSource("images", path, images=images)
+    src.skipped.extend(others)
+    return src
+  if path.lower().endswith(IMAGE_EXTENSIONS):
+    return FrameSource("images", path, images=[path])
+  return _open_video(path)
+
+
+def _open_video(path: str) -> FrameSource:
+  import cv2
+
+  with _quiet_opencv():
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+      raise SourceError(f"{path}: OpenCV cannot open this as a video or image")
+    ok, first = capture.read()
+  if not ok:
+    capture.release()
+    raise SourceError(f"{path}: opened, but no frame could be read")
+  fps = capture.get(cv2.CAP_PROP_FPS)
+  return FrameSource("video", path, capture=capture, first=first,
+                     fps=fps if fps and fps > 0 else None)
