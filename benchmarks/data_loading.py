@@ -12,7 +12,6 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 from absl import app, flags
 
 from ferjax import data as data_lib

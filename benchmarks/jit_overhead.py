@@ -15,7 +15,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from flax import nnx
 
@@ -57,50 +56,54 @@ def _nnx_train_step(config):
   return step
 
 
-def main(argv):
-  del argv
+def _time_model(name, rng):
   from ferjax import parallel
   from ferjax.train import Trainer
 
+  config = default_config(name)
+  images = rng.integers(0, 256, (64, 48, 48, 1), dtype=np.uint8)
+  labels = rng.integers(0, 7, 64).astype(np.int32)
+  # nnx.jit form.
+  model = build_model(config, 7)
+  optimizer = nnx.Optimizer(model, make_optimizer(config, 1000, 100), wrt=nnx.Param)
+  step = _nnx_train_step(config)
+  key = jax.random.key(0)
+  ji, jl = jnp.asarray(images), jnp.asarray(labels)
+  t_nnx = _time(lambda: step(model, optimizer, ji, jl, key), _CALLS.value)
+  # Functional form: the library's Trainer.
+  mesh = parallel.make_mesh()
+  trainer = Trainer(config, 7, mesh, total_steps=1000, steps_per_epoch=100,
+                    weights=np.ones(7, np.float32))
+  batch = parallel.shard_batch({"image": images, "label": labels}, mesh)
+  metrics = trainer.zero_metrics()
+
+  def functional():
+    trainer.state, m = trainer.train_step(trainer.state, metrics, batch, jnp.asarray(0))
+    return m
+
+  t_fun = _time(functional, _CALLS.value)
+  row = {"train_step_b64": {"nnx_jit_ms": t_nnx, "functional_ms": t_fun}}
+  print(f"{name:<12}{'train step, batch 64':<22}{t_nnx:>12.2f}{t_fun:>15.2f}{t_nnx / t_fun:>8.2f}")
+  eval_model = build_model(config, 7)
+  eval_model.eval()
+  predict_nnx = nnx.jit(lambda m, x: predict_probs(m, x))
+  predict_fun = make_predict_fn(eval_model)
+  for b in (1, 64):
+    x = jnp.asarray(images[:b])
+    tn = _time(lambda x=x: predict_nnx(eval_model, x), _CALLS.value * 4)
+    tf = _time(lambda x=x: predict_fun(x), _CALLS.value * 4)
+    row[f"predict_b{b}"] = {"nnx_jit_ms": tn, "functional_ms": tf}
+    print(f"{name:<12}{f'predict, batch {b}':<22}{tn:>12.3f}{tf:>15.3f}{tn / tf:>8.2f}")
+  return row
+
+
+def main(argv):
+  del argv
   rng = np.random.default_rng(0)
   results = {"date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg(), "models": {}}
   print(f"{'model':<12}{'what':<22}{'nnx.jit ms':>12}{'functional ms':>15}{'ratio':>8}")
   for name in _MODELS.value:
-    config = default_config(name)
-    images = rng.integers(0, 256, (64, 48, 48, 1), dtype=np.uint8)
-    labels = rng.integers(0, 7, 64).astype(np.int32)
-    # nnx.jit form.
-    model = build_model(config, 7)
-    optimizer = nnx.Optimizer(model, make_optimizer(config, 1000, 100), wrt=nnx.Param)
-    step = _nnx_train_step(config)
-    key = jax.random.key(0)
-    ji, jl = jnp.asarray(images), jnp.asarray(labels)
-    t_nnx = _time(lambda: step(model, optimizer, ji, jl, key), _CALLS.value)
-    # Functional form: the library's Trainer.
-    mesh = parallel.make_mesh()
-    trainer = Trainer(config, 7, mesh, total_steps=1000, steps_per_epoch=100,
-                      weights=np.ones(7, np.float32))
-    batch = parallel.shard_batch({"image": images, "label": labels}, mesh)
-    metrics = trainer.zero_metrics()
-
-    def functional():
-      trainer.state, m = trainer.train_step(trainer.state, metrics, batch, jnp.asarray(0))
-      return m
-
-    t_fun = _time(functional, _CALLS.value)
-    row = {"train_step_b64": {"nnx_jit_ms": t_nnx, "functional_ms": t_fun}}
-    print(f"{name:<12}{'train step, batch 64':<22}{t_nnx:>12.2f}{t_fun:>15.2f}{t_nnx / t_fun:>8.2f}")
-    eval_model = build_model(config, 7)
-    eval_model.eval()
-    predict_nnx = nnx.jit(lambda m, x: predict_probs(m, x))
-    predict_fun = make_predict_fn(eval_model)
-    for b in (1, 64):
-      x = jnp.asarray(images[:b])
-      tn = _time(lambda: predict_nnx(eval_model, x), _CALLS.value * 4)
-      tf = _time(lambda: predict_fun(x), _CALLS.value * 4)
-      row[f"predict_b{b}"] = {"nnx_jit_ms": tn, "functional_ms": tf}
-      print(f"{name:<12}{f'predict, batch {b}':<22}{tn:>12.3f}{tf:>15.3f}{tn / tf:>8.2f}")
-    results["models"][name] = row
+    results["models"][name] = _time_model(name, rng)
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=2)

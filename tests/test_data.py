@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import HEADER, fer_rows, pixel_string, write_csv
+from conftest import fer_rows, pixel_string, write_csv
 from ferjax import data as data_lib
 from ferjax.errors import DataError
 

@@ -22,8 +22,7 @@ from ferjax.augment import NO_AUGMENT
 from ferjax.config import TrainConfig, default_config
 from ferjax.data import load_fer2013
 from ferjax.errors import CheckpointError, ConfigError, TrainingDivergedError
-from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, make_predict_fn,
-                             predict_dataset)
+from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, predict_dataset)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ALSTM = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)

@@ -7,6 +7,8 @@ before its LRN, so the first LRN did nothing; here it sits where it was meant.
 
 from __future__ import annotations
 
+import math
+
 import jax
 from flax import nnx
 
@@ -23,7 +25,7 @@ class DNN(nnx.Module):
     self.norm1 = LocalResponseNorm()
     self.conv2 = Conv2D(width, width, 3, rngs=rngs)
     self.norm2 = LocalResponseNorm()
-    pooled = -(-(-(-image_size // 2)) // 2)
+    pooled = math.ceil(math.ceil(image_size / 2) / 2)  # Two SAME pools with stride 2.
     self.fc1 = nnx.Linear(pooled * pooled * width, fc_sizes[0], kernel_init=he_normal, rngs=rngs)
     self.fc2 = nnx.Linear(fc_sizes[0], fc_sizes[1], rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)

@@ -39,7 +39,7 @@ class ModelSummary:
   mflops: float  # Whole forward pass per image.
 
   def markdown(self) -> str:
-    lines = [f"| layer | type | output | params | MFLOPs |", "| --- | --- | --- | ---: | ---: |"]
+    lines = ["| layer | type | output | params | MFLOPs |", "| --- | --- | --- | ---: | ---: |"]
     for r in self.rows:
       shape = "×".join(map(str, r.output_shape[1:]))
       lines.append(f"| {r.path} | {r.kind} | {shape} | {r.params:,} | {r.mflops:.2f} |")
