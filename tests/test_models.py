@@ -244,3 +244,11 @@ def test_summary_table_counts_match_the_model():
   assert s.rows[3].output_shape == (1, 12, 12, 8)
   assert s.mflops >= sum(r.mflops for r in s.rows) * 0.99 > 0
   assert "| **total** |" in s.markdown()
+
+
+def test_summary_counts_every_lstm_step():
+  from ferjax.models.summary import summarize
+  s = summarize("cnn_lstm", widths=(4, 4, 8, 8), lstm_hidden=8)
+  (lstm,) = [r for r in s.rows if r.path == "lstm"]
+  matmul_flops = 2 * 36 * (8 * 32 + 8 * 32)  # Input and recurrent projections, 36 steps.
+  assert lstm.mflops * 1e6 >= matmul_flops

@@ -161,6 +161,9 @@ class LSTM(nnx.Module):
   def __init__(self, in_features: int, hidden_size: int, *, rngs: nnx.Rngs, reverse: bool = False):
     self.hidden_size = hidden_size
     self.reverse = reverse
+    # Steps unrolled per scan iteration. XLA's cost analysis counts a loop body
+    # once, so ferjax.models.summary unrolls fully to count every step's FLOPs.
+    self.unroll: int | bool = 1
     bias = jnp.zeros((4 * hidden_size,)).at[hidden_size:2 * hidden_size].set(1.0)
     self.input_proj = nnx.Linear(in_features, 4 * hidden_size,
                                  kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
@@ -183,7 +186,8 @@ class LSTM(nnx.Module):
       return (h_BxH, c_BxH), h_BxH
 
     zeros = jnp.zeros((b, hs), x_BxTxD.dtype)
-    _, h_TxBxH = jax.lax.scan(step, (zeros, zeros), gates_x_TxBx4H, reverse=self.reverse)
+    _, h_TxBxH = jax.lax.scan(step, (zeros, zeros), gates_x_TxBx4H, reverse=self.reverse,
+                              unroll=self.unroll)
     return jnp.swapaxes(h_TxBxH, 0, 1)
 
 

@@ -2,6 +2,7 @@
 
 FLOPs come from the compiled cost analysis of each layer (and of the whole
 forward pass) at batch 1, in eval mode; a multiply-add counts as 2 FLOPs.
+XLA counts a loop body once, so LSTMs are unrolled here to count every step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from flax import nnx
 
 from ferjax.models import create_model
 from ferjax.models.alstm import ConvTrunk
-from ferjax.models.layers import AdditiveAttention, ConvBlock, StackedLSTM
+from ferjax.models.layers import LSTM, AdditiveAttention, ConvBlock, StackedLSTM
 
 # Rows are these units (their insides are not listed) or leaf modules.
 _UNITS = (ConvBlock, StackedLSTM, AdditiveAttention)
@@ -63,6 +64,9 @@ def summarize(name: str, num_classes: int = 7, **overrides) -> ModelSummary:
   """The layer table of a registered model (eval mode, batch 1)."""
   model = create_model(name, num_classes=num_classes, rngs=nnx.Rngs(0), **overrides)
   model.eval()
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, LSTM):
+      module.unroll = True
   x = jnp.zeros((1, 48, 48, 1), jnp.float32)
   calls = _record_calls(model, x)
   paths = {id(m): "/".join(map(str, p)) for p, m in nnx.iter_modules(model) if p}

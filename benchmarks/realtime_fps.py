@@ -1,0 +1,206 @@
+r"""Frames per second of the realtime pipeline on a clip, headless, against the ``fer`` package.
+
+  python -m benchmarks.realtime_fps --repeats=10
+  python -m benchmarks.realtime_fps --repeats=10 --fer_python=/tmp/fervenv/bin/python
+
+The clip (default tests/data/asl_gestures_yes.mkv: 640x480, 65 frames, one
+face) is decoded into memory once, so neither side times the video decoder.
+``ferjax.video.run_pipeline`` (no display, no outputs, so no drawing) then runs
+over it ``--repeats`` times in a row, at the default detector settings and at
+each ``--downscales`` value, and reports frames per second and milliseconds per
+stage. Per setting, a short run over the first ``--warmup`` frames comes first
+and is not counted (the model is also compiled before it, as run_pipeline
+always does).
+
+With ``--fer_python`` (the interpreter of a venv with ``fer``; TensorFlow must
+never enter ferjax's own environment) benchmarks/fer_reference.py runs the same
+frames through ``FER(mtcnn=False).detect_emotions``, with its own untimed
+warm-up frames, and the ratio ferjax fps / fer fps is reported. Writes
+benchmarks/results/realtime_fps.json with the load average, date, machine and
+versions.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import time
+
+import cv2
+import flax
+import jax
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from ferjax.data import FER2013_CLASSES
+from ferjax.faces import FaceDetector
+from ferjax.inference import DEFAULT_WEIGHTS, Predictor
+from ferjax.models import create_model
+from ferjax.sources import FrameSource, open_source
+from ferjax.video import STAGES, run_pipeline
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CLIP = os.path.join(os.path.dirname(_HERE), "tests", "data", "asl_gestures_yes.mkv")
+
+_SOURCE = flags.DEFINE_string("source", _CLIP, "A video file.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
+                                  "shipped weights in ferjax/weights/default when present, "
+                                  "else a fresh acnn_alstm (speed does not depend on weights).")
+_WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes over the clip, per setting.")
+_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed frames before each timed run.")
+_DOWNSCALES = flags.DEFINE_list("downscales", ["1", "2", "3"], "Detector --downscale values "
+                                "to time besides the default settings.")
+_FER_PYTHON = flags.DEFINE_string("fer_python", None, "Python of a venv with fer==25.10.3, "
+                                  "e.g. /tmp/fervenv/bin/python; runs fer_reference.py for "
+                                  "the comparison.")
+_OUT = flags.DEFINE_string("out", "benchmarks/results/realtime_fps.json", "JSON output.")
+
+
+class _Replay:
+  """A VideoCapture look-alike that hands out in-memory frames, ``repeats`` times over."""
+
+  def __init__(self, frames, repeats: int = 1):
+    self._frames = frames
+    self._left = repeats * len(frames)
+    self._i = 0
+
+  def read(self):
+    if self._left <= 0:
+      return False, None
+    frame = self._frames[self._i % len(self._frames)]
+    self._i += 1
+    self._left -= 1
+    return True, frame
+
+  def release(self):
+    self._left = 0
+
+
+def replay_source(frames, repeats: int, fps: float | None) -> FrameSource:
+  # A video FrameSource over memory: run_pipeline's loop unchanged, the decoder left out.
+  return FrameSource("video", f"{len(frames)} frames in memory x{repeats}",
+                     capture=_Replay(frames, repeats), fps=fps)
+
+
+def environment() -> dict:
+  """Date, load average, machine and versions: what a figure needs to be read correctly."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg(),
+          "machine": f"{cpu}, {os.cpu_count()} cores", "python": platform.python_version(),
+          "jax": jax.__version__, "flax": flax.__version__, "opencv": cv2.__version__,
+          "numpy": np.__version__, "device": str(jax.devices()[0])}
+
+
+def load_predictor() -> tuple[Predictor, str]:
+  """The predictor to time and a description of its model."""
+  path = _CHECKPOINT.value
+  if path is None and os.path.isdir(os.path.join(DEFAULT_WEIGHTS, "checkpoints")):
+    path = DEFAULT_WEIGHTS
+  if path is not None:
+    predictor = Predictor(path, _WHICH.value)
+    return predictor, f"{predictor.meta.get('model')} ({path}, step {predictor.meta.get('step')})"
+  model = create_model("acnn_alstm", num_classes=len(FER2013_CLASSES),
+                       rngs=nnx.Rngs(params=0, dropout=1))
+  return Predictor.from_model(model, FER2013_CLASSES), "acnn_alstm (fresh init, no weights shipped)"
+
+
+def read_clip(path: str):
+  """The clip's frames, its frame rate and the decoder's milliseconds per frame."""
+  start = time.perf_counter()
+  with open_source(path) as source:
+    frames = [frame for frame, _, _ in source]
+    fps = source.fps
+  return frames, fps, 1e3 * (time.perf_counter() - start) / len(frames)
+
+
+def time_detector(frames, clip_fps, predictor, detector) -> dict:
+  """run_pipeline's summary over the clip ``--repeats`` times, after an untimed warm-up."""
+  if _WARMUP.value > 0:
+    run_pipeline(replay_source(frames[:_WARMUP.value], 1, clip_fps), predictor, detector)
+  summary = run_pipeline(replay_source(frames, _REPEATS.value, clip_fps), predictor, detector)
+  summary.pop("files", None)
+  summary.pop("skipped", None)
+  summary["detector"] = repr(detector)
+  return summary
+
+
+def run_fer(python: str, clip_frames: int) -> dict:
+  """fer_reference.py's JSON, or ``{"error": ...}`` when it failed."""
+  command = [python, os.path.join(_HERE, "fer_reference.py"), f"--source={_SOURCE.value}",
+             f"--repeats={_REPEATS.value}", f"--warmup={_WARMUP.value}"]
+  done = subprocess.run(command, check=False, capture_output=True, text=True)
+  lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+  if done.returncode != 0 or not lines:
+    return {"error": f"exit status {done.returncode}", "command": command,
+            "stderr_tail": done.stderr[-2000:]}
+  result = json.loads(lines[-1])
+  result["command"] = command
+  if result.get("clip_frames") != clip_frames:
+    # Different OpenCV builds may decode a different number of frames; say so.
+    result["note"] = f"fer decoded {result.get('clip_frames')} frames, ferjax {clip_frames}"
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # Checkpoint restore logs would bury the table.
+  results = environment()
+  frames, clip_fps, decode_ms = read_clip(_SOURCE.value)
+  predictor, model = load_predictor()
+  results.update(source=_SOURCE.value, clip_frames=len(frames),
+                 frame_size=list(frames[0].shape[:2]), decode_ms_per_frame=decode_ms,
+                 repeats=_REPEATS.value, warmup_frames=min(_WARMUP.value, len(frames)),
+                 model=model, compile_s=predictor.warmup(), ferjax={})
+  default = FaceDetector(max_faces=predictor.max_faces)
+  settings = []
+  for value in _DOWNSCALES.value:
+    detector = FaceDetector(max_faces=predictor.max_faces, downscale=float(value))
+    is_default = repr(detector) == repr(default)
+    settings.append((f"downscale={value}" + (" (default)" if is_default else ""), detector))
+  if not any(label.endswith("(default)") for label, _ in settings):
+    settings.insert(0, ("default", default))
+  for label, detector in settings:
+    results["ferjax"][label] = time_detector(frames, clip_fps, predictor, detector)
+  if _FER_PYTHON.value:
+    results["fer"] = run_fer(_FER_PYTHON.value, len(frames))
+  results["load_average_after"] = os.getloadavg()
+
+  fer_fps = results.get("fer", {}).get("fps")
+  stages = [s for s in STAGES if any(s in r["ms_per_call"] for r in results["ferjax"].values())]
+  print(f"model: {model}; clip {len(frames)} frames x{_REPEATS.value} from memory "
+        f"(decoding, {decode_ms:.2f} ms/frame, and {results['warmup_frames']} warm-up frames "
+        "not counted)")
+  header = f"{'ferjax detector':<26}{'fps':>8}{'faces':>7}" + "".join(
+      f"{s + ' ms':>11}" for s in stages) + (f"{'x fer':>8}" if fer_fps else "")
+  print(header)
+  for label, r in results["ferjax"].items():
+    cells = "".join(f"{r['ms_per_call'].get(s, 0.0):>11.3f}" for s in stages)
+    ratio = f"{r['fps'] / fer_fps:>8.2f}" if fer_fps else ""
+    print(f"{label:<26}{r['fps']:>8.1f}{r['faces']:>7}{cells}{ratio}")
+  if fer_fps:
+    fer = results["fer"]
+    print(f"{'fer ' + fer['fer'] + ' (Haar, TFLite)':<26}{fer_fps:>8.1f}{fer['faces']:>7}"
+          f"   ({fer['ms_per_frame']:.2f} ms/frame, {fer['frames_with_face']} of "
+          f"{fer['frames']} frames with a face)")
+  elif "fer" in results:
+    print(f"fer reference failed: {results['fer']['error']}\n{results['fer']['stderr_tail']}")
+  else:
+    print("no fer comparison: pass --fer_python=PATH (a venv with fer==25.10.3; see "
+          "benchmarks/README.md)")
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"load average {results['load_average'][0]:.2f} before, "
+        f"{results['load_average_after'][0]:.2f} after; wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
