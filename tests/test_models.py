@@ -221,20 +221,6 @@ def test_unknown_model_and_option_errors():
   assert math.isclose(models.model_options("acnn_alstm")["dropout"], 0.5)
 
 
-@pytest.mark.parametrize("cin,k", [(1, 3), (3, 3), (1, 5), (16, 3)])
-def test_conv2d_matches_lax_convolution(cin, k):
-  conv = layers.Conv2D(cin, 6, k, rngs=nnx.Rngs(0))
-  assert conv.im2col == (cin <= 4)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 10, cin)), jnp.float32)
-  ref = lambda kernel, x: jax.lax.conv_general_dilated(
-      x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
-  np.testing.assert_allclose(conv(x), ref(conv.kernel[...], x), rtol=1e-5, atol=1e-5)
-  graphdef, params = nnx.split(conv)
-  g = jax.grad(lambda p: (nnx.merge(graphdef, p)(x) ** 2).sum())(params)
-  g_ref = jax.grad(lambda kern: (ref(kern, x) ** 2).sum())(conv.kernel[...])
-  np.testing.assert_allclose(g["kernel"][...], g_ref, rtol=1e-4, atol=1e-4)
-
-
 def test_summary_table_counts_match_the_model():
   from ferjax.models.summary import count_params, summarize
   s = summarize("acnn_alstm", widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)

@@ -12,7 +12,7 @@ import math
 import jax
 from flax import nnx
 
-from ferjax.models.layers import Conv2D, LocalResponseNorm, he_normal, max_pool_same
+from ferjax.models.layers import LocalResponseNorm, he_normal, max_pool_same
 
 
 class DNN(nnx.Module):
@@ -21,9 +21,9 @@ class DNN(nnx.Module):
   def __init__(self, num_classes: int = 7, *, rngs: nnx.Rngs, width: int = 64,
                fc_sizes: tuple[int, int] = (384, 192), dropout: float = 0.5,
                image_size: int = 48):
-    self.conv1 = Conv2D(1, width, 5, rngs=rngs)
+    self.conv1 = nnx.Conv(1, width, (5, 5), padding="SAME", kernel_init=he_normal, rngs=rngs)
     self.norm1 = LocalResponseNorm()
-    self.conv2 = Conv2D(width, width, 3, rngs=rngs)
+    self.conv2 = nnx.Conv(width, width, (3, 3), padding="SAME", kernel_init=he_normal, rngs=rngs)
     self.norm2 = LocalResponseNorm()
     pooled = math.ceil(math.ceil(image_size / 2) / 2)  # Two SAME pools with stride 2.
     self.fc1 = nnx.Linear(pooled * pooled * width, fc_sizes[0], kernel_init=he_normal, rngs=rngs)

@@ -3,9 +3,7 @@
 Pooling is written with reshapes and strided slices rather than
 ``lax.reduce_window``: the forward result is identical, and the gradient
 becomes plain selects and pads that XLA fuses, instead of ``select_and_scatter``,
-which is slow on CPU (see BUILD_NOTES.md). Convolutions with very few input
-channels (the first layer) run as im2col + matmul, which XLA's CPU backend
-does several times faster than its convolution for that shape.
+which is slow on CPU (see BUILD_NOTES.md).
 """
 
 from __future__ import annotations
@@ -100,47 +98,13 @@ class LocalResponseNorm(nnx.Module):
     return x_BxHxWxC * jnp.power(self.bias + self.alpha * sqr_sum, -self.beta)
 
 
-class Conv2D(nnx.Module):
-  """A stride-1 SAME convolution with an HWIO kernel, like ``nnx.Conv``.
-
-  Below ``im2col_max_features`` input channels it is computed as im2col +
-  matmul: the same sums in another order. For the 1-channel first layer that
-  is several times faster on XLA:CPU, above all its weight gradient.
-  """
-
-  def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *,
-               use_bias: bool = True, rngs: nnx.Rngs, kernel_init=he_normal,
-               im2col_max_features: int = 4):
-    shape = (kernel_size, kernel_size, in_features, out_features)
-    self.kernel = nnx.Param(kernel_init(rngs.params(), shape))
-    self.bias = nnx.Param(jnp.zeros((out_features,))) if use_bias else None
-    self.im2col = in_features <= im2col_max_features
-
-  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    kernel = self.kernel[...]
-    k = kernel.shape[0]
-    if self.im2col:
-      b, h, w, c = x_BxHxWxC.shape
-      lo, hi = (k - 1) // 2, k // 2
-      xp = jnp.pad(x_BxHxWxC, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
-      cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)],
-                             axis=-1)
-      y = (cols.reshape(b * h * w, k * k * c) @ kernel.reshape(k * k * c, -1)).reshape(b, h, w, -1)
-    else:
-      y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (1, 1), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self.bias is not None:
-      y = y + self.bias[...]
-    return y
-
-
 class ConvBlock(nnx.Module):
   """3x3 convolution (+ BatchNorm) + ReLU."""
 
   def __init__(self, in_features: int, out_features: int, *, batch_norm: bool, rngs: nnx.Rngs,
                kernel_size: int = 3):
-    self.conv = Conv2D(in_features, out_features, kernel_size, use_bias=not batch_norm,
-                       rngs=rngs)
+    self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size), padding="SAME",
+                         use_bias=not batch_norm, kernel_init=he_normal, rngs=rngs)
     self.norm = nnx.BatchNorm(out_features, momentum=0.9, rngs=rngs) if batch_norm else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
