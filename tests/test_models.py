@@ -238,3 +238,34 @@ def test_summary_counts_every_lstm_step():
   (lstm,) = [r for r in s.rows if r.path == "lstm"]
   matmul_flops = 2 * 36 * (8 * 32 + 8 * 32)  # Input and recurrent projections, 36 steps.
   assert lstm.mflops * 1e6 >= matmul_flops
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_lstm_gradients_match_autodiff_of_a_plain_scan(reverse):
+  lstm = layers.LSTM(5, 6, rngs=nnx.Rngs(0), reverse=reverse)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 7, 5)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(2).normal(size=(3, 7, 6)), jnp.float32)
+
+  def plain(w_ih, b, w_hh, x):
+    gx = jnp.swapaxes(x @ w_ih + b, 0, 1)
+    gx = gx[::-1] if reverse else gx
+
+    def step(carry, g):
+      h, c = carry
+      i, f, gg, o = jnp.split(g + h @ w_hh, 4, axis=-1)
+      c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(gg)
+      h = jax.nn.sigmoid(o) * jnp.tanh(c)
+      return (h, c), h
+
+    z = jnp.zeros((3, 6))
+    hs = jax.lax.scan(step, (z, z), gx)[1]
+    return jnp.swapaxes(hs[::-1] if reverse else hs, 0, 1)
+
+  params = (lstm.input_proj.kernel[...], lstm.input_proj.bias[...], lstm.hidden_proj.kernel[...])
+  graphdef, state = nnx.split(lstm)
+  ours = jax.grad(lambda s, x: (nnx.merge(graphdef, s)(x) * w).sum(), argnums=(0, 1))(state, x)
+  ref = jax.grad(lambda *a: (plain(*a) * w).sum(), argnums=(0, 1, 2, 3))(*params, x)
+  np.testing.assert_allclose(ours[0]["input_proj"]["kernel"][...], ref[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ours[0]["input_proj"]["bias"][...], ref[1], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ours[0]["hidden_proj"]["kernel"][...], ref[2], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ours[1], ref[3], rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ which is slow on CPU (see BUILD_NOTES.md).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -114,19 +115,82 @@ class ConvBlock(nnx.Module):
     return jax.nn.relu(x)
 
 
+def _lstm_cell(gates_Bx4H, c_BxH):
+  i, f, g, o = jnp.split(gates_Bx4H, 4, axis=-1)
+  i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+  c_BxH = f * c_BxH + i * g
+  return (i, f, g, o), c_BxH, o * jnp.tanh(c_BxH)
+
+
+def _recurrence_fwd(gates_x_TxBx4H, w_hh_Hx4H, unroll):
+  zeros = jnp.zeros((gates_x_TxBx4H.shape[1], w_hh_Hx4H.shape[0]), gates_x_TxBx4H.dtype)
+
+  def step(carry, gates_x_Bx4H):
+    h_BxH, c_BxH = carry
+    acts, c_BxH, h_BxH = _lstm_cell(gates_x_Bx4H + h_BxH @ w_hh_Hx4H, c_BxH)
+    return (h_BxH, c_BxH), (h_BxH, c_BxH, jnp.concatenate(acts, axis=-1))
+
+  _, (h_TxBxH, c_TxBxH, acts_TxBx4H) = jax.lax.scan(step, (zeros, zeros), gates_x_TxBx4H,
+                                                    unroll=unroll)
+  return h_TxBxH, (h_TxBxH, c_TxBxH, acts_TxBx4H, w_hh_Hx4H)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def lstm_recurrence(gates_x_TxBx4H: jax.Array, w_hh_Hx4H: jax.Array,
+                    unroll: int | bool = 1) -> jax.Array:
+  """Runs the LSTM recurrence over time-major input gates; returns every h ``(T, B, H)``.
+
+  Gate order (input, forget, cell, output); zero initial state. The custom
+  backward pass does only the truly sequential work inside its loop (the
+  gate gradients and one ``(B, 4H) @ (4H, H)`` matmul per step) and computes
+  the recurrent weight gradient as one matmul over all steps afterwards,
+  instead of accumulating it step by step as autodiff of the scan does.
+  ``unroll`` is passed to the forward ``lax.scan``.
+  """
+  return _recurrence_fwd(gates_x_TxBx4H, w_hh_Hx4H, unroll)[0]
+
+
+def _recurrence_bwd(unroll, residuals, dh_TxBxH):
+  del unroll
+  h_TxBxH, c_TxBxH, acts_TxBx4H, w_hh_Hx4H = residuals
+  c_prev_TxBxH = jnp.concatenate([jnp.zeros_like(c_TxBxH[:1]), c_TxBxH[:-1]])
+  w_4HxH = w_hh_Hx4H.T
+
+  def step(carry, xs):
+    dh_next_BxH, dc_next_BxH = carry
+    dh_out_BxH, c_BxH, c_prev_BxH, acts_Bx4H = xs
+    i, f, g, o = jnp.split(acts_Bx4H, 4, axis=-1)
+    dh = dh_out_BxH + dh_next_BxH
+    tanh_c = jnp.tanh(c_BxH)
+    dc = dc_next_BxH + dh * o * (1 - tanh_c * tanh_c)
+    dgates_Bx4H = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev_BxH * f * (1 - f),
+                                   dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
+    return (dgates_Bx4H @ w_4HxH, dc * f), dgates_Bx4H
+
+  zeros = jnp.zeros_like(dh_TxBxH[0])
+  _, dgates_TxBx4H = jax.lax.scan(step, (zeros, zeros),
+                                  (dh_TxBxH, c_TxBxH, c_prev_TxBxH, acts_TxBx4H), reverse=True)
+  h_prev_TxBxH = jnp.concatenate([jnp.zeros_like(h_TxBxH[:1]), h_TxBxH[:-1]])
+  dw_hh_Hx4H = jnp.einsum("tbh,tbg->hg", h_prev_TxBxH, dgates_TxBx4H)
+  return dgates_TxBx4H, dw_hh_Hx4H
+
+
+lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
 class LSTM(nnx.Module):
   """A single-direction LSTM layer that returns the hidden state of every step.
 
   The input projection of all steps is one matmul; only the recurrent matmul
-  runs inside the ``lax.scan`` over time. Gate order: input, forget, cell,
-  output; the forget-gate bias starts at 1.
+  runs inside the loop over time (:func:`lstm_recurrence`). Gate order: input,
+  forget, cell, output; the forget-gate bias starts at 1.
   """
 
   def __init__(self, in_features: int, hidden_size: int, *, rngs: nnx.Rngs, reverse: bool = False):
     self.hidden_size = hidden_size
     self.reverse = reverse
-    # Steps unrolled per scan iteration. XLA's cost analysis counts a loop body
-    # once, so ferjax.models.summary unrolls fully to count every step's FLOPs.
+    # Steps per loop iteration of the forward scan. XLA's cost analysis counts a
+    # loop body once, so ferjax.models.summary unrolls fully to count every step.
     self.unroll: int | bool = 1
     bias = jnp.zeros((4 * hidden_size,)).at[hidden_size:2 * hidden_size].set(1.0)
     self.input_proj = nnx.Linear(in_features, 4 * hidden_size,
@@ -136,22 +200,12 @@ class LSTM(nnx.Module):
                                   kernel_init=nnx.initializers.orthogonal(), rngs=rngs)
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    b = x_BxTxD.shape[0]
-    hs = self.hidden_size
     gates_x_TxBx4H = jnp.swapaxes(self.input_proj(x_BxTxD), 0, 1)
-    w_hh_Hx4H = self.hidden_proj.kernel[...]
-
-    def step(carry, gates_x_Bx4H):
-      h_BxH, c_BxH = carry
-      gates_Bx4H = gates_x_Bx4H + h_BxH @ w_hh_Hx4H
-      i, f, g, o = jnp.split(gates_Bx4H, 4, axis=-1)
-      c_BxH = jax.nn.sigmoid(f) * c_BxH + jax.nn.sigmoid(i) * jnp.tanh(g)
-      h_BxH = jax.nn.sigmoid(o) * jnp.tanh(c_BxH)
-      return (h_BxH, c_BxH), h_BxH
-
-    zeros = jnp.zeros((b, hs), x_BxTxD.dtype)
-    _, h_TxBxH = jax.lax.scan(step, (zeros, zeros), gates_x_TxBx4H, reverse=self.reverse,
-                              unroll=self.unroll)
+    if self.reverse:
+      gates_x_TxBx4H = gates_x_TxBx4H[::-1]
+    h_TxBxH = lstm_recurrence(gates_x_TxBx4H, self.hidden_proj.kernel[...], self.unroll)
+    if self.reverse:
+      h_TxBxH = h_TxBxH[::-1]
     return jnp.swapaxes(h_TxBxH, 0, 1)
 
 
