@@ -31,7 +31,8 @@ _MAX_FACES = flags.DEFINE_integer("max_faces", 8, "Faces per frame (largest firs
 _EVERY = flags.DEFINE_integer("every", 1, "Detect and classify every N-th frame; reuse the "
                               "results in between.")
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Stop after this many frames.")
-_SCALE = flags.DEFINE_float("scale_factor", 1.1, "Haar cascade: step between search scales.")
+_SCALE = flags.DEFINE_float("scale_factor", 1.2, "Haar cascade: step between search scales "
+                            "(smaller finds a few more faces, slower).")
 _NEIGHBORS = flags.DEFINE_integer("min_neighbors", 5, "Haar cascade: hits a face needs; higher "
                                   "means fewer false faces.")
 _MIN_SIZE = flags.DEFINE_integer("min_size", 48, "Smallest face side in frame pixels.")

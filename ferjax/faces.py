@@ -121,7 +121,7 @@ class FaceDetector:
     downscale: detect on the frame shrunk by this factor (1 = full size).
   """
 
-  def __init__(self, *, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 48,
+  def __init__(self, *, scale_factor: float = 1.2, min_neighbors: int = 5, min_size: int = 48,
                margin: float = 0.1, max_faces: int = 8, downscale: float = 2.0,
                cascade_path: str | None = None):
     import cv2
