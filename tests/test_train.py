@@ -256,3 +256,22 @@ def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
   assert not any("optimizer" in str(p) for p in out.rglob("*"))
   with pytest.raises(CheckpointError, match="already exists"):
     checkpoint_lib.export_model(workdir, out)
+
+
+def test_ferplus_labels_train_an_8_class_model(tmp_path, tiny_csv):
+  n = 105  # Rows of tiny_csv, in order.
+  votes = ["0,10,0,0,0,0,0,0,0,0", "0,0,0,0,0,0,0,10,0,0", "0,0,0,0,0,0,0,0,0,10"]
+  usage = ["Training"] * 64 + ["PublicTest"] * 20 + ["PrivateTest"] * 21
+  ferplus = tmp_path / "fer2013new.csv"
+  ferplus.write_text("Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,"
+                     "contempt,unknown,NF\n" + "".join(
+                         f"{usage[i]},fer{i:07d}.png,{votes[i % 3]}\n" for i in range(n)))
+  workdir = str(tmp_path / "run")
+  results = train_lib.train_and_evaluate(tiny_config(labels="ferplus", max_steps=2), workdir,
+                                         data_path=tiny_csv, ferplus_path=str(ferplus))
+  assert results["labels"] == "ferplus"
+  # Every third row is "not a face" and dropped: 21 - 7 PrivateTest rows remain.
+  assert results["test_tta_none"]["num_examples"] == 14
+  assert results["test_tta_none"]["class_names"][-1] == "contempt"
+  model, meta = checkpoint_lib.load_model(workdir)
+  assert meta["num_classes"] == 8 and model.classifier.out_features == 8
