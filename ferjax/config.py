@@ -27,6 +27,7 @@ class TrainConfig:
   model: str = "acnn_alstm"
   model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
   labels: str = "fer2013"
+  soft_targets: bool = False  # FER+ only: fit the vote distributions, not the majority.
   epochs: int = 40
   batch_size: int = 64
   optimizer: str = "adamw"
@@ -59,6 +60,8 @@ class TrainConfig:
     _choice("optimizer", self.optimizer, OPTIMIZERS)
     _choice("labels", self.labels, LABEL_SETS)
     _choice("class_weighting", self.class_weighting, CLASS_WEIGHTING)
+    if self.soft_targets and self.labels != "ferplus":
+      raise ConfigError("soft_targets needs labels=ferplus (FER2013 has one label per face)")
     for name in ("epochs", "batch_size", "eval_batch_size"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

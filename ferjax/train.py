@@ -289,7 +289,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
 
   batches = TrainBatches(train.images, train.labels, config.batch_size, config.seed,
-                         soft_labels=None)
+                         soft_labels=train.soft_labels if config.soft_targets else None)
   steps_per_epoch = batches.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
   stop_step = min(total_steps, config.max_steps or total_steps)

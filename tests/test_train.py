@@ -242,6 +242,17 @@ def test_default_configs_are_valid():
     assert c.model == name and TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
   with pytest.raises(ConfigError, match="optimizer must be one of adamw, adam, sgd"):
     default_config("dnn", optimizer="lamb")
+  with pytest.raises(ConfigError, match="soft_targets needs labels=ferplus"):
+    default_config("dnn", soft_targets=True)
+
+
+def test_soft_targets_change_the_loss():
+  logits = jnp.asarray([[2.0, 0.0, -1.0]])
+  hard = train_lib.loss_fn(logits, jnp.asarray([0]), jnp.ones(3), 0.0)
+  soft = train_lib.loss_fn(logits, jnp.asarray([0]), jnp.ones(3), 0.0,
+                           jnp.asarray([[0.5, 0.5, 0.0]]))
+  expected = -(0.5 * jax.nn.log_softmax(logits)[0, 0] + 0.5 * jax.nn.log_softmax(logits)[0, 1])
+  assert float(soft) == pytest.approx(float(expected)) and float(hard) < float(soft)
 
 
 def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
@@ -267,8 +278,9 @@ def test_ferplus_labels_train_an_8_class_model(tmp_path, tiny_csv):
                      "contempt,unknown,NF\n" + "".join(
                          f"{usage[i]},fer{i:07d}.png,{votes[i % 3]}\n" for i in range(n)))
   workdir = str(tmp_path / "run")
-  results = train_lib.train_and_evaluate(tiny_config(labels="ferplus", max_steps=2), workdir,
-                                         data_path=tiny_csv, ferplus_path=str(ferplus))
+  results = train_lib.train_and_evaluate(
+      tiny_config(labels="ferplus", soft_targets=True, max_steps=2), workdir,
+      data_path=tiny_csv, ferplus_path=str(ferplus))
   assert results["labels"] == "ferplus"
   # Every third row is "not a face" and dropped: 21 - 7 PrivateTest rows remain.
   assert results["test_tta_none"]["num_examples"] == 14
