@@ -103,11 +103,32 @@ def draw_results(frame: np.ndarray, faces: Sequence[FaceResult], class_names: Se
 # ----------------------------------------------------------------------------
 
 
+def _partial_path(path: str) -> str:
+  """A sibling name to write to first; keeps the extension (OpenCV picks the container by it)."""
+  head, tail = os.path.split(path)
+  return os.path.join(head, f".{tail}.partial{os.path.splitext(tail)[1]}")
+
+
+def _finish(partial: str, path: str, commit: bool) -> None:
+  """Moves a finished output into place, or drops an unfinished one.
+
+  Until then an existing file at ``path`` is untouched, so a run that fails
+  never destroys the previous output.
+  """
+  if not os.path.exists(partial):
+    return
+  if commit:
+    os.replace(partial, path)
+  else:
+    os.remove(partial)
+
+
 class AnnotatedVideoWriter:
   """Writes annotated frames to a video (``.mp4``/``.mkv``: mp4v, ``.avi``: MJPG).
 
   The file is opened at the first frame, whose size it keeps; later frames of
-  another size are scaled to it.
+  another size are scaled to it. Frames go to a hidden partial file that
+  replaces ``path`` only when the run closes the writer successfully.
   """
 
   def __init__(self, path: str, fps: float):
@@ -127,8 +148,8 @@ class AnnotatedVideoWriter:
     if self._writer is None:
       self._size = (frame_bgr.shape[1], frame_bgr.shape[0])
       _make_parent(self.path)
-      self._writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*self._codec), self.fps,
-                                     self._size)
+      self._writer = cv2.VideoWriter(_partial_path(self.path),
+                                     cv2.VideoWriter_fourcc(*self._codec), self.fps, self._size)
       if not self._writer.isOpened():
         raise OutputError(f"{self.path}: OpenCV cannot write a {self._codec} video here")
     if (frame_bgr.shape[1], frame_bgr.shape[0]) != self._size:
@@ -136,10 +157,12 @@ class AnnotatedVideoWriter:
     self._writer.write(frame_bgr)
     self.frames += 1
 
-  def close(self) -> None:
+  def close(self, commit: bool = True) -> None:
+    """Finishes the video; ``commit=False`` (a failed run) discards it."""
     if self._writer is not None:
       self._writer.release()
       self._writer = None
+      _finish(_partial_path(self.path), self.path, commit)
 
 
 class AnnotatedImageWriter:
@@ -166,8 +189,8 @@ class AnnotatedImageWriter:
       raise OutputError(f"{path}: OpenCV cannot write this image")
     self.frames += 1
 
-  def close(self) -> None:
-    pass
+  def close(self, commit: bool = True) -> None:
+    del commit  # Each image is complete once written.
 
 
 class ResultsCSV:
@@ -176,7 +199,7 @@ class ResultsCSV:
   def __init__(self, path: str, class_names: Sequence[str]):
     _make_parent(path)
     try:
-      self._file = open(path, "w", newline="")
+      self._file = open(_partial_path(path), "w", newline="")
     except OSError as e:
       raise OutputError(f"{path}: cannot write ({e.strerror})") from None
     self.path = path
@@ -192,8 +215,10 @@ class ResultsCSV:
                              f"{face.score:.6f}", *(f"{float(p):.6f}" for p in face.probs)])
       self.rows += 1
 
-  def close(self) -> None:
+  def close(self, commit: bool = True) -> None:
+    """Finishes the file; ``commit=False`` (a failed run) discards it."""
     self._file.close()
+    _finish(_partial_path(self.path), self.path, commit)
 
 
 def csv_header(class_names: Sequence[str]) -> list[str]:
@@ -221,9 +246,11 @@ def write_json(path: str, data: dict) -> None:
     OutputError: the file or its folder cannot be written.
   """
   _make_parent(path)
+  partial = _partial_path(path)
   try:
-    with open(path, "w") as f:
+    with open(partial, "w") as f:
       json.dump(data, f, indent=1)
+    os.replace(partial, path)
   except OSError as e:
     raise OutputError(f"{path}: cannot write ({e.strerror})") from None
 

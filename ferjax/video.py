@@ -303,6 +303,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
 
   src = open_source(source)
   writer = table = None
+  finished = False  # Outputs replace earlier files only when the run ends normally.
   try:
     if display:
       display, why = display_available()
@@ -366,11 +367,12 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     finally:
       stats.stop()
       frames.close()
+    finished = True
   finally:
     if writer is not None:
-      writer.close()
+      writer.close(commit=finished)
     if table is not None:
-      table.close()
+      table.close(commit=finished)
     if display:
       cv2.destroyAllWindows()
     src.close()

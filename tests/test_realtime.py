@@ -204,3 +204,34 @@ def test_script_runs_headless_on_the_clip(tiny_run, tmp_path):
   assert "FPS" in result.stdout and "detect" in result.stdout and "predict" in result.stdout
   with open(table, newline="") as f:
     assert len(list(csv.DictReader(f))) == 6
+
+
+class _FailingPredictor:
+  """Wraps a predictor and fails on its third call, as a crash mid-run would."""
+
+  def __init__(self, inner):
+    self._inner = inner
+    self.class_names = inner.class_names
+    self.max_faces = inner.max_faces
+    self.calls = 0
+
+  def warmup(self):
+    return 0.0
+
+  def predict_faces(self, crops, **kwargs):
+    self.calls += 1
+    if self.calls == 3:
+      raise RuntimeError("simulated failure")
+    return self._inner.predict_faces(crops, **kwargs)
+
+
+def test_a_failed_run_leaves_earlier_outputs_untouched(predictor, tmp_path):
+  out, table = tmp_path / "out.mp4", tmp_path / "faces.csv"
+  out.write_bytes(b"previous video")
+  table.write_text("previous csv")
+  with pytest.raises(RuntimeError, match="simulated failure"):
+    video.run_pipeline(CLIP, _FailingPredictor(predictor), output=str(out), csv_path=str(table))
+  assert out.read_bytes() == b"previous video" and table.read_text() == "previous csv"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.csv", "out.mp4"]  # No leftovers.
+  video.run_pipeline(CLIP, predictor, output=str(out), csv_path=str(table), max_frames=5)
+  assert out.stat().st_size > 1000 and table.read_text().startswith("frame,")
