@@ -42,3 +42,33 @@ def _tune_xla_cpu() -> None:
 
 
 _tune_xla_cpu()
+
+# Public names, imported on first use so that `import ferjax` stays fast (and
+# the entrypoints' --help does not wait for JAX).
+_EXPORTS = {
+    "load_fer2013": "ferjax.data",
+    "load_ferplus": "ferjax.data",
+    "with_ferplus_labels": "ferjax.data",
+    "FerData": "ferjax.data",
+    "preprocess": "ferjax.preprocess",
+    "create_model": "ferjax.models",
+    "model_names": "ferjax.models",
+    "TrainConfig": "ferjax.config",
+    "default_config": "ferjax.config",
+    "train_and_evaluate": "ferjax.train",
+    "evaluate_checkpoint": "ferjax.evaluate",
+    "load_model": "ferjax.checkpoint",
+    "Predictor": "ferjax.inference",
+    "FaceDetector": "ferjax.faces",
+    "analyze_frame": "ferjax.video",
+    "analyze_video": "ferjax.video",
+    "run_pipeline": "ferjax.video",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    import importlib
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'ferjax' has no attribute {name!r}")

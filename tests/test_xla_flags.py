@@ -33,3 +33,9 @@ def test_users_choice_and_opt_out_win():
 def test_nothing_changes_once_jax_has_started():
   code = "import jax; jax.devices(); " + SHOW
   assert _flags(code) == "None"
+
+
+def test_public_names_resolve_lazily():
+  code = ("import sys, ferjax; assert 'jax' not in sys.modules; "
+          "print(all(callable(getattr(ferjax, n)) for n in ferjax.__all__ if n != '__version__'))")
+  assert _flags(code) == "True"
