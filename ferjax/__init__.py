@@ -44,13 +44,13 @@ def _tune_xla_cpu() -> None:
 _tune_xla_cpu()
 
 # Public names, imported on first use so that `import ferjax` stays fast (and
-# the entrypoints' --help does not wait for JAX).
+# the entrypoints' --help does not wait for JAX). The shared input transform is
+# ferjax.preprocess.preprocess: its module's name would shadow it here.
 _EXPORTS = {
     "load_fer2013": "ferjax.data",
     "load_ferplus": "ferjax.data",
     "with_ferplus_labels": "ferjax.data",
     "FerData": "ferjax.data",
-    "preprocess": "ferjax.preprocess",
     "create_model": "ferjax.models",
     "model_names": "ferjax.models",
     "TrainConfig": "ferjax.config",
