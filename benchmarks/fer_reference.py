@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from absl import app, flags
 
-_SOURCE = flags.DEFINE_string("source", "tests/data/asl_gestures_yes.mkv", "A video file.")
+_SOURCE = flags.DEFINE_string("source", "ferjax/assets/demo_face_clip.mkv", "A video file.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed passes over the clip.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed frames first (interpreter and caches).")
 

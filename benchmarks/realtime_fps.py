@@ -3,7 +3,7 @@ r"""Frames per second of the realtime pipeline on a clip, headless, against the 
   python -m benchmarks.realtime_fps --repeats=10
   python -m benchmarks.realtime_fps --repeats=10 --fer_python=/tmp/fervenv/bin/python
 
-The clip (default tests/data/asl_gestures_yes.mkv: 640x480, 65 frames, one
+The clip (default ferjax/assets/demo_face_clip.mkv: 640x480, 65 frames, one
 face) is decoded into memory once, so neither side times the video decoder.
 ``ferjax.video.run_pipeline`` (no display, no outputs, so no drawing) then runs
 over it ``--repeats`` times in a row, at the default detector settings and at
@@ -41,7 +41,7 @@ from ferjax.sources import FrameSource, open_source
 from ferjax.video import STAGES, run_pipeline
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CLIP = os.path.join(os.path.dirname(_HERE), "tests", "data", "asl_gestures_yes.mkv")
+_CLIP = os.path.join(os.path.dirname(_HERE), "ferjax", "assets", "demo_face_clip.mkv")
 
 _SOURCE = flags.DEFINE_string("source", _CLIP, "A video file.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "

@@ -1,6 +1,7 @@
 r"""Facial expressions in realtime: webcam, video file, image or folder of images.
 
   python -m experiments.realtime                                # webcam 0, shipped weights
+  python -m experiments.realtime --source=demo --no_display --output=demo.mp4   # no camera
   python -m experiments.realtime --checkpoint=runs/acnn_alstm --source=clip.mp4 \
       --no_display --output=annotated.mp4 --csv=faces.csv --json=faces.json
 
@@ -10,12 +11,18 @@ Without a display it runs headless. At the end it prints frames processed,
 faces found and FPS with the time per stage.
 """
 
+import logging
+
 from absl import app, flags
 
 from ferjax import cli
 
-_SOURCE = flags.DEFINE_string("source", "0", "Camera index, video file, image file or folder of "
-                              "images.")
+log = logging.getLogger("ferjax.realtime")
+
+_SOURCE = flags.DEFINE_string("source", "0", "Camera index, video file, image file, folder of "
+                              "images, or 'demo' (a short face clip shipped with ferjax).")
+_PRINT = flags.DEFINE_bool("print_faces", None, "Print each analysed frame's faces (label and "
+                           "probabilities). Default: on when running without a window.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
                                   "weights shipped in ferjax/weights/default.")
 _WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
@@ -58,9 +65,28 @@ def main(argv):
                           min_size=_MIN_SIZE.value, margin=_MARGIN.value,
                           max_faces=_MAX_FACES.value, downscale=_DOWNSCALE.value)
   predictor = Predictor(_CHECKPOINT.value, _WHICH.value, max_faces=_MAX_FACES.value)
+  show = not _NO_DISPLAY.value
+  if show:
+    from ferjax.annotate import display_available
+    show, why = display_available()
+    if not show:
+      log.warning("no display (%s): running headless", why)
+  print_faces = (not show) if _PRINT.value is None else _PRINT.value
+  names = predictor.class_names
+
+  def print_result(result):
+    when = "" if result.time_s is None else f" {result.time_s:6.2f}s"
+    label = result.name or f"frame {result.index:5d}{when}"
+    faces = "; ".join(
+        f"{face.label} {face.score:.2f} at {tuple(map(int, face.box))} ["
+        + " ".join(f"{n[:3]} {p:.2f}" for n, p in zip(names, face.probs)) + "]"
+        for face in result.faces) or "no face"
+    print(f"{label}: {faces}", flush=True)
+
   summary = run_pipeline(source, predictor, detector, output=_OUTPUT.value, csv_path=_CSV.value,
-                         json_path=_JSON.value, display=not _NO_DISPLAY.value,
-                         every=_EVERY.value, max_frames=_MAX_FRAMES.value)
+                         json_path=_JSON.value, display=show, every=_EVERY.value,
+                         max_frames=_MAX_FRAMES.value,
+                         on_result=print_result if print_faces else None)
   print(format_summary(summary))
   if summary["files"]:
     print("wrote " + ", ".join(summary["files"]))

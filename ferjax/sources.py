@@ -130,13 +130,20 @@ class FrameSource:
     self.close()
 
 
+# A short real-face clip shipped with the package (Intel IoT DevKit sample
+# videos, CC BY 4.0; see NOTICE): the camera-free demo, `--source=demo`.
+DEMO_CLIP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                         "demo_face_clip.mkv")
+
+
 def open_source(source: int | str | os.PathLike | FrameSource) -> FrameSource:
   """Opens a frame source and checks that it gives frames.
 
   Args:
     source: a camera index (``0`` or ``"0"``), a video file, an image file, a
       folder of images (read in natural name order; files that are not images
-      are skipped with a warning), or a URL OpenCV understands.
+      are skipped with a warning), a URL OpenCV understands, or ``"demo"`` for
+      the clip shipped with ferjax (:data:`DEMO_CLIP`).
 
   Returns:
     The opened source (already given back if ``source`` is one).
@@ -165,6 +172,8 @@ def open_source(source: int | str | os.PathLike | FrameSource) -> FrameSource:
     return FrameSource("camera", f"camera {index}", capture=capture, first=first,
                        fps=capture.get(cv2.CAP_PROP_FPS) or None)
   path = os.fspath(source)
+  if path == "demo":
+    path = DEMO_CLIP
   if "://" in path:  # A stream URL: OpenCV decides.
     return _open_video(path)
   if not os.path.exists(path):

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -270,7 +270,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
                  output: str | None = None, csv_path: str | None = None,
                  json_path: str | None = None, display: bool = False, every: int = 1,
                  max_frames: int | None = None, draw_fps: bool = True,
-                 window: str = "ferjax") -> dict:
+                 window: str = "ferjax",
+                 on_result: Callable[[FrameResult], None] | None = None) -> dict:
   """Runs the realtime pipeline over a source until it ends (or ``q`` in the window).
 
   Args:
@@ -290,6 +291,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     max_frames: stop after this many frames.
     draw_fps: write the running FPS on drawn frames.
     window: the window's title.
+    on_result: called with each analysed frame's results (e.g. to print them).
 
   Returns:
     :meth:`PipelineStats.summary` plus ``compile_seconds``, ``source``,
@@ -336,6 +338,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
           period = now - last_tick
           smooth_period = period if smooth_period is None else 0.9 * smooth_period + 0.1 * period
         last_tick = now
+        if result.analyzed and on_result is not None:
+          on_result(result)
         if result.analyzed and (table is not None or records is not None):
           with stats.time("write"):
             if table is not None:

@@ -14,14 +14,14 @@ from ferjax import checkpoint as checkpoint_lib
 from ferjax import faces as faces_lib
 from ferjax import inference
 from ferjax import preprocess as preprocess_lib
+from ferjax import sources
 from ferjax import train as train_lib
 from ferjax.config import TrainConfig
 from ferjax.errors import CheckpointError, ConfigError
 from ferjax.faces import Box, FaceDetector, crop_face, expand_box, to_gray
 from ferjax.inference import Predictor
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-CLIP = os.path.join(DATA_DIR, "asl_gestures_yes.mkv")
+CLIP = sources.DEMO_CLIP
 TINY_MODEL = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
 
 

@@ -235,3 +235,14 @@ def test_a_failed_run_leaves_earlier_outputs_untouched(predictor, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.csv", "out.mp4"]  # No leftovers.
   video.run_pipeline(CLIP, predictor, output=str(out), csv_path=str(table), max_frames=5)
   assert out.stat().st_size > 1000 and table.read_text().startswith("frame,")
+
+
+def test_script_prints_faces_headless_on_the_demo_clip(tiny_run, tmp_path):
+  out = tmp_path / "demo.mp4"
+  r = subprocess.run([sys.executable, "-m", "experiments.realtime", "--source=demo",
+                      f"--checkpoint={tiny_run}", "--no_display", f"--output={out}",
+                      "--max_frames=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = [l for l in r.stdout.splitlines() if l.startswith("frame")]
+  assert len(lines) >= 4 and " at (" in lines[0] and "FPS" in r.stdout
+  assert out.stat().st_size > 1000
