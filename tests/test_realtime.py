@@ -240,7 +240,7 @@ def test_a_failed_run_leaves_earlier_outputs_untouched(predictor, tmp_path):
 def test_script_prints_faces_headless_on_the_demo_clip(tiny_run, tmp_path):
   out = tmp_path / "demo.mp4"
   r = subprocess.run([sys.executable, "-m", "experiments.realtime", "--source=demo",
-                      f"--checkpoint={tiny_run}", "--no_display", f"--output={out}",
+                      f"--checkpoint={tiny_run[0]}", "--no_display", f"--output={out}",
                       "--max_frames=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   lines = [l for l in r.stdout.splitlines() if l.startswith("frame")]
