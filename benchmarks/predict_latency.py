@@ -19,17 +19,15 @@ benchmarks/results/predict_latency.json (with the load average, date, machine
 and versions: figures from a busy machine are not comparable).
 """
 
-import json
 import os
-import platform
 import time
 
-import flax
 import jax
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from benchmarks.common import environment, write_results
 from ferjax import checkpoint as checkpoint_lib
 from ferjax.data import FER2013_CLASSES
 from ferjax.faces import FACE_SIZE
@@ -48,20 +46,6 @@ _WARMUP = flags.DEFINE_integer("warmup", 20, "Untimed calls before each measurem
                                "compiling).")
 _BIG_BATCH = flags.DEFINE_integer("big_batch", 64, "Batch size of the throughput measurement.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/predict_latency.json", "JSON output.")
-
-
-def environment() -> dict:
-  """Date, load average, machine and versions: what a figure needs to be read correctly."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg(),
-          "machine": f"{cpu}, {os.cpu_count()} cores", "python": platform.python_version(),
-          "jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__,
-          "device": str(jax.devices()[0])}
 
 
 def _time_calls(fn, calls: int, warmup: int) -> dict:
@@ -150,12 +134,7 @@ def main(argv):
       r = row[key]
       rate = f"{r['faces_per_s']:>10,.0f}" if "faces_per_s" in r else ""
       print(f"{label[:43]:<44}{what:<26}{r['median_ms']:>10.3f}{r['p90_ms']:>9.3f}{rate}")
-  results["load_average_after"] = os.getloadavg()
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"load average {results['load_average'][0]:.2f} before, "
-        f"{results['load_average_after'][0]:.2f} after; wrote {_OUT.value}")
+  write_results(results, _OUT.value)
 
 
 if __name__ == "__main__":

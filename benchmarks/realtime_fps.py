@@ -22,17 +22,14 @@ versions.
 
 import json
 import os
-import platform
 import subprocess
 import time
 
 import cv2
-import flax
-import jax
-import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from benchmarks.common import environment, write_results
 from ferjax.data import FER2013_CLASSES
 from ferjax.faces import FaceDetector
 from ferjax.inference import DEFAULT_WEIGHTS, Predictor
@@ -82,20 +79,6 @@ def replay_source(frames, repeats: int, fps: float | None) -> FrameSource:
   # A video FrameSource over memory: run_pipeline's loop unchanged, the decoder left out.
   return FrameSource("video", f"{len(frames)} frames in memory x{repeats}",
                      capture=_Replay(frames, repeats), fps=fps)
-
-
-def environment() -> dict:
-  """Date, load average, machine and versions: what a figure needs to be read correctly."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg(),
-          "machine": f"{cpu}, {os.cpu_count()} cores", "python": platform.python_version(),
-          "jax": jax.__version__, "flax": flax.__version__, "opencv": cv2.__version__,
-          "numpy": np.__version__, "device": str(jax.devices()[0])}
 
 
 def load_predictor() -> tuple[Predictor, str]:
@@ -152,7 +135,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # Checkpoint restore logs would bury the table.
-  results = environment()
+  results = environment(opencv=cv2.__version__)
   frames, clip_fps, decode_ms = read_clip(_SOURCE.value)
   predictor, model = load_predictor()
   results.update(source=_SOURCE.value, clip_frames=len(frames),
@@ -171,7 +154,6 @@ def main(argv):
     results["ferjax"][label] = time_detector(frames, clip_fps, predictor, detector)
   if _FER_PYTHON.value:
     results["fer"] = run_fer(_FER_PYTHON.value, len(frames))
-  results["load_average_after"] = os.getloadavg()
 
   fer_fps = results.get("fer", {}).get("fps")
   stages = [s for s in STAGES if any(s in r["ms_per_call"] for r in results["ferjax"].values())]
@@ -195,11 +177,7 @@ def main(argv):
   else:
     print("no fer comparison: pass --fer_python=PATH (a venv with fer==25.10.3; see "
           "benchmarks/README.md)")
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"load average {results['load_average'][0]:.2f} before, "
-        f"{results['load_average_after'][0]:.2f} after; wrote {_OUT.value}")
+  write_results(results, _OUT.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""What every benchmark records beside its figures: when, where, under what load, which versions."""
+
+import os
+import platform
+import time
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (the platform's guess elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
+def environment(**versions: str) -> dict:
+  """Date, load average, machine, Python, JAX/Flax/NumPy and any ``versions`` given.
+
+  A figure measured under load (another process on the CPU) reads very
+  differently, so the 1/5/15-minute load averages go with every result.
+  """
+  import flax
+  import jax
+  import numpy as np
+
+  return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg(),
+          "machine": f"{cpu_model()}, {os.cpu_count()} cores",
+          "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+          "numpy": np.__version__, "device": str(jax.devices()[0]), **versions}
+
+
+def write_results(results: dict, path: str) -> None:
+  """Adds the load average after the run, writes the JSON and says where."""
+  import json
+
+  results["load_average_after"] = os.getloadavg()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"load average {results['load_average'][0]:.2f} before, "
+        f"{results['load_average_after'][0]:.2f} after; wrote {path}")
