@@ -110,6 +110,9 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn_lstm": dict(optimizer="adamw", learning_rate=2e-3, weight_decay=1e-4, epochs=50),
     "cnn_alstm": dict(optimizer="adamw", learning_rate=2e-3, weight_decay=1e-4, epochs=50),
     "acnn_alstm": dict(optimizer="adamw", learning_rate=2e-3, weight_decay=1e-4, epochs=50),
+    # Bigger: decoupled weight decay and random erasing against overfitting.
+    "vgg_alstm": dict(optimizer="adamw", learning_rate=1e-3, weight_decay=0.05, epochs=30,
+                      augment=AugmentConfig(erase_prob=0.25)),
 }
 
 

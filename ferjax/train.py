@@ -306,8 +306,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
 
   step = 0
   best_accuracy = -1.0
+  elapsed_before = 0.0  # Training time of earlier sessions of this run (resumes).
   if store.latest_step() is not None:
     step = store.latest_step()
+    elapsed_before = _last_record(workdir).get("elapsed_seconds", 0.0)
     restored = store.restore(step, **{k: v for k, v in trainer.abstract_state().items()
                                       if v is not None})
     trainer.state = {**trainer.state, **restored}
@@ -343,7 +345,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
     if at_eval:
       rate = progress.images_per_second()
       record = _evaluate_step(trainer, val, data.class_names, config, step, steps_per_epoch,
-                              train_metrics, rate, time.time() - run_start)
+                              train_metrics, rate, elapsed_before + time.time() - run_start)
       best_accuracy = max(best_accuracy, record["eval_accuracy"])
       record["best_eval_accuracy"] = best_accuracy
       progress.finish_epoch(record)
@@ -401,8 +403,11 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
   restored = store.restore(best, **{k: v for k, v in trainer.abstract_state().items()
                                     if v is not None and k != "optimizer"})
   trainer.state = {**trainer.state, **restored}
+  last = _last_record(workdir)
   results = {"model": config.model, "labels": config.labels, "best_step": best,
              "selected_on": config.eval_split, "test_split": config.test_split,
+             "epochs_trained": last.get("epoch"), "train_seconds": last.get("elapsed_seconds"),
+             "best_eval_accuracy": last.get("best_eval_accuracy"),
              "ferjax_version": __version__, "config": config.to_dict()}
   for tta in ("none", "flip"):
     m = evaluate_lib.classification_metrics(trainer.predict_dataset(test.images, tta),
@@ -415,24 +420,29 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
   return results
 
 
-def _best_accuracy(workdir: str, best_step: int) -> float:
+def _read_records(workdir: str) -> list[dict]:
+  """The evaluation records of ``metrics.jsonl``, oldest first."""
   path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        r = json.loads(line)
-        if r.get("step") == best_step:
-          return float(r["eval_accuracy"])
-  return -1.0
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _last_record(workdir: str) -> dict:
+  records = _read_records(workdir)
+  return records[-1] if records else {}
+
+
+def _best_accuracy(workdir: str, best_step: int) -> float:
+  matches = [r["eval_accuracy"] for r in _read_records(workdir) if r.get("step") == best_step]
+  return float(matches[-1]) if matches else -1.0
 
 
 def _write_record(workdir: str, record: dict, writer) -> None:
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path, "a") as f:
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps(record) + "\n")
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  plots.plot_training_curves(records, os.path.join(workdir, "curves.png"))
+  plots.plot_training_curves(_read_records(workdir), os.path.join(workdir, "curves.png"))
   if writer is not None:
     for k, v in record.items():
       if isinstance(v, (int, float)) and k != "step":

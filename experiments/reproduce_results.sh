@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every training run behind the README's results table, one after another, with
+# the exact commands. Each run's final metrics (results.json) is copied into
+# results/<name>.json. Usage:
+#   FER2013_PATH=... FERPLUS_PATH=... bash experiments/reproduce_results.sh [name ...]
+# With names, only those rows run (e.g. `vgg_alstm dnn`). Runs resume if interrupted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${FER2013_PATH:?set FER2013_PATH to fer2013.csv(.gz)}"
+mkdir -p runs results
+
+run() {  # run NAME ARGS...: train into runs/NAME, keep its results.json
+  local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  echo "=== $name: python -m experiments.train $* --workdir=runs/$name"
+  python -m experiments.train "$@" --workdir="runs/$name" > "runs/$name.log" 2>&1
+  cp "runs/$name/results.json" "results/$name.json"
+  tail -1 "runs/$name.log"
+}
+
+ONLY="${*:-}"
+# The models, each with its registry defaults (ferjax/config.py).
+run acnn_alstm --model=acnn_alstm --epochs=40
+run vgg_alstm --model=vgg_alstm
+run dnn --model=dnn --epochs=30
+run cnn_lstm --model=cnn_lstm --epochs=40
+run cnn_alstm --model=cnn_alstm --epochs=40
+# Ablation of acnn_alstm: LSTM settings and each attention, 8 epochs each.
+A="--model=acnn_alstm --epochs=8"
+run ablation-base $A
+run ablation-hidden64 $A --model_option=lstm_hidden=64
+run ablation-hidden256 $A --model_option=lstm_hidden=256
+run ablation-layers2 $A --model_option=lstm_layers=2
+run ablation-bidirectional $A --model_option=bidirectional=true
+run ablation-no-local $A --model_option=local_attention=false
+run ablation-no-global $A --model_option=global_attention=false
+run ablation-no-attention $A --model_option=local_attention=false --model_option=global_attention=false
+# FER+ majority labels with the stronger model.
+run vgg_alstm-ferplus --model=vgg_alstm --labels=ferplus --ferplus="${FERPLUS_PATH:?set FERPLUS_PATH}"
