@@ -1,0 +1,80 @@
+r"""Prints the README's results tables from the runs' results/*.json files.
+
+  python -m experiments.results_table            # reads results/, prints Markdown
+
+Main table: every model's PrivateTest accuracy (plain and with flip TTA),
+macro-F1, parameters, MFLOPs per image, epochs and training time, with the
+command that produced the row (experiments/reproduce_results.sh). Ablation
+table: the ablation-* runs. FER+ rows: runs with labels=ferplus.
+"""
+
+import glob
+import json
+import os
+import re
+
+from absl import app, flags
+
+from ferjax import cli
+
+_RESULTS = flags.DEFINE_string("results", "results", "Folder of <run>.json files.")
+_SCRIPT = flags.DEFINE_string("script", "experiments/reproduce_results.sh",
+                              "Where each run's command is written.")
+
+
+def _commands(script: str) -> dict[str, str]:
+  """Run name → its full experiments.train command, read from the script."""
+  out = {}
+  if not os.path.exists(script):
+    return out
+  text = open(script).read()
+  variables = dict(re.findall(r'^([A-Z]+)="([^"]*)"$', text, re.M))
+  for name, args in re.findall(r"^run (\S+) (.*)$", text, re.M):
+    for var, value in variables.items():
+      args = args.replace(f"${var}", value)
+    args = re.sub(r'--ferplus="\$\{FERPLUS_PATH[^"]*"', "--ferplus=$FERPLUS_PATH", args)
+    out[name] = f"python -m experiments.train {args} --workdir=runs/{name}"
+  return out
+
+
+def _hours(seconds) -> str:
+  return "—" if seconds is None else f"{seconds / 3600:.2f} h"
+
+
+@cli.exit_on_errors
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from ferjax.models.summary import summarize
+
+  commands = _commands(_SCRIPT.value)
+  runs = {os.path.basename(p)[:-5]: json.load(open(p))
+          for p in sorted(glob.glob(os.path.join(_RESULTS.value, "*.json")))}
+  cost = {}
+
+  def row(name, r):
+    key = (r["model"], json.dumps(r["config"]["model_overrides"], sort_keys=True),
+           8 if r["labels"] == "ferplus" else 7)
+    if key not in cost:
+      cost[key] = summarize(r["model"], key[2], **r["config"]["model_overrides"])
+    s = cost[key]
+    none, flip = r["test_tta_none"], r["test_tta_flip"]
+    return (f"| `{name}` | {100 * none['accuracy']:.2f} | {100 * flip['accuracy']:.2f} | "
+            f"{none['macro_f1']:.3f} | {s.params:,} | {s.mflops:.1f} | "
+            f"{r.get('epochs_trained') or r['config']['epochs']:g} | "
+            f"{_hours(r.get('train_seconds'))} | `{commands.get(name, '')}` |")
+
+  header = ("| run | PrivateTest acc. % | + flip TTA % | macro-F1 | params | MFLOPs | epochs | "
+            "train time | command |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+  groups = (("Models (FER2013, 7 classes)", lambda n, r: r["labels"] == "fer2013"
+             and not n.startswith("ablation-")),
+            ("Ablation of acnn_alstm", lambda n, r: n.startswith("ablation-")),
+            ("FER+ (8 classes, majority votes)", lambda n, r: r["labels"] == "ferplus"))
+  for title, keep in groups:
+    rows = [row(n, r) for n, r in runs.items() if keep(n, r)]
+    if rows:
+      print(f"#### {title}\n\n{header}\n" + "\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
