@@ -21,6 +21,11 @@ _LABELS = flags.DEFINE_enum("labels", "fer2013", LABEL_SETS,
                             "fer2013 (7 classes) or ferplus (8-class FER+ majority votes).")
 _SOFT = flags.DEFINE_bool("soft_targets", None, "With --labels=ferplus: train on the FER+ vote "
                           "distributions instead of the majority labels.")
+_DISTILL = flags.DEFINE_string("distill_from", None, "Knowledge distillation: a trained run's "
+                               "workdir; its best checkpoint's predictions on the training "
+                               "images are mixed into the targets.")
+_DISTILL_WEIGHT = flags.DEFINE_float("distill_weight", None, "Weight of the teacher's "
+                                     "predictions in the targets (0.5).")
 _FERPLUS = flags.DEFINE_string("ferplus", None,
                                "fer2013new.csv for --labels=ferplus. Default: $FERPLUS_PATH.")
 _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -74,7 +79,8 @@ def main(argv):
       ("grad_clip", _CLIP), ("label_smoothing", _SMOOTH), ("class_weighting", _WEIGHTING),
       ("ema_decay", _EMA), ("seed", _SEED), ("max_steps", _MAX_STEPS),
       ("eval_every", _EVAL_EVERY), ("checkpoint_every", _CKPT_EVERY),
-      ("eval_batch_size", _EVAL_BATCH), ("soft_targets", _SOFT)) if flag.value is not None}
+      ("eval_batch_size", _EVAL_BATCH), ("soft_targets", _SOFT), ("distill_from", _DISTILL),
+      ("distill_weight", _DISTILL_WEIGHT)) if flag.value is not None}
   overrides = cli.parse_options(_MODEL_OPTION.value, "model_option")
   augment = cli.parse_options(_AUGMENT.value, "augment")
   config = default_config(_MODEL.value, labels=_LABELS.value, model_overrides=overrides,

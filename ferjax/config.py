@@ -28,6 +28,10 @@ class TrainConfig:
   model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
   labels: str = "fer2013"
   soft_targets: bool = False  # FER+ only: fit the vote distributions, not the majority.
+  # Knowledge distillation: a trained run's workdir whose predictions on the
+  # training images are mixed into the targets with weight distill_weight.
+  distill_from: str | None = None
+  distill_weight: float = 0.5
   epochs: int = 40
   batch_size: int = 64
   optimizer: str = "adamw"
@@ -60,6 +64,8 @@ class TrainConfig:
     _choice("optimizer", self.optimizer, OPTIMIZERS)
     _choice("labels", self.labels, LABEL_SETS)
     _choice("class_weighting", self.class_weighting, CLASS_WEIGHTING)
+    if not 0 <= self.distill_weight <= 1:
+      raise ConfigError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
     if self.soft_targets and self.labels != "ferplus":
       raise ConfigError("soft_targets needs labels=ferplus (FER2013 has one label per face)")
     for name in ("epochs", "batch_size", "eval_batch_size"):

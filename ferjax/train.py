@@ -289,7 +289,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
 
   batches = TrainBatches(train.images, train.labels, config.batch_size, config.seed,
-                         soft_labels=train.soft_labels if config.soft_targets else None)
+                         soft_labels=_training_targets(config, train, data.class_names))
   steps_per_epoch = batches.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
   stop_step = min(total_steps, config.max_steps or total_steps)
@@ -362,6 +362,32 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   if writer is not None:
     writer.close()
   return _final_evaluation(trainer, store, test, data.class_names, config, workdir, meta)
+
+
+def _training_targets(config: TrainConfig, train: data_lib.FerData,
+                      class_names) -> np.ndarray | None:
+  """Soft targets for the training examples, or None to train on the labels.
+
+  FER+ vote distributions with ``soft_targets``; with ``distill_from``, the
+  teacher's probabilities (averaged over the face and its mirror image) mixed
+  with the one-hot labels: ``(1 - w) * onehot + w * teacher``.
+  """
+  if config.soft_targets:
+    targets = train.soft_labels
+  else:
+    targets = np.eye(len(class_names), dtype=np.float32)[train.labels]
+  if not config.distill_from:
+    return targets if config.soft_targets else None
+  teacher, meta = checkpoint_lib.load_model(config.distill_from, "best")
+  if list(meta["class_names"]) != list(class_names):
+    raise ConfigError(f"--distill_from={config.distill_from}: the teacher predicts "
+                      f"{meta['class_names']}, this run has {list(class_names)}")
+  log.info("distilling from %s (%s, step %d): predicting %d training images", config.distill_from,
+           meta["model"], meta["step"], len(train))
+  probs = evaluate_lib.predict_dataset(evaluate_lib.make_predict_fn(teacher, "flip"),
+                                       train.images, config.eval_batch_size)
+  w = config.distill_weight
+  return ((1 - w) * targets + w * probs).astype(np.float32)
 
 
 def _check_finite(metrics: dict, step: int, store) -> dict:

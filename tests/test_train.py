@@ -22,7 +22,8 @@ from ferjax.augment import NO_AUGMENT
 from ferjax.config import TrainConfig, default_config
 from ferjax.data import load_fer2013
 from ferjax.errors import CheckpointError, ConfigError, TrainingDivergedError
-from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, predict_dataset)
+from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, make_predict_fn,
+                             predict_dataset)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ALSTM = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
@@ -287,3 +288,18 @@ def test_ferplus_labels_train_an_8_class_model(tmp_path, tiny_csv):
   assert results["test_tta_none"]["class_names"][-1] == "contempt"
   model, meta = checkpoint_lib.load_model(workdir)
   assert meta["num_classes"] == 8 and model.classifier.out_features == 8
+
+
+def test_distillation_mixes_the_teachers_predictions_into_the_targets(tmp_path, tiny_data):
+  teacher_dir = str(tmp_path / "teacher")
+  train_lib.train_and_evaluate(tiny_config(max_steps=2), teacher_dir, data=tiny_data)
+  config = tiny_config(max_steps=1, distill_from=teacher_dir, distill_weight=0.25)
+  train = tiny_data.split("Training")
+  targets = train_lib._training_targets(config, train, tiny_data.class_names)
+  teacher, _ = checkpoint_lib.load_model(teacher_dir)
+  probs = predict_dataset(make_predict_fn(teacher, "flip"), train.images, 16)
+  np.testing.assert_allclose(targets, 0.75 * np.eye(7)[train.labels] + 0.25 * probs, atol=1e-6)
+  np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
+  assert train_lib._training_targets(tiny_config(), train, tiny_data.class_names) is None
+  results = train_lib.train_and_evaluate(config, str(tmp_path / "student"), data=tiny_data)
+  assert results["config"]["distill_from"] == teacher_dir
