@@ -22,6 +22,8 @@ ONLY="${*:-}"
 # The models, each with its registry defaults (ferjax/config.py).
 run acnn_alstm --model=acnn_alstm --epochs=40
 run vgg_alstm --model=vgg_alstm
+# acnn_alstm again, with vgg_alstm's predictions mixed into its targets (distillation).
+run acnn_alstm-distilled --model=acnn_alstm --epochs=40 --distill_from=runs/vgg_alstm
 run dnn --model=dnn --epochs=30
 run cnn_lstm --model=cnn_lstm --epochs=40
 run cnn_alstm --model=cnn_alstm --epochs=40
