@@ -59,13 +59,16 @@ def main(argv):
       cost[key] = summarize(r["model"], key[2], **r["config"]["model_overrides"])
     s = cost[key]
     none, flip = r["test_tta_none"], r["test_tta_flip"]
-    return (f"| `{name}` | {100 * none['accuracy']:.2f} | {100 * flip['accuracy']:.2f} | "
+    ten = r.get("test_tta_ten_crop")
+    ten = f"{100 * ten['accuracy']:.2f}" if ten else "—"
+    return (f"| `{name}` | {100 * none['accuracy']:.2f} | {100 * flip['accuracy']:.2f} | {ten} | "
             f"{none['macro_f1']:.3f} | {s.params:,} | {s.mflops:.1f} | "
             f"{r.get('epochs_trained') or r['config']['epochs']:g} | "
             f"{_hours(r.get('train_seconds'))} | `{commands.get(name, '')}` |")
 
-  header = ("| run | PrivateTest acc. % | + flip TTA % | macro-F1 | params | MFLOPs | epochs | "
-            "train time | command |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+  header = ("| run | PrivateTest acc. % | flip TTA % | ten-crop TTA % | macro-F1 | params | "
+            "MFLOPs | epochs | train time | command |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
   groups = (("Models (FER2013, 7 classes)", lambda n, r: r["labels"] == "fer2013"
              and not n.startswith("ablation-")),
             ("Ablation of acnn_alstm", lambda n, r: n.startswith("ablation-")),

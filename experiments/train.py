@@ -91,8 +91,10 @@ def main(argv):
                                ferplus_path=_FERPLUS.value, fresh=_FRESH.value,
                                on_error="skip" if _SKIP_BAD.value else "raise")
   none, flip = results["test_tta_none"], results["test_tta_flip"]
+  ten = results["test_tta_ten_crop"]
   print(f"{config.model}: {results['test_split']} accuracy {none['accuracy']:.2%} "
-        f"(flip TTA {flip['accuracy']:.2%}), macro-F1 {none['macro_f1']:.4f}; "
+        f"(flip TTA {flip['accuracy']:.2%}, ten-crop TTA {ten['accuracy']:.2%}), "
+        f"macro-F1 {none['macro_f1']:.4f}; "
         f"best checkpoint step {results['best_step']} in {workdir}")
 
 

@@ -435,7 +435,7 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
              "epochs_trained": last.get("epoch"), "train_seconds": last.get("elapsed_seconds"),
              "best_eval_accuracy": last.get("best_eval_accuracy"),
              "ferjax_version": __version__, "config": config.to_dict()}
-  for tta in ("none", "flip"):
+  for tta in evaluate_lib.TTA_MODES:
     m = evaluate_lib.classification_metrics(trainer.predict_dataset(test.images, tta),
                                             test.labels, class_names)
     results[f"test_tta_{tta}"] = m
