@@ -38,4 +38,4 @@ run ablation-no-local $A --model_option=local_attention=false
 run ablation-no-global $A --model_option=global_attention=false
 run ablation-no-attention $A --model_option=local_attention=false --model_option=global_attention=false
 # FER+ majority labels with the stronger model.
-run vgg_alstm-ferplus --model=vgg_alstm --labels=ferplus --ferplus="${FERPLUS_PATH:?set FERPLUS_PATH}"
+run vgg_alstm-ferplus --model=vgg_alstm --labels=ferplus --ferplus="${FERPLUS_PATH:-}"

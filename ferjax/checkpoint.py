@@ -214,7 +214,7 @@ def export_model(path: str | os.PathLike, output: str | os.PathLike, which: str 
     raise CheckpointError(f"{output} already exists; remove it or choose another --output")
   model, meta = load_model(path, which)
   meta = {**meta, "config": {**meta["config"], "ema_decay": 0.0},
-          "exported_from": {"path": os.path.abspath(os.fspath(path)), "step": meta["step"]}}
+          "exported_from": {"path": os.fspath(path), "step": meta["step"]}}
   store = CheckpointStore(os.path.join(output, "checkpoints"))
   try:
     store.save(meta["step"], model=nnx.state(model, nnx.Not(nnx.RngState)), optimizer=None,

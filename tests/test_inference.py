@@ -233,3 +233,13 @@ def test_attention_maps_refuse_a_model_without_local_attention(tmp_path):
   store.close()
   with pytest.raises(ConfigError, match="'cnn_alstm' model has no local attention"):
     inference.render_attention_maps(str(tmp_path / "a.png"), checkpoint=tmp_path / "run")
+
+
+def test_shipped_default_weights_load_and_predict():
+  predictor = Predictor()
+  assert predictor.meta["model"] == "acnn_alstm" and predictor.num_classes == 7
+  assert predictor.meta["metrics"]["eval_accuracy"] > 0.6  # Selected on PublicTest.
+  crops = np.random.default_rng(0).integers(0, 256, (3, 48, 48), dtype=np.uint8)
+  probs = predictor.predict_faces(crops)
+  assert probs.shape == (3, 7)
+  np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
