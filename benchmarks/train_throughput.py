@@ -34,7 +34,16 @@ from flax import nnx
 
 from benchmarks import torch_models
 from ferjax import parallel
-from ferjax.config import default_config
+from ferjax.augment import AugmentConfig
+from ferjax.config import default_config as _default_config
+
+
+def default_config(name):
+  """The model's default config with the default augmentation on both sides.
+
+  (vgg_alstm's random erasing has no counterpart in the PyTorch reference.)
+  """
+  return _default_config(name, augment=AugmentConfig())
 from ferjax.models import model_names
 from ferjax.models.summary import count_params
 from ferjax.train import Trainer, build_model
