@@ -4,8 +4,9 @@ r"""Prints the README's results tables from the runs' results/*.json files.
 
 Main table: every model's PrivateTest accuracy (plain and with flip TTA),
 macro-F1, parameters, MFLOPs per image, epochs and training time, with the
-command that produced the row (experiments/reproduce_results.sh). Ablation
-table: the ablation-* runs. FER+ rows: runs with labels=ferplus.
+command that produced the row (experiments/reproduce_results.sh). Short-schedule
+table: the short-* runs (every model on the same few epochs) and the
+ablation-* runs. FER+ rows: runs with labels=ferplus.
 """
 
 import glob
@@ -69,9 +70,11 @@ def main(argv):
   header = ("| run | PrivateTest acc. % | flip TTA % | ten-crop TTA % | macro-F1 | params | "
             "MFLOPs | epochs | train time | command |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-  groups = (("Models (FER2013, 7 classes)", lambda n, r: r["labels"] == "fer2013"
-             and not n.startswith("ablation-")),
-            ("Ablation of acnn_alstm", lambda n, r: n.startswith("ablation-")),
+  short = lambda n: n.startswith(("ablation-", "short-"))  # noqa: E731
+  groups = (("Models, full schedules (FER2013, 7 classes)",
+             lambda n, r: r["labels"] == "fer2013" and not short(n)),
+            ("Every model on one short schedule, and the ablation of acnn_alstm "
+             "(ablation-base is acnn_alstm)", lambda n, r: short(n)),
             ("FER+ (8 classes, majority votes)", lambda n, r: r["labels"] == "ferplus"))
   for title, keep in groups:
     rows = [row(n, r) for n, r in runs.items() if keep(n, r)]

@@ -74,3 +74,25 @@ def test_bad_data_line_is_reported(tmp_path):
 def test_evaluate_missing_workdir(tmp_path):
   r = run("experiments.evaluate", f"--workdir={tmp_path / 'nothing'}")
   assert r.returncode == 2 and "no such directory" in r.stderr
+
+
+def test_results_table_rows_come_from_results_json(tmp_path, csv_path):
+  workdir = tmp_path / "runs" / "short-acnn"
+  r = run("experiments.train", "--model=acnn_alstm", f"--data={csv_path}", f"--workdir={workdir}",
+          "--epochs=1", "--batch_size=8", "--eval_batch_size=8", "--max_steps=2", *TINY)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = tmp_path / "results"
+  results.mkdir()
+  result = json.load(open(workdir / "results.json"))
+  json.dump(result, open(results / "short-acnn.json", "w"))
+  script = tmp_path / "reproduce.sh"
+  script.write_text('A="--model=acnn_alstm --epochs=1"\nrun short-acnn $A --batch_size=8\n')
+  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "#### Every model on one short schedule" in r.stdout
+  row = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn` |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[1] == f"{100 * result['test_tta_none']['accuracy']:.2f}"
+  assert cells[2] == f"{100 * result['test_tta_flip']['accuracy']:.2f}"
+  assert cells[-1] == ("`python -m experiments.train --model=acnn_alstm --epochs=1 --batch_size=8 "
+                       "--workdir=runs/short-acnn`")
