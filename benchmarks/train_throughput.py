@@ -36,6 +36,9 @@ from benchmarks import torch_models
 from ferjax import parallel
 from ferjax.augment import AugmentConfig
 from ferjax.config import default_config as _default_config
+from ferjax.models import model_names
+from ferjax.models.summary import count_params
+from ferjax.train import Trainer, build_model
 
 
 def default_config(name):
@@ -44,9 +47,7 @@ def default_config(name):
   (vgg_alstm's random erasing has no counterpart in the PyTorch reference.)
   """
   return _default_config(name, augment=AugmentConfig())
-from ferjax.models import model_names
-from ferjax.models.summary import count_params
-from ferjax.train import Trainer, build_model
+
 
 _MODELS = flags.DEFINE_list("models", list(model_names()), "Models to time.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per training step.", lower_bound=1)

@@ -243,6 +243,6 @@ def test_script_prints_faces_headless_on_the_demo_clip(tiny_run, tmp_path):
                       f"--checkpoint={tiny_run[0]}", "--no_display", f"--output={out}",
                       "--max_frames=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
-  lines = [l for l in r.stdout.splitlines() if l.startswith("frame")]
+  lines = [line for line in r.stdout.splitlines() if line.startswith("frame")]
   assert len(lines) >= 4 and " at (" in lines[0] and "FPS" in r.stdout
   assert out.stat().st_size > 1000
