@@ -30,10 +30,17 @@ def csv_path(tmp_path_factory):
   return write_csv(tmp_path_factory.mktemp("cli") / "fer2013.csv", rows)
 
 
-def test_train_then_evaluate(tmp_path, csv_path):
-  workdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, csv_path):
+  """A tiny acnn_alstm run through the train entrypoint: (workdir, its output)."""
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
   r = run("experiments.train", "--model=acnn_alstm", f"--data={csv_path}", f"--workdir={workdir}",
           "--epochs=1", "--batch_size=8", "--eval_batch_size=8", "--max_steps=3", *TINY)
+  return workdir, r
+
+
+def test_train_then_evaluate(trained, csv_path):
+  workdir, r = trained
   assert r.returncode == 0, r.stderr[-3000:]
   assert "acnn_alstm: PrivateTest accuracy" in r.stdout
   assert "PublicTest loss" in r.stderr  # The per-epoch line.
@@ -76,14 +83,12 @@ def test_evaluate_missing_workdir(tmp_path):
   assert r.returncode == 2 and "no such directory" in r.stderr
 
 
-def test_results_table_rows_come_from_results_json(tmp_path, csv_path):
-  workdir = tmp_path / "runs" / "short-acnn"
-  r = run("experiments.train", "--model=acnn_alstm", f"--data={csv_path}", f"--workdir={workdir}",
-          "--epochs=1", "--batch_size=8", "--eval_batch_size=8", "--max_steps=2", *TINY)
+def test_results_table_rows_come_from_results_json(tmp_path, trained):
+  workdir, r = trained
   assert r.returncode == 0, r.stderr[-3000:]
   results = tmp_path / "results"
   results.mkdir()
-  result = json.load(open(workdir / "results.json"))
+  result = json.load(open(os.path.join(workdir, "results.json")))
   json.dump(result, open(results / "short-acnn.json", "w"))
   script = tmp_path / "reproduce.sh"
   script.write_text('A="--model=acnn_alstm --epochs=1"\nrun short-acnn $A --batch_size=8\n')
