@@ -1,6 +1,7 @@
 r"""Prints the README's results tables from the runs' results/*.json files.
 
   python -m experiments.results_table            # reads results/, prints Markdown
+  python -m experiments.results_table --readme=README.md   # and puts it in the README
 
 Main table: every model's PrivateTest accuracy (plain and with flip TTA),
 macro-F1, parameters, MFLOPs per image, epochs and training time, with the
@@ -17,8 +18,13 @@ import re
 from absl import app, flags
 
 from ferjax import cli
+from ferjax.errors import ConfigError
+
+START, END = "<!-- results-table -->", "<!-- /results-table -->"
 
 _RESULTS = flags.DEFINE_string("results", "results", "Folder of <run>.json files.")
+_README = flags.DEFINE_string("readme", None, "Also write the tables into this Markdown file, "
+                              f"between its {START} and {END} lines.")
 _SCRIPT = flags.DEFINE_string("script", "experiments/reproduce_results.sh",
                               "Where each run's command is written.")
 
@@ -76,10 +82,32 @@ def main(argv):
             ("Every model on one short schedule, and the ablation of acnn_alstm "
              "(ablation-base is acnn_alstm)", lambda n, r: short(n)),
             ("FER+ (8 classes, majority votes)", lambda n, r: r["labels"] == "ferplus"))
+  tables = []
   for title, keep in groups:
     rows = [row(n, r) for n, r in runs.items() if keep(n, r)]
     if rows:
-      print(f"#### {title}\n\n{header}\n" + "\n".join(rows) + "\n")
+      tables.append(f"#### {title}\n\n{header}\n" + "\n".join(rows) + "\n")
+  text = "\n".join(tables)
+  print(text)
+  if _README.value:
+    write_between_markers(_README.value, text)
+
+
+def write_between_markers(path: str, text: str) -> None:
+  """Replaces the lines between START and END in ``path`` (END is added if missing)."""
+  try:
+    lines = open(path).read().split("\n")
+  except OSError as e:
+    raise ConfigError(f"--readme={path}: {e.strerror}") from e
+  if START not in lines:
+    raise ConfigError(f"--readme={path}: no line {START} to put the tables after")
+  begin = lines.index(START)
+  end = lines.index(END, begin) + 1 if END in lines[begin:] else begin + 1
+  lines[begin:end] = [START, "", *text.rstrip("\n").split("\n"), "", END]
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines))
+  os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,14 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   assert cells[2] == f"{100 * result['test_tta_flip']['accuracy']:.2f}"
   assert cells[-1] == ("`python -m experiments.train --model=acnn_alstm --epochs=1 --batch_size=8 "
                        "--workdir=runs/short-acnn`")
+  readme = tmp_path / "README.md"
+  readme.write_text("# x\n\n<!-- results-table -->\n\nafter\n")
+  for _ in range(2):  # The second run replaces the first one's tables.
+    r = run("experiments.results_table", f"--results={results}", f"--script={script}",
+            f"--readme={readme}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = readme.read_text()
+    assert text.count(row) == 1 and text.endswith("<!-- /results-table -->\n\nafter\n")
+  r = run("experiments.results_table", f"--results={results}", f"--script={script}",
+          f"--readme={tmp_path / 'nothing.md'}")
+  assert r.returncode == 2 and "nothing.md: No such file or directory" in r.stderr
