@@ -69,7 +69,7 @@ def main(argv):
     ten = r.get("test_tta_ten_crop")
     ten = f"{100 * ten['accuracy']:.2f}" if ten else "—"
     return (f"| `{name}` | {100 * none['accuracy']:.2f} | {100 * flip['accuracy']:.2f} | {ten} | "
-            f"{none['macro_f1']:.3f} | {s.params:,} | {s.mflops:.1f} | "
+            f"{none['macro_f1']:.3f} | {s.params:,} | {s.mflops:.2f} | "
             f"{r.get('epochs_trained') or r['config']['epochs']:g} | "
             f"{_hours(r.get('train_seconds'))} | `{commands.get(name, '')}` |")
 
