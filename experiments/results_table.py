@@ -57,6 +57,8 @@ def main(argv):
   commands = _commands(_SCRIPT.value)
   runs = {os.path.basename(p)[:-5]: json.load(open(p))
           for p in sorted(glob.glob(os.path.join(_RESULTS.value, "*.json")))}
+  if not runs:
+    raise ConfigError(f"--results={_RESULTS.value}: no <run>.json files there")
   cost = {}
 
   def row(name, r):

@@ -112,3 +112,5 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   r = run("experiments.results_table", f"--results={results}", f"--script={script}",
           f"--readme={tmp_path / 'nothing.md'}")
   assert r.returncode == 2 and "nothing.md: No such file or directory" in r.stderr
+  r = run("experiments.results_table", f"--results={tmp_path / 'empty'}")
+  assert r.returncode == 2 and "empty: no <run>.json files there" in r.stderr
