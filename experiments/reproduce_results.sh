@@ -23,15 +23,15 @@ ONLY="${*:-}"
 run acnn_alstm --model=acnn_alstm --epochs=40
 run vgg_alstm --model=vgg_alstm
 # The same short schedule (8 epochs) for every CNN-LSTM-family model and the DNN, and
-# the ablation of acnn_alstm (LSTM settings, each attention) on that schedule;
-# ablation-base is acnn_alstm itself at 8 epochs.
+# the ablation of acnn_alstm (LSTM settings, each attention) on that schedule.
+# ablation-base is acnn_alstm itself at 8 epochs; without local attention it is
+# exactly cnn_alstm, without either attention exactly cnn_lstm (same modules, same
+# defaults, same seed), so short-cnn_alstm and short-cnn_lstm are those two rows.
 A="--model=acnn_alstm --epochs=8"
 run ablation-base $A
 run short-dnn --model=dnn --epochs=8
 run short-cnn_lstm --model=cnn_lstm --epochs=8
 run short-cnn_alstm --model=cnn_alstm --epochs=8
-run ablation-no-attention $A --model_option=local_attention=false --model_option=global_attention=false
-run ablation-no-local $A --model_option=local_attention=false
 run ablation-no-global $A --model_option=global_attention=false
 run ablation-hidden64 $A --model_option=lstm_hidden=64
 run ablation-hidden256 $A --model_option=lstm_hidden=256

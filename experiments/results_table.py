@@ -82,7 +82,8 @@ def main(argv):
   groups = (("Models, full schedules (FER2013, 7 classes)",
              lambda n, r: r["labels"] == "fer2013" and not short(n)),
             ("Every model on one short schedule, and the ablation of acnn_alstm "
-             "(ablation-base is acnn_alstm)", lambda n, r: short(n)),
+             "(ablation-base is acnn_alstm; without local attention it is short-cnn_alstm, "
+             "without either attention short-cnn_lstm)", lambda n, r: short(n)),
             ("FER+ (8 classes, majority votes)", lambda n, r: r["labels"] == "ferplus"))
   tables = []
   for title, keep in groups:
