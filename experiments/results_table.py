@@ -44,6 +44,11 @@ def _commands(script: str) -> dict[str, str]:
   return out
 
 
+def _is_short(name: str) -> bool:
+  """Runs on the shared short schedule: the short-* models and the ablation."""
+  return name.startswith(("ablation-", "short-"))
+
+
 def _hours(seconds) -> str:
   return "—" if seconds is None else f"{seconds / 3600:.2f} h"
 
@@ -59,6 +64,7 @@ def main(argv):
           for p in sorted(glob.glob(os.path.join(_RESULTS.value, "*.json")))}
   if not runs:
     raise ConfigError(f"--results={_RESULTS.value}: no <run>.json files there")
+  readme = _read_readme(_README.value) if _README.value else None  # Fail before the work.
   cost = {}
 
   def row(name, r):
@@ -78,12 +84,11 @@ def main(argv):
   header = ("| run | PrivateTest acc. % | flip TTA % | ten-crop TTA % | macro-F1 | params | "
             "MFLOPs | epochs | train time | command |\n"
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-  short = lambda n: n.startswith(("ablation-", "short-"))  # noqa: E731
   groups = (("Models, full schedules (FER2013, 7 classes)",
-             lambda n, r: r["labels"] == "fer2013" and not short(n)),
+             lambda n, r: r["labels"] == "fer2013" and not _is_short(n)),
             ("Every model on one short schedule, and the ablation of acnn_alstm "
              "(ablation-base is acnn_alstm; without local attention it is short-cnn_alstm, "
-             "without either attention short-cnn_lstm)", lambda n, r: short(n)),
+             "without either attention short-cnn_lstm)", lambda n, r: _is_short(n)),
             ("FER+ (8 classes, majority votes)", lambda n, r: r["labels"] == "ferplus"))
   tables = []
   for title, keep in groups:
@@ -92,18 +97,24 @@ def main(argv):
       tables.append(f"#### {title}\n\n{header}\n" + "\n".join(rows) + "\n")
   text = "\n".join(tables)
   print(text)
-  if _README.value:
-    write_between_markers(_README.value, text)
+  if readme is not None:
+    _write_between_markers(_README.value, readme, text)
 
 
-def write_between_markers(path: str, text: str) -> None:
-  """Replaces the lines between START and END in ``path`` (END is added if missing)."""
+def _read_readme(path: str) -> list[str]:
+  """The file's lines; it must exist and hold the START marker line."""
   try:
-    lines = open(path).read().split("\n")
+    with open(path) as f:
+      lines = f.read().split("\n")
   except OSError as e:
     raise ConfigError(f"--readme={path}: {e.strerror}") from e
   if START not in lines:
     raise ConfigError(f"--readme={path}: no line {START} to put the tables after")
+  return lines
+
+
+def _write_between_markers(path: str, lines: list[str], text: str) -> None:
+  """Replaces the lines between START and END (END is added if missing) and writes ``path``."""
   begin = lines.index(START)
   end = lines.index(END, begin) + 1 if END in lines[begin:] else begin + 1
   lines[begin:end] = [START, "", *text.rstrip("\n").split("\n"), "", END]
