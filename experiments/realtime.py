@@ -37,6 +37,10 @@ _MAX_FACES = flags.DEFINE_integer("max_faces", 8, "Faces per frame (largest firs
                                   "model's fixed batch size.")
 _EVERY = flags.DEFINE_integer("every", 1, "Detect and classify every N-th frame; reuse the "
                               "results in between.")
+_REDETECT = flags.DEFINE_integer("redetect_every", 5, "Search the whole frame for faces every "
+                                 "N-th analysed frame and track the faces found in between (a "
+                                 "search near each, a fraction of the cost); 1 searches every "
+                                 "frame. New faces appear within N-1 frames.")
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Stop after this many frames.")
 _SCALE = flags.DEFINE_float("scale_factor", 1.2, "Haar cascade: step between search scales "
                             "(smaller finds a few more faces, slower).")
@@ -85,6 +89,7 @@ def main(argv):
 
   summary = run_pipeline(source, predictor, detector, output=_OUTPUT.value, csv_path=_CSV.value,
                          json_path=_JSON.value, display=show, every=_EVERY.value,
+                         redetect_every=_REDETECT.value,
                          max_frames=_MAX_FRAMES.value,
                          on_result=print_result if print_faces else None)
   print(format_summary(summary))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -59,6 +60,16 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_BGRA2GRAY)
   raise ValueError(f"expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) frame, got shape "
                    f"{frame.shape}")
+
+
+def iou(a: Box, b: Box) -> float:
+  """Intersection over union of two boxes (0 when they do not overlap)."""
+  w = min(a.x + a.w, b.x + b.w) - max(a.x, b.x)
+  h = min(a.y + a.h, b.y + b.h) - max(a.y, b.y)
+  if w <= 0 or h <= 0:
+    return 0.0
+  inter = w * h
+  return inter / (a.area + b.area - inter)
 
 
 def expand_box(box: Box, margin: float, frame_hw: tuple[int, int]) -> Box:
@@ -119,10 +130,15 @@ class FaceDetector:
       crop shows a little forehead and chin as FER2013's faces do.
     max_faces: at most this many faces per frame (the largest are kept).
     downscale: detect on the frame shrunk by this factor (1 = full size).
+    track_margin: :meth:`detect_near` searches a previous face's box grown by
+      this fraction of its size on every side.
+    track_scale: :meth:`detect_near` accepts faces between ``1/track_scale``
+      and ``track_scale`` times the previous face's size.
   """
 
   def __init__(self, *, scale_factor: float = 1.2, min_neighbors: int = 5, min_size: int = 48,
                margin: float = 0.1, max_faces: int = 8, downscale: float = 2.0,
+               track_margin: float = 0.5, track_scale: float = 1.5,
                cascade_path: str | None = None):
     import cv2
 
@@ -134,6 +150,10 @@ class FaceDetector:
       raise ValueError(f"max_faces must be at least 1, got {max_faces}")
     if margin < 0:
       raise ValueError(f"margin must not be negative, got {margin}")
+    if track_margin < 0:
+      raise ValueError(f"track_margin must not be negative, got {track_margin}")
+    if track_scale < 1.0:
+      raise ValueError(f"track_scale must be at least 1, got {track_scale}")
     if cascade_path is None:
       cascade_path = os.path.join(cv2.data.haarcascades, CASCADE_FILE)
     if not os.path.isfile(cascade_path):
@@ -153,6 +173,8 @@ class FaceDetector:
     self.margin = margin
     self.max_faces = max_faces
     self.downscale = downscale
+    self.track_margin = track_margin
+    self.track_scale = track_scale
 
   def detect(self, gray: np.ndarray) -> list[Box]:
     """Faces in a grey frame, largest first, at most ``max_faces``.
@@ -181,6 +203,63 @@ class FaceDetector:
     boxes.sort(key=lambda b: b.area, reverse=True)
     return boxes[:self.max_faces]
 
+  def detect_near(self, gray: np.ndarray, previous: Sequence[Box]) -> list[Box]:
+    """Faces found again near ``previous`` boxes: the cheap step of tracking.
+
+    Each previous face is searched for only in a window around it (the box
+    grown by ``track_margin`` on every side) and only at sizes within
+    ``track_scale`` of its own, at the same downscale and cascade settings as
+    :meth:`detect`. That costs a fraction of a full-frame search. A face not
+    found again is dropped; new faces appear only at the next full
+    :meth:`detect`, which the caller schedules.
+
+    Args:
+      gray: uint8 ``(H, W)`` frame.
+      previous: the faces of an earlier frame, in ``gray``'s pixels.
+
+    Returns:
+      Boxes in ``gray``'s pixels, largest first, at most ``max_faces``, no two
+      overlapping by more than half (intersection over union).
+    """
+    import cv2
+
+    found: list[Box] = []
+    for box in previous:
+      region = expand_box(box, self.track_margin, gray.shape[:2])
+      roi = gray[region.y:region.y + region.h, region.x:region.x + region.w]
+      if self.downscale > 1.0:
+        size = (max(1, int(round(region.w / self.downscale))),
+                max(1, int(round(region.h / self.downscale))))
+        roi = cv2.resize(roi, size, interpolation=cv2.INTER_AREA)
+      side = min(box.w, box.h)
+      # The same lower bound as a full search, so tracking never keeps a face detect() would not
+      # have found for its size.
+      low = max(self.min_size, side / self.track_scale) / self.downscale
+      high = side * self.track_scale / self.downscale
+      low = max(1, int(round(low)))
+      high = max(low, int(round(high)))
+      if min(roi.shape) < max(low, CASCADE_WINDOW):
+        continue
+      hits = self.cascade.detectMultiScale(roi, scaleFactor=self.scale_factor,
+                                           minNeighbors=self.min_neighbors, minSize=(low, low),
+                                           maxSize=(high, high))
+      if len(hits) == 0:
+        continue
+      sx, sy = region.w / roi.shape[1], region.h / roi.shape[0]
+      cx, cy = box.x + box.w / 2, box.y + box.h / 2
+      candidates = [Box(region.x + int(round(x * sx)), region.y + int(round(y * sy)),
+                        int(round(w * sx)), int(round(h * sy)))
+                    for x, y, w, h in np.asarray(hits).tolist()]
+      # The hit nearest the old centre is the same face.
+      found.append(min(candidates,
+                       key=lambda b: (b.x + b.w / 2 - cx) ** 2 + (b.y + b.h / 2 - cy) ** 2))
+    found.sort(key=lambda b: b.area, reverse=True)
+    kept: list[Box] = []
+    for box in found:  # Two tracks that converged on one face keep the larger box.
+      if all(iou(box, other) <= 0.5 for other in kept):
+        kept.append(box)
+    return kept[:self.max_faces]
+
   def crops(self, gray: np.ndarray, boxes: list[Box]) -> np.ndarray:
     """The model-input crops of ``boxes``: uint8 ``(len(boxes), 48, 48)``."""
     out_Nx48x48 = np.empty((len(boxes), FACE_SIZE, FACE_SIZE), np.uint8)
@@ -191,4 +270,5 @@ class FaceDetector:
   def __repr__(self) -> str:
     return (f"FaceDetector(scale_factor={self.scale_factor}, min_neighbors={self.min_neighbors}, "
             f"min_size={self.min_size}, margin={self.margin}, max_faces={self.max_faces}, "
-            f"downscale={self.downscale})")
+            f"downscale={self.downscale}, track_margin={self.track_margin}, "
+            f"track_scale={self.track_scale})")

@@ -2,7 +2,8 @@
 
 Sources (:mod:`ferjax.sources`) are a camera (an index such as ``0``), a video
 file, an image file or a folder of images. Each frame goes grey → Haar
-detection (:mod:`ferjax.faces`) → 48x48 crops →
+detection (:mod:`ferjax.faces`; a full-frame search every few frames, tracking
+near the known faces in between) → 48x48 crops →
 :class:`ferjax.inference.Predictor`, the same crop and ``preprocess`` as
 training. Results can be drawn (boxes, label, a probability bar per emotion,
 FPS), shown in a window, written as an annotated video or annotated images, and
@@ -30,6 +31,10 @@ from ferjax.sources import IMAGE_EXTENSIONS, FrameSource, open_source
 log = logging.getLogger(__name__)
 
 STAGES = ("read", "detect", "crop", "predict", "draw", "write", "show")
+# Full-frame face searches on every 5th analysed frame, tracking in between: a new face
+# shows up within 4 frames (0.13 s at 30 FPS), and the Haar search, the pipeline's
+# largest cost, runs about a quarter as often (BUILD_NOTES.md, "Realtime pipeline").
+REDETECT_EVERY = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +97,7 @@ class PipelineStats:
     self.frames = 0
     self.analyzed_frames = 0
     self.faces = 0
+    self.full_detections = 0
     self.seconds = {stage: 0.0 for stage in STAGES}
     self.calls = {stage: 0 for stage in STAGES}
     self._start: float | None = None
@@ -132,6 +138,7 @@ class PipelineStats:
     """JSON-ready totals: frames, faces, FPS and mean milliseconds per stage call."""
     return {
         "frames": self.frames, "analyzed_frames": self.analyzed_frames, "faces": self.faces,
+        "full_detections": self.full_detections,
         "seconds": round(self.wall_seconds, 4), "fps": round(self.fps, 2),
         "ms_per_call": {s: round(1000 * self.seconds[s] / self.calls[s], 3)
                         for s in STAGES if self.calls[s]},
@@ -141,8 +148,10 @@ class PipelineStats:
 
 def format_summary(summary: dict) -> str:
   """The end-of-run report: frames, faces, FPS and the per-stage breakdown."""
+  searches = summary.get("full_detections")
+  searched = "" if searches is None else f" ({searches} frames searched in full, the rest tracked)"
   lines = [f"frames processed {summary['frames']} (model ran on {summary['analyzed_frames']}), "
-           f"faces found {summary['faces']}, {summary['fps']:.1f} FPS over "
+           f"faces found {summary['faces']}{searched}, {summary['fps']:.1f} FPS over "
            f"{summary['seconds']:.2f} s"]
   parts = [f"{s} {summary['ms_per_call'][s]:.2f} ms x{summary['calls'][s]}"
            for s in STAGES if s in summary["ms_per_call"]]
@@ -162,7 +171,8 @@ def format_summary(summary: dict) -> str:
 
 
 def analyze_frame(frame: np.ndarray | None, predictor, detector: FaceDetector,
-                  stats: PipelineStats | None = None) -> list[FaceResult]:
+                  stats: PipelineStats | None = None,
+                  near: Sequence[Box] | None = None) -> list[FaceResult]:
   """Finds the faces in one frame and classifies each.
 
   Args:
@@ -172,6 +182,8 @@ def analyze_frame(frame: np.ndarray | None, predictor, detector: FaceDetector,
     predictor: a :class:`ferjax.inference.Predictor`.
     detector: the face detector.
     stats: if given, the detect / crop / predict times are added to it.
+    near: track these faces of an earlier frame (:meth:`FaceDetector.detect_near`,
+      which finds no new face) instead of searching the whole frame.
 
   Returns:
     One result per face, largest first; ``[]`` for no face or an empty frame.
@@ -183,10 +195,14 @@ def analyze_frame(frame: np.ndarray | None, predictor, detector: FaceDetector,
     return []
   t0 = time.perf_counter()
   gray = to_gray(frame)
-  boxes = detector.detect(gray)
+  if near is None:
+    boxes = detector.detect(gray)
+  else:
+    boxes = detector.detect_near(gray, near)
   t1 = time.perf_counter()
   if stats is not None:
     stats.add("detect", t1 - t0)
+    stats.full_detections += int(near is None)
   if not boxes:
     return []
   crops_Nx48x48 = detector.crops(gray, boxes)
@@ -203,7 +219,7 @@ def analyze_frame(frame: np.ndarray | None, predictor, detector: FaceDetector,
 
 
 def analyze_video(source, predictor, detector: FaceDetector | None = None, *, every: int = 1,
-                  max_frames: int | None = None,
+                  redetect_every: int = REDETECT_EVERY, max_frames: int | None = None,
                   stats: PipelineStats | None = None) -> Iterator[FrameResult]:
   """Runs :func:`analyze_frame` over every frame of a source.
 
@@ -217,6 +233,10 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
     detector: the face detector (default: ``FaceDetector(max_faces=predictor.max_faces)``).
     every: detect and classify every N-th frame of a video or camera and reuse
       those results in between (image sources are always analysed).
+    redetect_every: search the whole frame on every N-th analysed frame of a
+      video or camera, and track the faces already found (search only near
+      them) on the frames between; a frame with no face tracked is always
+      searched in full. 1 searches every frame; images are always searched.
     max_frames: stop after this many frames.
     stats: if given, frame and face counts and stage times are added to it.
 
@@ -228,14 +248,18 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
   """
   if every < 1:
     raise ConfigError(f"every must be at least 1, got {every}")
+  if redetect_every < 1:
+    raise ConfigError(f"redetect_every must be at least 1, got {redetect_every}")
   detector = detector or FaceDetector(max_faces=predictor.max_faces)
   owned = not isinstance(source, FrameSource)
   src = open_source(source)
-  return _analyze(src, owned, predictor, detector, every, max_frames, stats)
+  return _analyze(src, owned, predictor, detector, every, redetect_every, max_frames, stats)
 
 
-def _analyze(src: FrameSource, owned: bool, predictor, detector, every, max_frames, stats):
+def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect_every,
+             max_frames, stats):
   last: list[FaceResult] = []
+  tracked = 0  # Analysed frames since the last full-frame search.
   try:
     frames = iter(src)
     index = 0
@@ -249,7 +273,10 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, max_fram
       frame, time_s, name = item
       analyzed = src.is_images or index % every == 0
       if analyzed:
-        last = analyze_frame(frame, predictor, detector, stats)
+        track = not src.is_images and bool(last) and tracked < redetect_every - 1
+        near = [face.box for face in last] if track else None
+        last = analyze_frame(frame, predictor, detector, stats, near)
+        tracked = tracked + 1 if track else 0
       if stats is not None:
         stats.frames += 1
         stats.analyzed_frames += int(analyzed)
@@ -269,7 +296,8 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, max_fram
 def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
                  output: str | None = None, csv_path: str | None = None,
                  json_path: str | None = None, display: bool = False, every: int = 1,
-                 max_frames: int | None = None, draw_fps: bool = True,
+                 redetect_every: int = REDETECT_EVERY, max_frames: int | None = None,
+                 draw_fps: bool = True,
                  window: str = "ferjax",
                  on_result: Callable[[FrameResult], None] | None = None) -> dict:
   """Runs the realtime pipeline over a source until it ends (or ``q`` in the window).
@@ -288,6 +316,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
       there is no display.
     every: run detection and the model every N-th video frame, reusing the
       results in between.
+    redetect_every: search the whole frame every N-th analysed frame and
+      track the faces found in between (see :func:`analyze_video`).
     max_frames: stop after this many frames.
     draw_fps: write the running FPS on drawn frames.
     window: the window's title.
@@ -328,8 +358,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     smooth_period = None
     last_tick = None
     stats.start()
-    frames = analyze_video(src, predictor, detector, every=every, max_frames=max_frames,
-                           stats=stats)
+    frames = analyze_video(src, predictor, detector, every=every,
+                           redetect_every=redetect_every, max_frames=max_frames, stats=stats)
     try:
       for result in frames:
         now = time.perf_counter()
@@ -388,6 +418,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
   if records is not None:
     write_json(json_path, {"source": src.description, "class_names": list(predictor.class_names),
                            "checkpoint": getattr(predictor, "checkpoint", None), "every": every,
+                           "redetect_every": redetect_every,
                            "summary": summary, "frames": records})
     files.append(json_path)
   summary["files"] = files

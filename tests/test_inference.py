@@ -103,6 +103,54 @@ def test_faces_are_sorted_largest_first_and_capped(clip_frames):
   assert len(FaceDetector(max_faces=1).detect(to_gray(canvas))) == 1
 
 
+def test_iou():
+  assert faces_lib.iou(Box(0, 0, 10, 10), Box(0, 0, 10, 10)) == 1.0
+  assert faces_lib.iou(Box(0, 0, 10, 10), Box(5, 0, 10, 10)) == pytest.approx(50 / 150)
+  assert faces_lib.iou(Box(0, 0, 10, 10), Box(10, 0, 10, 10)) == 0.0  # Touching edges.
+
+
+def test_tracking_finds_the_same_face_as_a_full_search(clip_frames):
+  detector = FaceDetector()
+  grays = [to_gray(f) for f in clip_frames[::4]]
+  previous = detector.detect(grays[0])
+  for gray in grays[1:]:
+    full, tracked = detector.detect(gray), detector.detect_near(gray, previous)
+    assert len(full) == len(tracked) == 1
+    assert faces_lib.iou(full[0], tracked[0]) > 0.7
+    previous = tracked
+
+
+def test_tracking_finds_no_new_face_and_drops_a_lost_one(clip_frames):
+  import cv2
+
+  detector = FaceDetector()
+  gray = to_gray(clip_frames[0])
+  face = detector.detect(gray)[0]
+  # Two faces side by side; tracking only the left one does not report the right one.
+  pair = np.concatenate([gray, gray], axis=1)
+  assert len(detector.detect(pair)) == 2
+  assert detector.detect_near(pair, [face]) == detector.detect_near(gray, [face])
+  # A box where no face is (the clip's face is in the centre) finds nothing.
+  assert detector.detect_near(gray, [Box(0, 0, face.w, face.h)]) == []
+  # Nor does a face that has shrunk below track_scale of its box.
+  small = cv2.resize(gray, None, fx=0.6, fy=0.6, interpolation=cv2.INTER_AREA)
+  canvas = np.full_like(gray, 127)
+  canvas[:small.shape[0], :small.shape[1]] = small
+  assert len(detector.detect(canvas)) == 1  # Still big enough for a full search.
+  moved = Box(int(face.x * 0.6), int(face.y * 0.6), face.w, face.h)
+  assert detector.detect_near(canvas, [moved]) == []
+  assert len(FaceDetector(track_scale=2.5).detect_near(canvas, [moved])) == 1
+  # Two tracks on one face keep one box.
+  assert len(detector.detect_near(gray, [face, face])) == 1
+
+
+def test_bad_tracking_settings_are_refused():
+  with pytest.raises(ValueError, match="track_margin"):
+    FaceDetector(track_margin=-0.1)
+  with pytest.raises(ValueError, match="track_scale"):
+    FaceDetector(track_scale=0.9)
+
+
 def test_no_face_gives_no_boxes():
   assert FaceDetector().detect(np.full((480, 640), 127, np.uint8)) == []
 

@@ -88,6 +88,49 @@ def test_every_n_frames_reuses_results(predictor):
   assert results[1].faces is results[0].faces
 
 
+def test_tracking_between_full_searches(predictor):
+  from ferjax.faces import iou
+
+  stats = {n: video.PipelineStats() for n in (1, 5)}
+  runs = {n: list(video.analyze_video(CLIP, predictor, redetect_every=n, stats=stats[n]))
+          for n in (1, 5)}
+  # Every analysed frame searched in full, or one in five (the face is in every frame).
+  assert stats[1].full_detections == CLIP_FRAMES
+  assert stats[5].full_detections == -(-CLIP_FRAMES // 5)
+  assert stats[5].summary()["full_detections"] == stats[5].full_detections
+  # Tracking finds the face where the full search does, at the same place.
+  for full, tracked in zip(runs[1], runs[5]):
+    assert len(full.faces) == len(tracked.faces)
+    for a, b in zip(full.faces, tracked.faces):
+      assert iou(a.box, b.box) > 0.7
+
+
+def test_a_frame_without_tracked_faces_is_searched_in_full(predictor, clip_frames, tmp_path):
+  import cv2
+
+  blank = np.full_like(clip_frames[0], 90)
+  # Images are never tracked: each is a new scene.
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i, frame in enumerate([clip_frames[0], clip_frames[1], blank]):
+    cv2.imwrite(str(folder / f"{i}.png"), frame)
+  stats = video.PipelineStats()
+  results = list(video.analyze_video(str(folder), predictor, redetect_every=5, stats=stats))
+  assert [len(r.faces) for r in results] == [1, 1, 0] and stats.full_detections == 3
+  # In a video, faceless frames are searched in full until a face turns up, then tracked.
+  clip = tmp_path / "late_face.mkv"
+  writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"FFV1"), 30.0, (640, 480))
+  for frame in [blank] * 3 + clip_frames[:4]:
+    writer.write(frame)
+  writer.release()
+  stats = video.PipelineStats()
+  results = list(video.analyze_video(str(clip), predictor, redetect_every=5, stats=stats))
+  assert [len(r.faces) for r in results] == [0, 0, 0, 1, 1, 1, 1]
+  assert stats.full_detections == 4
+  with pytest.raises(FerjaxError, match="redetect_every"):
+    video.analyze_video(CLIP, predictor, redetect_every=0)
+
+
 def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
   import cv2
 
@@ -197,10 +240,11 @@ def test_script_fails_in_one_line_for_a_source_it_cannot_open(tmp_path):
 def test_script_runs_headless_on_the_clip(tiny_run, tmp_path):
   table = tmp_path / "faces.csv"
   result = _script(f"--source={CLIP}", f"--checkpoint={tiny_run[0]}", f"--csv={table}",
-                   "--max_frames=12", "--every=2", "--max_faces=2")
+                   "--max_frames=12", "--every=2", "--max_faces=2", "--redetect_every=3")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "no display" in result.stderr and "running headless" in result.stderr
   assert "frames processed 12 (model ran on 6)" in result.stdout
+  assert "(2 frames searched in full, the rest tracked)" in result.stdout
   assert "FPS" in result.stdout and "detect" in result.stdout and "predict" in result.stdout
   with open(table, newline="") as f:
     assert len(list(csv.DictReader(f))) == 6
