@@ -24,10 +24,13 @@ def environment(**versions: str) -> dict:
   import jax
   import numpy as np
 
+  from ferjax import hostmem
+
   return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg(),
           "machine": f"{cpu_model()}, {os.cpu_count()} cores",
           "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-          "numpy": np.__version__, "device": str(jax.devices()[0]), **versions}
+          "numpy": np.__version__, "device": str(jax.devices()[0]),
+          "retain_freed_memory": hostmem.retain_freed_memory(), **versions}
 
 
 def write_results(results: dict, path: str) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from ferjax import hostmem
 from ferjax.augment import augment
 from ferjax.config import default_config
 from ferjax.evaluate import make_predict_fn, predict_probs
@@ -98,6 +99,7 @@ def _time_model(name, rng):
 
 
 def main(argv):
+  hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   del argv
   rng = np.random.default_rng(0)
   results = {"date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg(), "models": {}}

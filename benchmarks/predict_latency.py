@@ -28,6 +28,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from benchmarks.common import environment, write_results
+from ferjax import hostmem
 from ferjax import checkpoint as checkpoint_lib
 from ferjax.data import FER2013_CLASSES
 from ferjax.faces import FACE_SIZE
@@ -114,6 +115,7 @@ def _fresh(names):
 
 
 def main(argv):
+  hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # Checkpoint restore logs would bury the table.

@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from benchmarks.common import environment, write_results
+from ferjax import hostmem
 from ferjax.data import FER2013_CLASSES
 from ferjax.faces import FaceDetector
 from ferjax.inference import DEFAULT_WEIGHTS, Predictor
@@ -135,6 +136,7 @@ def run_fer(python: str, clip_frames: int) -> dict:
 
 
 def main(argv):
+  hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # Checkpoint restore logs would bury the table.

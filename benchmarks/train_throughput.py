@@ -33,6 +33,7 @@ from absl import app, flags
 from flax import nnx
 
 from benchmarks import torch_models
+from ferjax import hostmem
 from ferjax import parallel
 from ferjax.augment import AugmentConfig
 from ferjax.config import default_config as _default_config
@@ -263,6 +264,7 @@ def _versions() -> dict:
 
 
 def main(argv):
+  hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   del argv
   unknown = sorted(set(_MODELS.value) - set(model_names()))
   if unknown:

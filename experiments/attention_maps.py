@@ -9,7 +9,7 @@ Only models with local attention (acnn_alstm) have α to draw.
 
 from absl import app, flags
 
-from ferjax import cli
+from ferjax import cli, hostmem
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
                                   "weights shipped in ferjax/weights/default.")
@@ -26,6 +26,7 @@ _OUTPUT = flags.DEFINE_string("output", "attention_maps.png", "The PNG to write.
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
   from ferjax.inference import render_attention_maps
 

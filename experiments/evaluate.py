@@ -10,7 +10,7 @@ The model and label set come from the checkpoint.
 
 from absl import app, flags
 
-from ferjax import cli
+from ferjax import cli, hostmem
 from ferjax.evaluate import TTA_MODES
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
@@ -31,6 +31,7 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Defau
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
   from ferjax.evaluate import evaluate_checkpoint, format_metrics
 

@@ -15,7 +15,7 @@ import logging
 
 from absl import app, flags
 
-from ferjax import cli
+from ferjax import cli, hostmem
 
 log = logging.getLogger("ferjax.realtime")
 
@@ -57,6 +57,7 @@ _DOWNSCALE = flags.DEFINE_float("downscale", 2.0, "Detect faces on the frame shr
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
   from ferjax.faces import FaceDetector
   from ferjax.inference import Predictor

@@ -9,7 +9,7 @@ curves.png, results.json (PrivateTest metrics of the best checkpoint).
 
 from absl import app, flags
 
-from ferjax import cli, models
+from ferjax import cli, hostmem, models
 from ferjax.augment import AugmentConfig
 from ferjax.config import CLASS_WEIGHTING, LABEL_SETS, OPTIMIZERS, default_config
 
@@ -67,6 +67,7 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
   if _DISTRIBUTED.value:
     import jax
