@@ -30,7 +30,7 @@ def environment(**versions: str) -> dict:
           "machine": f"{cpu_model()}, {os.cpu_count()} cores",
           "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
           "numpy": np.__version__, "device": str(jax.devices()[0]),
-          "retain_freed_memory": hostmem.retain_freed_memory(), **versions}
+          "retain_freed_memory": hostmem.retaining(), **versions}
 
 
 def write_results(results: dict, path: str) -> None:

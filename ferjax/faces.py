@@ -176,6 +176,28 @@ class FaceDetector:
     self.track_margin = track_margin
     self.track_scale = track_scale
 
+  def _search(self, gray: np.ndarray, min_side: float, max_side: float | None = None
+              ) -> list[Box]:
+    """The cascade over ``gray`` shrunk by ``downscale``, for faces ``min_side`` to
+    ``max_side`` full-size pixels across; boxes in ``gray``'s pixels, unsorted."""
+    import cv2
+
+    small = gray
+    if self.downscale > 1.0:
+      h, w = gray.shape[:2]
+      size = (max(1, int(round(w / self.downscale))), max(1, int(round(h / self.downscale))))
+      small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+    low = max(1, int(round(min_side / self.downscale)))
+    high = 0 if max_side is None else max(low, int(round(max_side / self.downscale)))
+    if min(small.shape[:2]) < max(low, CASCADE_WINDOW):
+      return []  # Smaller than the faces searched for: nothing to find.
+    found = self.cascade.detectMultiScale(small, scaleFactor=self.scale_factor,
+                                          minNeighbors=self.min_neighbors, minSize=(low, low),
+                                          maxSize=(high, high))
+    sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
+    return [Box(int(round(x * sx)), int(round(y * sy)), int(round(w * sx)), int(round(h * sy)))
+            for x, y, w, h in np.asarray(found).reshape(-1, 4).tolist()]
+
   def detect(self, gray: np.ndarray) -> list[Box]:
     """Faces in a grey frame, largest first, at most ``max_faces``.
 
@@ -185,21 +207,7 @@ class FaceDetector:
     Returns:
       Boxes in ``gray``'s pixels; ``[]`` when there is no face.
     """
-    import cv2
-
-    small = gray
-    if self.downscale > 1.0:
-      h, w = gray.shape[:2]
-      size = (max(1, int(round(w / self.downscale))), max(1, int(round(h / self.downscale))))
-      small = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-    side = max(1, int(round(self.min_size / self.downscale)))
-    found = self.cascade.detectMultiScale(small, scaleFactor=self.scale_factor,
-                                          minNeighbors=self.min_neighbors, minSize=(side, side))
-    if len(found) == 0:
-      return []
-    sx, sy = gray.shape[1] / small.shape[1], gray.shape[0] / small.shape[0]
-    boxes = [Box(int(round(x * sx)), int(round(y * sy)), int(round(w * sx)), int(round(h * sy)))
-             for x, y, w, h in np.asarray(found).tolist()]
+    boxes = self._search(gray, self.min_size)
     boxes.sort(key=lambda b: b.area, reverse=True)
     return boxes[:self.max_faces]
 
@@ -221,38 +229,20 @@ class FaceDetector:
       Boxes in ``gray``'s pixels, largest first, at most ``max_faces``, no two
       overlapping by more than half (intersection over union).
     """
-    import cv2
-
     found: list[Box] = []
     for box in previous:
       region = expand_box(box, self.track_margin, gray.shape[:2])
-      roi = gray[region.y:region.y + region.h, region.x:region.x + region.w]
-      if self.downscale > 1.0:
-        size = (max(1, int(round(region.w / self.downscale))),
-                max(1, int(round(region.h / self.downscale))))
-        roi = cv2.resize(roi, size, interpolation=cv2.INTER_AREA)
       side = min(box.w, box.h)
-      # The same lower bound as a full search, so tracking never keeps a face detect() would not
-      # have found for its size.
-      low = max(self.min_size, side / self.track_scale) / self.downscale
-      high = side * self.track_scale / self.downscale
-      low = max(1, int(round(low)))
-      high = max(low, int(round(high)))
-      if min(roi.shape) < max(low, CASCADE_WINDOW):
+      # Never below detect()'s smallest face, so tracking keeps no face a full search would
+      # not have found at its size.
+      hits = self._search(gray[region.y:region.y + region.h, region.x:region.x + region.w],
+                          max(self.min_size, side / self.track_scale), side * self.track_scale)
+      if not hits:
         continue
-      hits = self.cascade.detectMultiScale(roi, scaleFactor=self.scale_factor,
-                                           minNeighbors=self.min_neighbors, minSize=(low, low),
-                                           maxSize=(high, high))
-      if len(hits) == 0:
-        continue
-      sx, sy = region.w / roi.shape[1], region.h / roi.shape[0]
-      cx, cy = box.x + box.w / 2, box.y + box.h / 2
-      candidates = [Box(region.x + int(round(x * sx)), region.y + int(round(y * sy)),
-                        int(round(w * sx)), int(round(h * sy)))
-                    for x, y, w, h in np.asarray(hits).tolist()]
+      cx, cy = box.x - region.x + box.w / 2, box.y - region.y + box.h / 2
       # The hit nearest the old centre is the same face.
-      found.append(min(candidates,
-                       key=lambda b: (b.x + b.w / 2 - cx) ** 2 + (b.y + b.h / 2 - cy) ** 2))
+      x, y, w, h = min(hits, key=lambda b: (b.x + b.w / 2 - cx) ** 2 + (b.y + b.h / 2 - cy) ** 2)
+      found.append(Box(region.x + x, region.y + y, w, h))
     found.sort(key=lambda b: b.area, reverse=True)
     kept: list[Box] = []
     for box in found:  # Two tracks that converged on one face keep the larger box.

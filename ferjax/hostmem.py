@@ -71,3 +71,8 @@ def retain_freed_memory() -> bool:
            ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
   _applied = ok
   return ok
+
+
+def retaining() -> bool:
+  """Whether :func:`retain_freed_memory` has changed glibc's settings in this process."""
+  return bool(_applied)

@@ -32,6 +32,7 @@ for _ in range(11):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(k, x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+assert hostmem.retaining() == (applied is True)
 print(applied, sorted(faults)[5])  # The median call (the heap may still grow now and then).
 """
 
