@@ -19,7 +19,7 @@ import time
 from absl import app, flags, logging
 
 from benchmarks.common import environment, write_results
-from ferjax.faces import FaceDetector, iou, to_gray
+from ferjax.faces import FaceDetector, iou, should_track, to_gray
 from ferjax.sources import open_source
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +47,7 @@ def run(grays, detector: FaceDetector, redetect_every: int):
   boxes, previous, tracked, seconds = [], [], 0, 0.0
   for gray in grays:
     start = time.perf_counter()
-    track = bool(previous) and tracked < redetect_every - 1
+    track = should_track(previous, tracked, redetect_every)
     found = detector.detect_near(gray, previous) if track else detector.detect(gray)
     seconds += time.perf_counter() - start
     tracked = tracked + 1 if track else 0

@@ -1,7 +1,6 @@
 """ferjax: facial expression recognition with JAX and Flax NNX."""
 
 import os
-import sys
 
 __version__ = "0.1.0"
 
@@ -30,14 +29,9 @@ def _tune_xla_cpu() -> None:
     return
   if (major, minor) < (0, 10) or (major, minor) >= (0, 13):
     return  # Flag values untested there; an unknown value would abort XLA.
-  jax_module = sys.modules.get("jax")
-  if jax_module is not None:
-    try:
-      from jax._src import xla_bridge
-      if xla_bridge.backends_are_initialized():
-        return  # Too late: XLA read its flags already.
-    except Exception:  # noqa: BLE001
-      return
+  from ferjax.hostmem import jax_started
+  if jax_started():
+    return  # Too late: XLA read its flags already.
   os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}={_YNN_VALUE}".strip()
 
 

@@ -72,6 +72,17 @@ def iou(a: Box, b: Box) -> float:
   return inter / (a.area + b.area - inter)
 
 
+def should_track(previous: Sequence[Box], tracked: int, redetect_every: int) -> bool:
+  """The tracking schedule: True when the next frame should only look near ``previous``.
+
+  Args:
+    previous: the faces of the last analysed frame (none: search in full).
+    tracked: frames tracked since the last full-frame search.
+    redetect_every: a full-frame search on every N-th frame (1: always).
+  """
+  return bool(previous) and tracked < redetect_every - 1
+
+
 def expand_box(box: Box, margin: float, frame_hw: tuple[int, int]) -> Box:
   """Grows ``box`` by ``margin`` of its size on every side, clipped to the frame.
 

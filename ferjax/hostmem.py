@@ -34,7 +34,8 @@ _NEVER_TRIM = 2**31 - 1  # mallopt takes an int.
 _applied: bool | None = None
 
 
-def _jax_started() -> bool:
+def jax_started() -> bool:
+  """Whether JAX has started a backend (so XLA flags and malloc settings come too late)."""
   jax_module = sys.modules.get("jax")
   if jax_module is None:
     return False
@@ -64,7 +65,7 @@ def retain_freed_memory() -> bool:
     libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no such symbol).
   except (OSError, AttributeError):
     return False
-  if _jax_started():
+  if jax_started():
     log.warning("JAX started before ferjax.hostmem.retain_freed_memory(): malloc left alone")
     return False
   ok = all(libc.mallopt(param, value) == 1 for param, value in

@@ -25,7 +25,7 @@ import numpy as np
 from ferjax.annotate import (AnnotatedImageWriter, AnnotatedVideoWriter, ResultsCSV,
                              display_available, draw_results, write_json)
 from ferjax.errors import ConfigError
-from ferjax.faces import Box, FaceDetector, to_gray
+from ferjax.faces import Box, FaceDetector, should_track, to_gray
 from ferjax.sources import IMAGE_EXTENSIONS, FrameSource, open_source
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,9 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
       frame, time_s, name = item
       analyzed = src.is_images or index % every == 0
       if analyzed:
-        track = not src.is_images and bool(last) and tracked < redetect_every - 1
-        near = [face.box for face in last] if track else None
+        boxes = [face.box for face in last]
+        track = not src.is_images and should_track(boxes, tracked, redetect_every)
+        near = boxes if track else None
         last = analyze_frame(frame, predictor, detector, stats, near)
         tracked = tracked + 1 if track else 0
       if stats is not None:
