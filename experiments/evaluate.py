@@ -6,6 +6,12 @@ r"""Evaluates a checkpoint of a training run.
 Prints accuracy, macro-F1, per-class precision/recall/F1 and the confusion
 matrix, and writes them as JSON and a confusion-matrix PNG into the workdir.
 The model and label set come from the checkpoint.
+
+Several comma-separated workdirs evaluate their ensemble: the average of the
+runs' probabilities, each run weighted equally, written to --output_dir:
+
+  python -m experiments.evaluate --workdir=runs/vgg_alstm,runs/acnn_alstm \
+      --tta=ten_crop --output_dir=runs/ensemble
 """
 
 from absl import app, flags
@@ -13,7 +19,9 @@ from absl import app, flags
 from ferjax import cli, hostmem
 from ferjax.evaluate import TTA_MODES
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
+_WORKDIR = flags.DEFINE_list("workdir", None, "The training run's workdir; several, "
+                             "comma-separated, evaluate their ensemble (needs --output_dir).",
+                             required=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate. Default: the run's test split "
                              "(PrivateTest).")
@@ -24,7 +32,8 @@ _FERPLUS = flags.DEFINE_string("ferplus", None, "fer2013new.csv, for runs traine
                                "labels. Default: $FERPLUS_PATH.")
 _MODEL = flags.DEFINE_string("model", None, "If set, fail unless the checkpoint is this model.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
-_OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Default: workdir.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Default: the "
+                              "workdir (required for an ensemble).")
 
 
 @cli.exit_on_errors
@@ -33,14 +42,28 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
-  from ferjax.evaluate import evaluate_checkpoint, format_metrics
+  workdirs = _WORKDIR.value
+  if len(workdirs) > 1 and not _OUTPUT.value:
+    raise app.UsageError("--workdir names several runs (an ensemble): set --output_dir for its "
+                         "results")
+  if len(set(workdirs)) < len(workdirs):
+    raise app.UsageError(f"--workdir names a run twice: {','.join(workdirs)}")
+  from ferjax.evaluate import evaluate_checkpoint, evaluate_ensemble, format_metrics
 
-  metrics = evaluate_checkpoint(
-      _WORKDIR.value, checkpoint=_CHECKPOINT.value, split=_SPLIT.value, tta=_TTA.value,
-      data_path=_DATA.value, ferplus_path=_FERPLUS.value, batch_size=_BATCH.value,
-      expect_model=_MODEL.value, output_dir=_OUTPUT.value)
-  print(format_metrics(metrics, f"{metrics['model']} on {metrics['split']} "
-                       f"(step {metrics['step']}, tta={metrics['tta']})"))
+  common = dict(checkpoint=_CHECKPOINT.value, split=_SPLIT.value, tta=_TTA.value,
+                data_path=_DATA.value, ferplus_path=_FERPLUS.value, batch_size=_BATCH.value,
+                expect_model=_MODEL.value, output_dir=_OUTPUT.value)
+  if len(workdirs) == 1:
+    metrics = evaluate_checkpoint(workdirs[0], **common)
+    title = f"{metrics['model']} on {metrics['split']} (step {metrics['step']}, " \
+        f"tta={metrics['tta']})"
+  else:
+    metrics = evaluate_ensemble(workdirs, **common)
+    for m in metrics["members"]:
+      print(f"  {m['model']} ({m['workdir']}, step {m['step']}): accuracy "
+            f"{m['accuracy']:.2%}, macro-F1 {m['macro_f1']:.4f}")
+    title = f"{metrics['model']} on {metrics['split']} (tta={metrics['tta']})"
+  print(format_metrics(metrics, title))
   print("wrote " + ", ".join(metrics["files"]))
 
 

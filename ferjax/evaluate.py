@@ -179,15 +179,77 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
   Returns:
     The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added.
   """
-  import json
   import os
 
   from ferjax import checkpoint as checkpoint_lib
-  from ferjax import plots
+
+  model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
+  subset, split = _test_subset(meta, split, data, data_path, ferplus_path)
+  probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size)
+  metrics = classification_metrics(probs, subset.labels, meta["class_names"])
+  metrics.update(step=meta["step"], split=split, tta=tta, model=meta["model"],
+                 labels=meta["labels"])
+  if output_dir is None:
+    ckpt_dir = checkpoint_lib.find_checkpoints(workdir)
+    output_dir = (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints"
+                  else ckpt_dir)
+  _write_report(metrics, output_dir, f"eval-{split}-step{meta['step']}-tta_{tta}",
+                f"{meta['model']} {split} (step {meta['step']}, tta={tta})")
+  return metrics
+
+
+def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: str | int = "best",
+                      split: str | None = None, tta: str = "none", data=None,
+                      data_path: str | None = None, ferplus_path: str | None = None,
+                      batch_size: int = 256, expect_model: str | None = None) -> dict:
+  """Evaluates the average of several runs' predicted probabilities (an ensemble).
+
+  Every member is weighted equally (nothing is tuned on the reported split).
+  The runs must share a label set; the data and the default split come from
+  the first run's config. Writes JSON and a confusion-matrix PNG into
+  ``output_dir`` (never into a member's workdir).
+
+  Returns:
+    The ensemble's metrics dict, with ``members`` (each run's workdir, model,
+    step and own metrics on the same split and TTA), ``split``, ``tta`` and
+    ``model`` added.
+  """
+  from ferjax import checkpoint as checkpoint_lib
+  from ferjax.errors import ConfigError
+
+  if len(workdirs) < 2:
+    raise ConfigError(f"an ensemble needs at least two runs, got {list(workdirs)}")
+  members, probs = [], []
+  subset = None
+  for workdir in workdirs:
+    model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
+    if subset is None:
+      first = meta
+      subset, split = _test_subset(meta, split, data, data_path, ferplus_path)
+    elif (meta["labels"], list(meta["class_names"])) != (first["labels"],
+                                                        list(first["class_names"])):
+      raise ConfigError(f"{workdir}: its model predicts {meta['labels']} classes "
+                       f"{list(meta['class_names'])}, {workdirs[0]}'s predicts "
+                       f"{first['labels']} classes {list(first['class_names'])}")
+    p = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size)
+    own = classification_metrics(p, subset.labels, meta["class_names"])
+    members.append({"workdir": workdir, "model": meta["model"], "step": meta["step"],
+                    "accuracy": own["accuracy"], "macro_f1": own["macro_f1"]})
+    probs.append(p)
+  metrics = classification_metrics(np.mean(probs, axis=0), subset.labels, first["class_names"])
+  name = "+".join(m["model"] for m in members)
+  metrics.update(members=members, split=split, tta=tta, model=f"ensemble({name})",
+                 labels=first["labels"])
+  _write_report(metrics, output_dir, f"eval-ensemble-{split}-tta_{tta}",
+                f"ensemble of {len(members)} ({name}) {split} (tta={tta})")
+  return metrics
+
+
+def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path):
+  """The split a checkpoint is evaluated on, loaded as its config says: ``(subset, split)``."""
   from ferjax.config import TrainConfig
   from ferjax.train import load_training_data, resolve_splits
 
-  model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
   config = TrainConfig.from_dict(meta["config"])
   if data is None:
     data = load_training_data(config, data_path, ferplus_path=ferplus_path)
@@ -195,20 +257,21 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     raise ValueError("this checkpoint was trained on FER+ labels; pass FER+-labelled data")
   config = resolve_splits(config, data)
   split = split or config.test_split
-  subset = data.split(split)
-  probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size)
-  metrics = classification_metrics(probs, subset.labels, meta["class_names"])
-  metrics.update(step=meta["step"], split=split, tta=tta, model=meta["model"],
-                 labels=meta["labels"])
-  ckpt_dir = checkpoint_lib.find_checkpoints(workdir)
-  run_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir
-  out = os.path.abspath(output_dir or run_dir)
+  return data.split(split), split
+
+
+def _write_report(metrics: dict, output_dir: str, stem: str, title: str) -> None:
+  """Writes ``stem.json`` and ``stem-confusion.png``; lists them in ``metrics["files"]``."""
+  import json
+  import os
+
+  from ferjax import plots
+
+  out = os.path.abspath(output_dir)
   os.makedirs(out, exist_ok=True)
-  stem = os.path.join(out, f"eval-{split}-step{meta['step']}-tta_{tta}")
-  with open(stem + ".json", "w") as f:
+  path = os.path.join(out, stem)
+  with open(path + ".json", "w") as f:
     json.dump(metrics, f, indent=2)
-  plots.plot_confusion(metrics["confusion"], meta["class_names"], stem + "-confusion.png",
-                       title=f"{meta['model']} {split} (step {meta['step']}, tta={tta}): "
-                       f"{metrics['accuracy']:.2%}")
-  metrics["files"] = [stem + ".json", stem + "-confusion.png"]
-  return metrics
+  plots.plot_confusion(metrics["confusion"], metrics["class_names"], path + "-confusion.png",
+                       title=f"{title}: {metrics['accuracy']:.2%}")
+  metrics["files"] = [path + ".json", path + "-confusion.png"]

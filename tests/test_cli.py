@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +77,25 @@ def test_bad_data_line_is_reported(tmp_path):
   assert r.returncode == 2
   assert f"error: {path}:4: expected 2304 pixel values (48x48), found 3" in r.stderr
   assert not os.path.exists(tmp_path / "w")  # Nothing written for a failed start.
+
+
+def test_evaluate_an_ensemble(tmp_path, trained, csv_path):
+  workdir, r = trained
+  assert r.returncode == 0, r.stderr[-3000:]
+  copy = tmp_path / "copy"
+  shutil.copytree(os.path.join(workdir, "checkpoints"), copy / "checkpoints")
+  out = tmp_path / "ensemble"
+  r = run("experiments.evaluate", f"--workdir={workdir},{copy}", f"--output_dir={out}",
+          f"--data={csv_path}", "--batch_size=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "ensemble(acnn_alstm+acnn_alstm) on PrivateTest" in r.stdout
+  ensemble = json.load(open(out / "eval-ensemble-PrivateTest-tta_none.json"))
+  members = ensemble["members"]
+  assert [m["workdir"] for m in members] == [workdir, str(copy)]
+  # Two copies of one run: the ensemble is that run.
+  assert ensemble["accuracy"] == members[0]["accuracy"] == members[1]["accuracy"]
+  r = run("experiments.evaluate", f"--workdir={workdir},{copy}", f"--data={csv_path}")
+  assert r.returncode == 1 and "set --output_dir" in r.stderr
 
 
 def test_evaluate_missing_workdir(tmp_path):

@@ -22,8 +22,8 @@ from ferjax.augment import NO_AUGMENT
 from ferjax.config import TrainConfig, default_config
 from ferjax.data import load_fer2013
 from ferjax.errors import CheckpointError, ConfigError, TrainingDivergedError
-from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, make_predict_fn,
-                             predict_dataset)
+from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, evaluate_ensemble,
+                             make_predict_fn, predict_dataset)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ALSTM = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
@@ -167,6 +167,44 @@ def test_checkpoint_keeps_latest_and_best(tmp_path):
   assert sorted(store.all_steps()) == [2, 5]
   with pytest.raises(CheckpointError, match="no checkpoint at step 3"):
     store.resolve(3)
+
+
+def test_ensemble_averages_the_members_probabilities(tmp_path, tiny_data, monkeypatch):
+  dirs = [str(tmp_path / name) for name in ("a", "b")]
+  for seed, workdir in enumerate(dirs):
+    train_lib.train_and_evaluate(tiny_config(max_steps=2, seed=seed), workdir, data=tiny_data)
+  out = tmp_path / "ensemble"
+  metrics = evaluate_ensemble(dirs, output_dir=str(out), tta="flip", data=tiny_data,
+                              batch_size=16)
+  test = tiny_data.split("PrivateTest")
+  probs = [predict_dataset(make_predict_fn(checkpoint_lib.load_model(d)[0], "flip"),
+                           test.images, 16) for d in dirs]
+  expected = classification_metrics((probs[0] + probs[1]) / 2, test.labels,
+                                    tiny_data.class_names)
+  assert metrics["accuracy"] == pytest.approx(expected["accuracy"])
+  assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+  assert metrics["confusion"] == expected["confusion"]
+  assert metrics["model"] == "ensemble(acnn_alstm+acnn_alstm)"
+  for member, p, d in zip(metrics["members"], probs, dirs):
+    own = classification_metrics(p, test.labels, tiny_data.class_names)
+    assert member["workdir"] == d and member["accuracy"] == pytest.approx(own["accuracy"])
+  assert sorted(os.listdir(out)) == ["eval-ensemble-PrivateTest-tta_flip-confusion.png",
+                                     "eval-ensemble-PrivateTest-tta_flip.json"]
+  assert not any(f.startswith("eval-ensemble") for d in dirs for f in os.listdir(d))
+
+  with pytest.raises(ConfigError, match="at least two runs"):
+    evaluate_ensemble(dirs[:1], output_dir=str(out), data=tiny_data)
+  real_load = checkpoint_lib.load_model
+
+  def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.
+    model, meta = real_load(path, which, **kw)
+    if path == dirs[1]:
+      meta = {**meta, "labels": "ferplus", "class_names": [*meta["class_names"], "contempt"]}
+    return model, meta
+
+  monkeypatch.setattr(checkpoint_lib, "load_model", load_ferplus_second)
+  with pytest.raises(ConfigError, match=f"{dirs[1]}: its model predicts ferplus classes"):
+    evaluate_ensemble(dirs, output_dir=str(out), data=tiny_data)
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path, tiny_data):
