@@ -4,23 +4,32 @@ import os
 
 __version__ = "0.1.0"
 
-# XLA:CPU runs convolutions through YNNPACK by default; for the convolution
-# shapes of these models (3x3, 1-256 channels, 6-48 px) its backward passes
-# are slower than XLA's Eigen convolutions, while YNNPACK's dots and
-# reductions are faster. This choice made a training step 1.2x faster on the
-# project's 2-core Zen 4 machine (BUILD_NOTES.md, Speed). It only touches the
-# CPU backend, never overrides a user's own setting of the flag, applies only
-# to the jaxlib versions it was measured on, and is skipped when JAX already
-# started or FERJAX_KEEP_XLA_FLAGS is set.
-_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-_YNN_VALUE = "individual_dot,reduce"
+# Two XLA:CPU flag defaults, each measured on the project's 2-core Zen 4 machine
+# (BUILD_NOTES.md, Speed):
+# * XLA runs convolutions through YNNPACK by default; for the convolution shapes
+#   of these models (3x3, 1-256 channels, 6-48 px) its backward passes are
+#   slower than XLA's Eigen convolutions, while YNNPACK's dots and reductions
+#   are faster. A training step got 1.2x faster.
+# * XLA compiles a while loop into one kernel only when it touches under 1 kB;
+#   otherwise every iteration dispatches each op separately. At batch 1 the
+#   LSTM's 36-step loop (about 0.3 MB) spent most of its time in that dispatch;
+#   compiled whole, a face's prediction is about 0.2 ms faster. Loops over larger
+#   batches call YNNPACK and are left as they are.
+# Only the CPU backend is touched, never a flag the user set, only on the jaxlib
+# versions they were measured on, and nothing once JAX has started or when
+# FERJAX_KEEP_XLA_FLAGS is set.
+_XLA_DEFAULTS = (
+    ("--xla_cpu_experimental_ynn_fusion_type", "individual_dot,reduce"),
+    ("--xla_backend_extra_options", "xla_cpu_small_while_loop_byte_threshold=2000000"),
+)
 
 
 def _tune_xla_cpu() -> None:
   if os.environ.get("FERJAX_KEEP_XLA_FLAGS"):
     return
   flags = os.environ.get("XLA_FLAGS", "")
-  if _YNN_FLAG in flags:
+  missing = [f"{name}={value}" for name, value in _XLA_DEFAULTS if name not in flags]
+  if not missing:
     return
   try:
     from importlib.metadata import version
@@ -32,7 +41,7 @@ def _tune_xla_cpu() -> None:
   from ferjax.hostmem import jax_started
   if jax_started():
     return  # Too late: XLA read its flags already.
-  os.environ["XLA_FLAGS"] = f"{flags} {_YNN_FLAG}={_YNN_VALUE}".strip()
+  os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
 
 
 _tune_xla_cpu()

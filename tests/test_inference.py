@@ -291,3 +291,6 @@ def test_shipped_default_weights_load_and_predict():
   probs = predictor.predict_faces(crops)
   assert probs.shape == (3, 7)
   np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+  for i in range(3):  # Alone, a face runs the batch-1 program (its LSTM loop compiled whole).
+    np.testing.assert_allclose(predictor.predict_faces(crops[i]), probs[i:i + 1], rtol=1e-5,
+                               atol=1e-6)
