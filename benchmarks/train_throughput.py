@@ -43,9 +43,10 @@ from ferjax.train import Trainer, build_model
 
 
 def default_config(name):
-  """The model's default config with the default augmentation on both sides.
+  """The model's default config, with random erasing kept off on both sides.
 
-  (vgg_alstm's random erasing has no counterpart in the PyTorch reference.)
+  (The registry turns it on for no model today; the PyTorch reference has no
+  counterpart.)
   """
   return _default_config(name, augment=AugmentConfig())
 

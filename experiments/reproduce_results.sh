@@ -19,7 +19,7 @@ run() {  # run NAME ARGS...: train into runs/NAME, keep its results.json
 }
 
 ONLY="${*:-}"
-# The models, each with its registry defaults (ferjax/config.py).
+# The models, each with its registry defaults (ferjax/config.py; --epochs repeats them).
 run acnn_alstm --model=acnn_alstm --epochs=40
 run vgg_alstm --model=vgg_alstm
 # The same short schedule (8 epochs) for every CNN-LSTM-family model and the DNN, and

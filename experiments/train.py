@@ -10,8 +10,7 @@ curves.png, results.json (PrivateTest metrics of the best checkpoint).
 from absl import app, flags
 
 from ferjax import cli, hostmem, models
-from ferjax.augment import AugmentConfig
-from ferjax.config import CLASS_WEIGHTING, LABEL_SETS, OPTIMIZERS, default_config
+from ferjax.config import CLASS_WEIGHTING, LABEL_SETS, OPTIMIZERS
 
 _MODEL = flags.DEFINE_enum("model", "acnn_alstm", models.model_names(), "Model to train.")
 _DATA = flags.DEFINE_string(
@@ -82,10 +81,9 @@ def main(argv):
       ("eval_every", _EVAL_EVERY), ("checkpoint_every", _CKPT_EVERY),
       ("eval_batch_size", _EVAL_BATCH), ("soft_targets", _SOFT), ("distill_from", _DISTILL),
       ("distill_weight", _DISTILL_WEIGHT)) if flag.value is not None}
-  overrides = cli.parse_options(_MODEL_OPTION.value, "model_option")
-  augment = cli.parse_options(_AUGMENT.value, "augment")
-  config = default_config(_MODEL.value, labels=_LABELS.value, model_overrides=overrides,
-                          augment=AugmentConfig(**_checked_augment(augment)), **changes)
+  config = cli.train_config(_MODEL.value, labels=_LABELS.value,
+                            model_options=_MODEL_OPTION.value, augment_options=_AUGMENT.value,
+                            **changes)
   workdir = _WORKDIR.value or f"runs/{config.model}" + ("-ferplus" if config.labels == "ferplus"
                                                          else "")
   results = train_and_evaluate(config, workdir, data_path=_DATA.value,
@@ -97,16 +95,6 @@ def main(argv):
         f"(flip TTA {flip['accuracy']:.2%}, ten-crop TTA {ten['accuracy']:.2%}), "
         f"macro-F1 {none['macro_f1']:.4f}; "
         f"best checkpoint step {results['best_step']} in {workdir}")
-
-
-def _checked_augment(options: dict) -> dict:
-  from ferjax.errors import ConfigError
-  known = set(AugmentConfig.__dataclass_fields__)
-  unknown = sorted(set(options) - known)
-  if unknown:
-    raise ConfigError(f"--augment: unknown option(s) {', '.join(unknown)}; "
-                      f"known: {', '.join(sorted(known))}")
-  return options
 
 
 if __name__ == "__main__":

@@ -70,3 +70,29 @@ def parse_options(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
         value = text
     out[key.strip()] = value
   return out
+
+
+def train_config(model: str, *, labels: str = "fer2013", model_options: Sequence[str] | None = None,
+                 augment_options: Sequence[str] | None = None, **changes: Any):
+  """The training config that ``experiments.train`` builds from its flags.
+
+  ``model``'s registry defaults (:func:`ferjax.config.default_config`) with
+  ``changes`` on top; ``--model_option`` and ``--augment`` strings
+  (``key=value``) change single fields of the model and of the model's own
+  augmentation defaults, leaving the rest as they were.
+  """
+  import dataclasses
+
+  from ferjax.augment import AugmentConfig
+  from ferjax.config import default_config
+
+  augment = parse_options(augment_options, "augment")
+  known = {f.name for f in dataclasses.fields(AugmentConfig)}
+  unknown = sorted(set(augment) - known)
+  if unknown:
+    raise ConfigError(f"--augment: unknown option(s) {', '.join(unknown)}; "
+                      f"known: {', '.join(sorted(known))}")
+  if augment:
+    changes["augment"] = dataclasses.replace(default_config(model).augment, **augment)
+  return default_config(model, labels=labels,
+                        model_overrides=parse_options(model_options, "model_option"), **changes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -52,6 +53,24 @@ def test_train_then_evaluate(trained, csv_path):
   assert "accuracy" in r.stdout and "confusion" in r.stdout
   out = [f for f in os.listdir(workdir) if f.startswith("eval-PrivateTest") and f.endswith(".json")]
   assert json.load(open(os.path.join(workdir, out[0])))["num_examples"] == 9
+
+
+def test_train_flags_change_only_what_they_name():
+  from ferjax.cli import train_config
+  from ferjax.config import default_config
+  from ferjax.errors import ConfigError
+  from ferjax.models import model_names
+  for name in model_names():  # No flags: exactly the registry's config for the model.
+    assert train_config(name) == default_config(name)
+  config = train_config("vgg_alstm", augment_options=["max_rotation=5"], model_options=[
+      "lstm_hidden=64"], epochs=3)
+  default = default_config("vgg_alstm")
+  assert config.augment == dataclasses.replace(default.augment, max_rotation=5)
+  assert config.augment.max_shift == default.augment.max_shift
+  assert config.model_overrides == {"lstm_hidden": 64} and config.epochs == 3
+  assert config.weight_decay == default.weight_decay
+  with pytest.raises(ConfigError, match="--augment: unknown option.s. spin"):
+    train_config("dnn", augment_options=["spin=3"])
 
 
 @pytest.mark.parametrize("args,code,message", [
