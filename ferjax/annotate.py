@@ -175,6 +175,7 @@ class AnnotatedImageWriter:
     self.path = path
     self.single_file = single_file
     self.frames = 0
+    self._pending: list[tuple[str, str]] = []  # (partial file, final path)
 
   def write(self, frame_bgr: np.ndarray, name: str) -> None:
     import cv2
@@ -183,14 +184,25 @@ class AnnotatedImageWriter:
       path = self.path
       _make_parent(path)
     else:
-      os.makedirs(self.path, exist_ok=True)
+      try:
+        os.makedirs(self.path, exist_ok=True)
+      except OSError as e:
+        raise OutputError(f"{self.path}: cannot create this folder ({e.strerror})") from None
       path = os.path.join(self.path, name)
-    if not cv2.imwrite(path, frame_bgr):
+    partial = _partial_path(path)
+    if not cv2.imwrite(partial, frame_bgr):
       raise OutputError(f"{path}: OpenCV cannot write this image")
+    self._pending.append((partial, path))
     self.frames += 1
 
   def close(self, commit: bool = True) -> None:
-    del commit  # Each image is complete once written.
+    """Moves every image into place, or, after a failed run, drops them all.
+
+    Until then files already at the output names are untouched.
+    """
+    pending, self._pending = self._pending, []
+    for partial, path in pending:
+      _finish(partial, path, commit)
 
 
 class ResultsCSV:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -294,6 +295,29 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
 # ----------------------------------------------------------------------------
 
 
+def _refuse_outputs_over_source(source, **outputs: str | None) -> None:
+  """An output may not replace the input it is made from.
+
+  Raises ConfigError, naming the flag, when an output file is the source file,
+  or the annotated-image folder is the source folder (its images would be
+  replaced by their annotated copies).
+  """
+  if not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
+    return  # A camera, an opened FrameSource, or a missing path (open_source says so).
+  is_folder = os.path.isdir(source)
+  for flag, path in outputs.items():
+    if not path or not os.path.exists(path):
+      continue
+    if flag == "output" and not is_folder and os.path.isdir(path):
+      path = os.path.join(path, os.path.basename(source))  # Where one image's copy goes.
+      if not os.path.exists(path):
+        continue
+    if os.path.samefile(path, source):
+      what = "the source folder: its images would be replaced by the annotated copies" \
+          if is_folder else "the source itself: it would be overwritten"
+      raise ConfigError(f"--{flag}={path} is {what}; choose another path")
+
+
 def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
                  output: str | None = None, csv_path: str | None = None,
                  json_path: str | None = None, display: bool = False, every: int = 1,
@@ -334,6 +358,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
   """
   import cv2
 
+  _refuse_outputs_over_source(source, output=output, csv=csv_path, json=json_path)
   src = open_source(source)
   writer = table = None
   finished = False  # Outputs replace earlier files only when the run ends normally.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ferjax import annotate, sources, video
-from ferjax.errors import FerjaxError
+from ferjax.errors import ConfigError, FerjaxError
 from ferjax.faces import FaceDetector
 from ferjax.inference import Predictor
 from test_inference import CLIP, read_clip, train_tiny_run
@@ -279,6 +279,51 @@ def test_a_failed_run_leaves_earlier_outputs_untouched(predictor, tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.csv", "out.mp4"]  # No leftovers.
   video.run_pipeline(CLIP, predictor, output=str(out), csv_path=str(table), max_frames=5)
   assert out.stat().st_size > 1000 and table.read_text().startswith("frame,")
+
+
+def _image_folder(path, frames, n=3):
+  import cv2
+  path.mkdir()
+  for i in range(n):
+    assert cv2.imwrite(str(path / f"face{i}.png"), frames[i * 10])
+  return path
+
+
+def test_a_failed_image_run_leaves_earlier_images_untouched(predictor, tmp_path, clip_frames):
+  photos = _image_folder(tmp_path / "photos", clip_frames)
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "face0.png").write_bytes(b"previous image")
+  with pytest.raises(RuntimeError, match="simulated failure"):
+    video.run_pipeline(str(photos), _FailingPredictor(predictor), output=str(out))
+  assert sorted(p.name for p in out.iterdir()) == ["face0.png"]  # No partial files left.
+  assert (out / "face0.png").read_bytes() == b"previous image"
+  video.run_pipeline(str(photos), predictor, output=str(out))
+  assert sorted(p.name for p in out.iterdir()) == ["face0.png", "face1.png", "face2.png"]
+  assert (out / "face0.png").read_bytes() != b"previous image"
+
+
+def test_outputs_may_not_replace_their_source(predictor, tmp_path, clip_frames):
+  import shutil
+  clip = tmp_path / "clip.mp4"
+  shutil.copy(CLIP, clip)
+  photos = _image_folder(tmp_path / "photos", clip_frames)
+  before = {p.name: p.read_bytes() for p in photos.iterdir()}
+  cases = [(dict(source=str(clip), output=str(clip)), "--output=.* is the source itself"),
+           (dict(source=str(clip), csv_path=str(clip)), "--csv=.* is the source itself"),
+           (dict(source=str(photos), output=str(photos)), "--output=.* is the source folder"),
+           (dict(source=str(photos / "face1.png"), output=str(photos)), "is the source itself"),
+           (dict(source=str(photos / "face1.png"), json_path=str(photos / "face1.png")),
+            "--json=.* is the source itself")]
+  for kwargs, message in cases:
+    source = kwargs.pop("source")
+    with pytest.raises(ConfigError, match=message):
+      video.run_pipeline(source, predictor, **kwargs)
+  assert clip.read_bytes() == open(CLIP, "rb").read()
+  assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+  # A folder inside the source folder is fine: the copies get names of their own.
+  video.run_pipeline(str(photos), predictor, output=str(photos / "annotated"))
+  assert len(list((photos / "annotated").iterdir())) == 3
 
 
 def test_script_prints_faces_headless_on_the_demo_clip(tiny_run, tmp_path):
