@@ -17,8 +17,9 @@ _WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
 _DATA = flags.DEFINE_string("data", None, "FER2013 in any supported form. Default: "
                             "$FER2013_PATH.")
 _SPLIT = flags.DEFINE_string("split", "PrivateTest", "Split to take faces from.")
-_NUM = flags.DEFINE_integer("num", 32, "How many faces (the first of the split).")
-_COLUMNS = flags.DEFINE_integer("columns", 8, "Faces per row.")
+_NUM = flags.DEFINE_integer("num", 32, "How many faces (the first of the split).",
+                            lower_bound=1)
+_COLUMNS = flags.DEFINE_integer("columns", 8, "Faces per row.", lower_bound=1)
 _OUTPUT = flags.DEFINE_string("output", "attention_maps.png", "The PNG to write.")
 
 

@@ -31,7 +31,8 @@ _DATA = flags.DEFINE_string("data", None, "FER2013 in any supported form. Defaul
 _FERPLUS = flags.DEFINE_string("ferplus", None, "fer2013new.csv, for runs trained on FER+ "
                                "labels. Default: $FERPLUS_PATH.")
 _MODEL = flags.DEFINE_string("model", None, "If set, fail unless the checkpoint is this model.")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.",
+                              lower_bound=1)
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Default: the "
                               "workdir (required for an ensemble).")
 

@@ -34,23 +34,25 @@ _JSON = flags.DEFINE_string("json", None, "Write per-frame results and the run s
 _NO_DISPLAY = flags.DEFINE_bool("no_display", False, "Run without a window (automatic when "
                                 "there is no display).")
 _MAX_FACES = flags.DEFINE_integer("max_faces", 8, "Faces per frame (largest first); also the "
-                                  "model's fixed batch size.")
+                                  "model's fixed batch size.", lower_bound=1)
 _EVERY = flags.DEFINE_integer("every", 1, "Detect and classify every N-th frame; reuse the "
-                              "results in between.")
+                              "results in between.", lower_bound=1)
 _REDETECT = flags.DEFINE_integer("redetect_every", 5, "Search the whole frame for faces every "
                                  "N-th analysed frame and track the faces found in between (a "
                                  "search near each, a fraction of the cost); 1 searches every "
-                                 "frame. New faces appear within N-1 frames.")
-_MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Stop after this many frames.")
+                                 "frame. New faces appear within N-1 frames.", lower_bound=1)
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Stop after this many frames.",
+                                   lower_bound=1)
 _SCALE = flags.DEFINE_float("scale_factor", 1.2, "Haar cascade: step between search scales "
                             "(smaller finds a few more faces, slower).")
 _NEIGHBORS = flags.DEFINE_integer("min_neighbors", 5, "Haar cascade: hits a face needs; higher "
-                                  "means fewer false faces.")
-_MIN_SIZE = flags.DEFINE_integer("min_size", 48, "Smallest face side in frame pixels.")
+                                  "means fewer false faces.", lower_bound=0)
+_MIN_SIZE = flags.DEFINE_integer("min_size", 48, "Smallest face side in frame pixels.",
+                                lower_bound=1)
 _MARGIN = flags.DEFINE_float("margin", 0.1, "Fraction of the face box added on every side of "
-                             "the crop.")
+                             "the crop.", lower_bound=0)
 _DOWNSCALE = flags.DEFINE_float("downscale", 2.0, "Detect faces on the frame shrunk by this "
-                                "factor (1 = full size; faster when larger).")
+                                "factor (1 = full size; faster when larger).", lower_bound=1)
 
 
 @cli.exit_on_errors

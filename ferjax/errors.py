@@ -30,8 +30,11 @@ class DataError(FerjaxError):
     super().__init__(f"{where}: {reason}")
 
 
-class ConfigError(FerjaxError):
-  """A flag, config value or workdir does not fit what was asked for."""
+class ConfigError(FerjaxError, ValueError):
+  """A flag, config value or workdir does not fit what was asked for.
+
+  Also a ValueError, as a bad argument to a library function.
+  """
 
 
 class CheckpointError(FerjaxError):

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ferjax.errors import FerjaxError
+from ferjax.errors import ConfigError, FerjaxError
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 FACE_SIZE = 48  # FER2013's face size: what every model takes.
@@ -154,17 +154,17 @@ class FaceDetector:
     import cv2
 
     if scale_factor <= 1.0:
-      raise ValueError(f"scale_factor must be above 1, got {scale_factor}")
+      raise ConfigError(f"scale_factor must be above 1, got {scale_factor}")
     if downscale < 1.0:
-      raise ValueError(f"downscale must be at least 1, got {downscale}")
+      raise ConfigError(f"downscale must be at least 1, got {downscale}")
     if max_faces < 1:
-      raise ValueError(f"max_faces must be at least 1, got {max_faces}")
+      raise ConfigError(f"max_faces must be at least 1, got {max_faces}")
     if margin < 0:
-      raise ValueError(f"margin must not be negative, got {margin}")
+      raise ConfigError(f"margin must not be negative, got {margin}")
     if track_margin < 0:
-      raise ValueError(f"track_margin must not be negative, got {track_margin}")
+      raise ConfigError(f"track_margin must not be negative, got {track_margin}")
     if track_scale < 1.0:
-      raise ValueError(f"track_scale must be at least 1, got {track_scale}")
+      raise ConfigError(f"track_scale must be at least 1, got {track_scale}")
     if cascade_path is None:
       cascade_path = os.path.join(cv2.data.haarcascades, CASCADE_FILE)
     if not os.path.isfile(cascade_path):

@@ -97,10 +97,10 @@ class Predictor:
   def _setup(self, model: nnx.Module, class_names: Sequence[str], max_faces: int,
              batch_sizes: Sequence[int] | None, meta: dict) -> None:
     if max_faces < 1:
-      raise ValueError(f"max_faces must be at least 1, got {max_faces}")
+      raise ConfigError(f"max_faces must be at least 1, got {max_faces}")
     sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(max_faces)) | {max_faces}))
     if sizes[0] < 1 or sizes[-1] != max_faces:
-      raise ValueError(f"batch_sizes must lie in 1..max_faces={max_faces}, got {batch_sizes}")
+      raise ConfigError(f"batch_sizes must lie in 1..max_faces={max_faces}, got {batch_sizes}")
     model.eval()  # Dropout off, BatchNorm on its running statistics.
     graphdef, self._state = nnx.split(model)
     self.class_names = tuple(class_names)

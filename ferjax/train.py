@@ -281,12 +281,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   if data is None:
     data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
   config = resolve_splits(config, data)
-  prepare_workdir(workdir, config, fresh=fresh)
   train, val, test = (data.split(getattr(config, f)) for f in
                       ("train_split", "eval_split", "test_split"))
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
+  _check_before_writing(config, data.num_classes, len(train))
+  prepare_workdir(workdir, config, fresh=fresh)
 
   batches = TrainBatches(train.images, train.labels, config.batch_size, config.seed,
                          soft_labels=_training_targets(config, train, data.class_names))
@@ -362,6 +363,21 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   if writer is not None:
     writer.close()
   return _final_evaluation(trainer, store, test, data.class_names, config, workdir, meta)
+
+
+def _check_before_writing(config: TrainConfig, num_classes: int, num_train: int) -> None:
+  """Config errors that would otherwise surface after the workdir is made."""
+  if config.batch_size > num_train:
+    raise ConfigError(f"--batch_size={config.batch_size} is larger than the {num_train} "
+                      f"examples of {config.train_split}")
+  try:  # Builds the model abstractly: bad --model_option values fail here, cheaply.
+    nnx.eval_shape(lambda: build_model(config, num_classes))
+  except (ValueError, TypeError) as e:
+    if isinstance(e, ConfigError):
+      raise
+    options = " ".join(f"{k}={v!r}" for k, v in config.model_overrides.items())
+    raise ConfigError(f"model {config.model!r} with options {options or '(none)'}: "
+                      f"{e}") from None
 
 
 def _training_targets(config: TrainConfig, train: data_lib.FerData,

@@ -88,6 +88,21 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--batch_size=64"], "error: --batch_size=64 is larger than the 32 examples of Training"),
+    (["--batch_size=8", "--model_option=lstm_layers=0"],
+     "error: model 'acnn_alstm' with options lstm_layers=0: num_layers must be >= 1, got 0"),
+    (["--batch_size=8", "--model_option=widths=(8,8)"], "error: model 'acnn_alstm' with options widths=(8, 8): "
+     "pool_after (0, 1, 3) names blocks outside 0..1"),
+])
+def test_config_errors_found_with_the_data_stop_before_the_workdir(tmp_path, csv_path, args,
+                                                                    message):
+  r = run("experiments.train", f"--data={csv_path}", f"--workdir={tmp_path / 'w'}", *args)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1] == message
+  assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "w")
+
+
 def test_bad_data_line_is_reported(tmp_path):
   rows = fer_rows(4)
   rows[2] = "3,1 2 3,Training"

@@ -237,6 +237,12 @@ def test_script_fails_in_one_line_for_a_source_it_cannot_open(tmp_path):
   assert result.stderr.strip().splitlines() == [f"error: {missing}: no such file, folder or camera"]
 
 
+def test_script_refuses_bad_detector_settings_in_one_line():
+  result = _script("--source=demo", "--scale_factor=1", "--no_display")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == ["error: scale_factor must be above 1, got 1.0"]
+
+
 def test_script_runs_headless_on_the_clip(tiny_run, tmp_path):
   table = tmp_path / "faces.csv"
   result = _script(f"--source={CLIP}", f"--checkpoint={tiny_run[0]}", f"--csv={table}",
