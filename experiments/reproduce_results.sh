@@ -13,7 +13,11 @@ run() {  # run NAME ARGS...: train into runs/NAME, keep its results.json
   local name=$1; shift
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name: python -m experiments.train $* --workdir=runs/$name"
-  python -m experiments.train "$@" --workdir="runs/$name" > "runs/$name.log" 2>&1
+  if ! python -m experiments.train "$@" --workdir="runs/$name" > "runs/$name.log" 2>&1; then
+    echo "$name failed; the end of runs/$name.log:" >&2
+    tail -5 "runs/$name.log" >&2
+    exit 1
+  fi
   cp "runs/$name/results.json" "results/$name.json"
   tail -1 "runs/$name.log"
 }
