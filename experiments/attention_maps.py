@@ -4,7 +4,7 @@ r"""Draws a model's local attention α (6x6 positions) as heat maps over test fa
       --data=path/to/fer2013.csv --split=PrivateTest --num=32 --output=attention.png
 
 Each face is titled true→predicted label and the prediction's probability.
-Only models with local attention (acnn_alstm) have α to draw.
+Only models with local attention (acnn_alstm, vgg_alstm) have α to draw.
 """
 
 from absl import app, flags

@@ -1,6 +1,6 @@
 r"""Writes an inference-only copy of a run's best checkpoint (no optimiser state).
 
-  python -m experiments.export_weights --workdir=runs/vgg_alstm --output=ferjax/weights/default
+  python -m experiments.export_weights --workdir=runs/acnn_alstm --output=/tmp/acnn_weights
 
 The output loads like a workdir: ``Predictor("out")``, ``--checkpoint=out``.
 """

@@ -217,8 +217,15 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
   from ferjax import checkpoint as checkpoint_lib
   from ferjax.errors import ConfigError
 
+  import os
+
   if len(workdirs) < 2:
     raise ConfigError(f"an ensemble needs at least two runs, got {list(workdirs)}")
+  for workdir in workdirs:
+    if os.path.exists(output_dir) and os.path.exists(workdir) and \
+        os.path.samefile(output_dir, workdir):
+      raise ConfigError(f"--output_dir={output_dir} is the workdir of member {workdir}; an "
+                        "ensemble's results go to a folder of their own")
   members, probs = [], []
   subset = None
   for workdir in workdirs:

@@ -245,7 +245,7 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
   if not predictor.has_local_attention:
     raise ConfigError(
         f"{predictor.checkpoint}: the {predictor.meta.get('model', 'given')!r} model has no local "
-        "attention (alpha) to draw; use a checkpoint of acnn_alstm")
+        "attention (alpha) to draw; use a checkpoint of acnn_alstm or vgg_alstm")
   if data is None:
     data_path = data_path or os.environ.get("FER2013_PATH")
     if not data_path:

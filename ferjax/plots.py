@@ -26,10 +26,13 @@ def plot_training_curves(records: Sequence[dict], path: str) -> None:
   plt = _pyplot()
   epochs = [r["epoch"] for r in records]
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-  ax_loss.plot(epochs, [r["train_loss"] for r in records], label="train")
-  ax_loss.plot(epochs, [r["eval_loss"] for r in records], label=records[-1]["eval_split"])
+  # The training loss is the optimised one (label smoothing, class weights, soft
+  # targets); the evaluation loss is the plain NLL of the true labels.
+  ax_loss.plot(epochs, [r["train_loss"] for r in records], label="train (training objective)")
+  ax_loss.plot(epochs, [r["eval_loss"] for r in records],
+               label=f"{records[-1]['eval_split']} (NLL)")
   ax_loss.set_xlabel("epoch")
-  ax_loss.set_ylabel("cross-entropy")
+  ax_loss.set_ylabel("loss")
   ax_loss.legend()
   ax_acc.plot(epochs, [100 * r["train_accuracy"] for r in records], label="train")
   ax_acc.plot(epochs, [100 * r["eval_accuracy"] for r in records],

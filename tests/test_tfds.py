@@ -119,6 +119,15 @@ def test_other_manual_forms(tmp_path, form):
   _assert_matches_csv(tfds_fer2013.load("test", data_dir), "test")
 
 
+def test_paths_starting_with_a_tilde_are_expanded(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "manual").mkdir()
+  write_csv(tmp_path / "manual" / "fer2013.csv", fer_rows(NUM_ROWS))
+  tfds_fer2013.build("~/manual", "~/tensorflow_datasets")
+  assert (tmp_path / "tensorflow_datasets" / "fer2013").is_dir()
+  _assert_matches_csv(tfds_fer2013.load("test", "~/tensorflow_datasets"), "test")
+
+
 def test_missing_file_names_accepted_files(tmp_path):
   manual = tmp_path / "manual"
   manual.mkdir()

@@ -194,6 +194,8 @@ def test_ensemble_averages_the_members_probabilities(tmp_path, tiny_data, monkey
 
   with pytest.raises(ConfigError, match="at least two runs"):
     evaluate_ensemble(dirs[:1], output_dir=str(out), data=tiny_data)
+  with pytest.raises(ConfigError, match="is the workdir of member"):
+    evaluate_ensemble(dirs, output_dir=dirs[1], data=tiny_data)
   real_load = checkpoint_lib.load_model
 
   def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.

@@ -38,12 +38,12 @@ def build(
   Raises:
     DataError: ``manual_dir`` holds no accepted file, or the file is malformed.
   """
-  builder = Fer2013(data_dir=None if data_dir is None else os.fspath(data_dir))
+  builder = Fer2013(data_dir=_expand(data_dir))
   if builder.is_prepared() and not overwrite:
     return builder
   # Checked here too so a missing file reads as ours, not TFDS's "empty dir"
   # assertion, which fires first when the directory is missing or empty.
-  manual_dir = os.path.abspath(os.fspath(manual_dir))
+  manual_dir = os.path.abspath(_expand(manual_dir))
   find_source(manual_dir)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
@@ -73,9 +73,14 @@ def load(
   Raises:
     DataError: the dataset has not been built in ``data_dir``.
   """
-  data_dir = None if data_dir is None else os.fspath(data_dir)
+  data_dir = _expand(data_dir)
   builder = Fer2013(data_dir=data_dir)
   if not builder.is_prepared():
     raise DataError("FER2013 is not built here; run ferjax.tfds_fer2013.build("
                     "manual_dir, data_dir) first", path=builder.data_dir)
   return tfds.data_source("fer2013", split=split, data_dir=data_dir, download=False)
+
+
+def _expand(path: str | os.PathLike | None) -> str | None:
+  """``~`` expanded (TFDS takes paths literally)."""
+  return None if path is None else os.path.expanduser(os.fspath(path))
