@@ -87,7 +87,10 @@ class FrameSource:
     import cv2
 
     for path in self._images:
-      frame = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+      # Colour (grey images come as BGR), any depth, turned upright as the EXIF
+      # orientation says (IMREAD_UNCHANGED would ignore it: phone photos would lie on
+      # their side, where the frontal face detector finds nothing).
+      frame = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
       if frame is not None and frame.dtype != np.uint8:  # 16-bit PNG/TIFF.
         frame = cv2.convertScaleAbs(frame, alpha=255.0 / max(1, int(frame.max())))
       if frame is None:

@@ -192,6 +192,28 @@ def test_single_image_source(predictor, clip_frames, tmp_path):
   assert summary["faces"] == 1 and cv2.imread(str(out)).shape == clip_frames[0].shape
 
 
+def test_images_are_turned_upright_as_their_exif_orientation_says(tmp_path):
+  import struct
+
+  import cv2
+  image = np.zeros((40, 80, 3), np.uint8)
+  image[:, :10] = 255  # A white stripe down the left side.
+  jpeg = cv2.imencode(".jpg", image)[1].tobytes()
+  # An EXIF block with one tag, Orientation = 6: the camera was turned 90° clockwise.
+  tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x0112, 3, 1, 6) + \
+      struct.pack("<I", 0)
+  app1 = b"Exif\x00\x00" + tiff
+  path = tmp_path / "phone.jpg"
+  path.write_bytes(jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:])
+  [(frame, _, name)] = list(sources.open_source(str(path)))
+  assert name == "phone.jpg" and frame.shape == (80, 40, 3)
+  assert frame[:5].mean() > 200 and frame[-5:].mean() < 50  # The stripe is now on top.
+  grey16 = tmp_path / "deep.png"
+  cv2.imwrite(str(grey16), (np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) * 20))
+  [(frame, _, _)] = list(sources.open_source(str(grey16)))
+  assert frame.dtype == np.uint8 and frame.shape == (48, 48, 3) and frame.max() == 255
+
+
 def test_unopenable_sources_raise_one_clear_error(tmp_path):
   (tmp_path / "empty").mkdir()
   (tmp_path / "fake.mp4").write_text("not a video")
