@@ -140,7 +140,8 @@ class Trainer:
     return self._train_step_jit(self.rng_state, state, metrics, batch, step)
 
   def zero_metrics(self) -> Metrics:
-    return jax.device_put({k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")},
+    return jax.device_put({k: jnp.zeros((), jnp.float32)
+                           for k in ("loss", "correct", "count", "nonfinite")},
                           parallel.replicated(self.mesh))
 
   def _train_step(self, rng_state, state, metrics: Metrics, batch: Batch, step: jax.Array):
@@ -167,8 +168,11 @@ class Trainer:
       ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, nnx.state(model, nnx.Param))
     b = batch["label"].shape[0]
     correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
+    # Steps whose gradients were not finite: their update spoilt the parameters even
+    # when the loss (computed before the update) was still finite.
+    bad = jnp.logical_not(jnp.isfinite(optax.global_norm(grads)))
     metrics = {"loss": metrics["loss"] + loss * b, "correct": metrics["correct"] + correct,
-               "count": metrics["count"] + b}
+               "count": metrics["count"] + b, "nonfinite": metrics["nonfinite"] + bad}
     return {"model": model_state, "optimizer": opt_state, "ema": ema}, metrics
 
   def _predict_impl(self, rng_state, model_state, ema, images, tta: str):
@@ -407,14 +411,17 @@ def _training_targets(config: TrainConfig, train: data_lib.FerData,
 
 
 def _check_finite(metrics: dict, step: int, store) -> dict:
-  if not math.isfinite(float(metrics["loss"])):
-    last = store.latest_step()
-    kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
-        "no checkpoint was written"
-    raise TrainingDivergedError(
-        f"the training loss became {float(metrics['loss'])} by step {step}; {kept}. "
-        "Try a lower --learning_rate or --grad_clip")
-  return metrics
+  """Stops a diverged run before anything is saved; every kept checkpoint is good."""
+  loss, nonfinite = float(metrics["loss"]), int(metrics["nonfinite"])
+  if math.isfinite(loss) and not nonfinite:
+    return metrics
+  last = store.latest_step()
+  kept = f"the last good checkpoint (step {last}) is kept" if last is not None else \
+      "no checkpoint was written"
+  what = (f"the training loss became {loss}" if not math.isfinite(loss) else
+          f"the gradients of {nonfinite} step(s) were not finite")
+  raise TrainingDivergedError(f"{what} by step {step}; {kept}. "
+                              "Try a lower --learning_rate or --grad_clip")
 
 
 def _evaluate_step(trainer: Trainer, val, class_names, config, step, steps_per_epoch,

@@ -142,15 +142,30 @@ def test_workdir_with_another_run_is_refused_and_fresh_moves_it_aside(tmp_path, 
   assert os.path.exists(os.path.join(tmp_path, aside[0], "checkpoints"))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
+def _nan_loss(real_loss):
+  return lambda *a, **k: real_loss(*a, **k) * jnp.nan
+
+
+def _nan_gradients(real_loss):
+  # The loss stays finite (sqrt(0) = 0); its gradient is 0 * inf = nan.
+  return lambda logits, *a, **k: (real_loss(logits, *a, **k)
+                                  + 0.0 * jnp.sqrt(jnp.sum(logits * 0.0)))
+
+
+@pytest.mark.parametrize("spoil,stop,message", [
+    (_nan_loss, 6, "the training loss became nan by step 4"),
+    # Step 3's loss is finite, its update is not: caught at step 3, before the save.
+    (_nan_gradients, 3, "the gradients of 1 step.s. were not finite by step 3")])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch,
+                                                             spoil, stop, message):
   workdir = str(tmp_path / "run")
   config = tiny_config(checkpoint_every=2)
   train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=2), workdir, data=tiny_data)
   good, _ = _params(workdir)
-  real_loss = train_lib.loss_fn
-  monkeypatch.setattr(train_lib, "loss_fn", lambda *a, **k: real_loss(*a, **k) * jnp.nan)
-  with pytest.raises(TrainingDivergedError, match=r"step 4.*last good checkpoint \(step 2\)"):
-    train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=6), workdir, data=tiny_data)
+  monkeypatch.setattr(train_lib, "loss_fn", spoil(train_lib.loss_fn))
+  with pytest.raises(TrainingDivergedError, match=message + r".*last good checkpoint \(step 2\)"):
+    train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=stop), workdir,
+                                 data=tiny_data)
   store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
   assert store.all_steps() == [2]
   after, _ = _params(workdir)
