@@ -21,6 +21,8 @@ _NUM = flags.DEFINE_integer("num", 32, "How many faces (the first of the split).
                             lower_bound=1)
 _COLUMNS = flags.DEFINE_integer("columns", 8, "Faces per row.", lower_bound=1)
 _OUTPUT = flags.DEFINE_string("output", "attention_maps.png", "The PNG to write.")
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows (and report "
+                              "them) instead of failing, as training's flag.")
 
 
 @cli.exit_on_errors
@@ -33,7 +35,8 @@ def main(argv):
 
   result = render_attention_maps(_OUTPUT.value, checkpoint=_CHECKPOINT.value, which=_WHICH.value,
                                  data_path=_DATA.value, split=_SPLIT.value, num=_NUM.value,
-                                 columns=_COLUMNS.value)
+                                 columns=_COLUMNS.value,
+                                 on_error="skip" if _SKIP_BAD.value else "raise")
   accuracy = "" if result["accuracy"] is None else f", {result['accuracy']:.0%} correct"
   print(f"{result['num']} {result['split']} faces ({result['model']}, step {result['step']}"
         f"{accuracy}); wrote {result['path']}")

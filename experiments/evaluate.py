@@ -33,6 +33,8 @@ _FERPLUS = flags.DEFINE_string("ferplus", None, "fer2013new.csv, for runs traine
 _MODEL = flags.DEFINE_string("model", None, "If set, fail unless the checkpoint is this model.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.",
                               lower_bound=1)
+_SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows (and report "
+                              "them) instead of failing, as training's flag.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Default: the "
                               "workdir (required for an ensemble).")
 
@@ -53,7 +55,8 @@ def main(argv):
 
   common = dict(checkpoint=_CHECKPOINT.value, split=_SPLIT.value, tta=_TTA.value,
                 data_path=_DATA.value, ferplus_path=_FERPLUS.value, batch_size=_BATCH.value,
-                expect_model=_MODEL.value, output_dir=_OUTPUT.value)
+                expect_model=_MODEL.value, output_dir=_OUTPUT.value,
+                on_error="skip" if _SKIP_BAD.value else "raise")
   if len(workdirs) == 1:
     metrics = evaluate_checkpoint(workdirs[0], **common)
     title = f"{metrics['model']} on {metrics['split']} (step {metrics['step']}, " \

@@ -161,7 +161,8 @@ def make_predict_fn(model, tta: str = "none") -> Callable[[np.ndarray], jax.Arra
 def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: str | None = None,
                         tta: str = "none", data=None, data_path: str | None = None,
                         ferplus_path: str | None = None, batch_size: int = 256,
-                        expect_model: str | None = None, output_dir: str | None = None) -> dict:
+                        expect_model: str | None = None, output_dir: str | None = None,
+                        on_error: str = "raise") -> dict:
   """Evaluates a run's checkpoint on a split; writes JSON and a confusion-matrix PNG.
 
   Args:
@@ -175,6 +176,8 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     batch_size: the fixed evaluation batch (the last one is padded and masked).
     expect_model: fail unless the checkpoint holds this model.
     output_dir: where to write results (default: the workdir).
+    on_error: ``skip`` drops malformed data rows (with a warning) instead of
+      failing, as training's ``--skip_bad_rows``.
 
   Returns:
     The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added.
@@ -184,7 +187,7 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
   from ferjax import checkpoint as checkpoint_lib
 
   model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
-  subset, split = _test_subset(meta, split, data, data_path, ferplus_path)
+  subset, split = _test_subset(meta, split, data, data_path, ferplus_path, on_error)
   probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size)
   metrics = classification_metrics(probs, subset.labels, meta["class_names"])
   metrics.update(step=meta["step"], split=split, tta=tta, model=meta["model"],
@@ -201,7 +204,8 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
 def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: str | int = "best",
                       split: str | None = None, tta: str = "none", data=None,
                       data_path: str | None = None, ferplus_path: str | None = None,
-                      batch_size: int = 256, expect_model: str | None = None) -> dict:
+                      batch_size: int = 256, expect_model: str | None = None,
+                      on_error: str = "raise") -> dict:
   """Evaluates the average of several runs' predicted probabilities (an ensemble).
 
   Every member is weighted equally (nothing is tuned on the reported split).
@@ -232,7 +236,7 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
     model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
     if subset is None:
       first = meta
-      subset, split = _test_subset(meta, split, data, data_path, ferplus_path)
+      subset, split = _test_subset(meta, split, data, data_path, ferplus_path, on_error)
     elif (meta["labels"], list(meta["class_names"])) != (first["labels"],
                                                         list(first["class_names"])):
       raise ConfigError(f"{workdir}: its model predicts {meta['labels']} classes "
@@ -252,14 +256,14 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
   return metrics
 
 
-def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path):
+def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, on_error="raise"):
   """The split a checkpoint is evaluated on, loaded as its config says: ``(subset, split)``."""
   from ferjax.config import TrainConfig
   from ferjax.train import load_training_data, resolve_splits
 
   config = TrainConfig.from_dict(meta["config"])
   if data is None:
-    data = load_training_data(config, data_path, ferplus_path=ferplus_path)
+    data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
   elif config.labels == "ferplus" and data.num_classes != meta["num_classes"]:
     raise ValueError("this checkpoint was trained on FER+ labels; pass FER+-labelled data")
   config = resolve_splits(config, data)

@@ -212,7 +212,8 @@ def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray
 
 def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = None,
                           which: str | int = "best", data=None, data_path: str | None = None,
-                          split: str = "PrivateTest", num: int = 32, columns: int = 8) -> dict:
+                          split: str = "PrivateTest", num: int = 32, columns: int = 8,
+                          on_error: str = "raise") -> dict:
   """Draws a model's local attention α over test faces as heat maps, to a PNG.
 
   The first ``num`` faces of ``split`` are shown, each titled with its true
@@ -228,6 +229,7 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
       ``test`` for image-folder data.
     num: how many faces.
     columns: faces per row of the grid.
+    on_error: ``skip`` drops malformed data rows instead of failing.
 
   Returns:
     ``{"path", "num", "accuracy", "model", "step"}`` (accuracy over the shown faces).
@@ -251,7 +253,7 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
     if not data_path:
       raise ConfigError("no data: pass --data=PATH/TO/fer2013.csv (or .csv.gz, .tar.gz, an image "
                         "folder) or set FER2013_PATH")
-    data = data_lib.load_fer2013(data_path)
+    data = data_lib.load_fer2013(data_path, on_error=on_error)
   if split not in data.split_names and split in ("PrivateTest", "PublicTest") \
       and "test" in data.split_names:
     split = "test"  # Image-folder data has train/ and test/ only.

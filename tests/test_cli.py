@@ -132,6 +132,23 @@ def test_evaluate_an_ensemble(tmp_path, trained, csv_path):
   assert r.returncode == 1 and "set --output_dir" in r.stderr
 
 
+def test_evaluate_can_skip_bad_rows(tmp_path, trained):
+  workdir, r = trained
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = fer_rows(32, usages=("Training",)) + fer_rows(9, usages=("PublicTest",)) + \
+      fer_rows(9, usages=("PrivateTest",))
+  rows[-1] = "3,1 2 3,PrivateTest"
+  path = write_csv(tmp_path / "bad.csv", rows)
+  r = run("experiments.evaluate", f"--workdir={workdir}", f"--data={path}", "--batch_size=8")
+  assert r.returncode == 2 and f"error: {path}:51: expected 2304 pixel values" in r.stderr
+  out = tmp_path / "out"
+  r = run("experiments.evaluate", f"--workdir={workdir}", f"--data={path}", "--batch_size=8",
+          "--skip_bad_rows", f"--output_dir={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  [report] = [f for f in os.listdir(out) if f.endswith(".json")]
+  assert json.load(open(out / report))["num_examples"] == 8  # 9 PrivateTest rows, one bad.
+
+
 def test_evaluate_missing_workdir(tmp_path):
   r = run("experiments.evaluate", f"--workdir={tmp_path / 'nothing'}")
   assert r.returncode == 2 and "no such directory" in r.stderr
