@@ -101,9 +101,14 @@ def test_local_attention_reacts_to_one_position_and_reweights_the_sequence():
   _, aux2 = model.head(bumped)
   delta = np.abs(np.asarray(aux2["alpha"] - aux["alpha"]))[0]
   assert delta[15] > 0 and delta[15] == delta.max()
-  # Uniform attention leaves the features unchanged (the 36 * alpha scaling).
-  feats = jnp.ones((1, 36, 8))
-  assert np.allclose(feats * (36 * jnp.full((1, 36), 1 / 36))[..., None], feats)
+  # Uniform attention (a zero query scores every position alike) leaves the features
+  # unchanged, thanks to the 36 * alpha scaling: the model equals the same model without it.
+  model.local_attention.query[...] = jnp.zeros_like(model.local_attention.query[...])
+  logits, aux = model.head(fmap)
+  np.testing.assert_allclose(aux["alpha"], np.full((1, 36), 1 / 36), rtol=1e-6)
+  without = nnx.clone(model)
+  without.local_attention = None
+  np.testing.assert_allclose(logits, without.head(fmap)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_without_local_attention_alpha_is_absent_and_option_switches_it():
