@@ -56,6 +56,13 @@ _MODEL_OPTION = flags.DEFINE_multi_string(
 _AUGMENT = flags.DEFINE_multi_string(
     "augment", [], "Augmentation option as key=value, repeatable: max_shift, flip, max_rotation, "
     "max_scale, erase_prob.")
+_TRAIN_SPLIT = flags.DEFINE_string("train_split", None, "Split to learn on. Default: Training "
+                                   "(train for image folders).")
+_EVAL_SPLIT = flags.DEFINE_string("eval_split", None, "Split that selects the checkpoint. "
+                                  "Default: PublicTest (for image folders without it, a held-out "
+                                  "tenth of train).")
+_TEST_SPLIT = flags.DEFINE_string("test_split", None, "Split to report. Default: PrivateTest "
+                                  "(test for image folders).")
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False,
                               "Drop malformed data rows (and report them) instead of failing.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
@@ -80,7 +87,8 @@ def main(argv):
       ("ema_decay", _EMA), ("seed", _SEED), ("max_steps", _MAX_STEPS),
       ("eval_every", _EVAL_EVERY), ("checkpoint_every", _CKPT_EVERY),
       ("eval_batch_size", _EVAL_BATCH), ("soft_targets", _SOFT), ("distill_from", _DISTILL),
-      ("distill_weight", _DISTILL_WEIGHT)) if flag.value is not None}
+      ("distill_weight", _DISTILL_WEIGHT), ("train_split", _TRAIN_SPLIT),
+      ("eval_split", _EVAL_SPLIT), ("test_split", _TEST_SPLIT)) if flag.value is not None}
   config = cli.train_config(_MODEL.value, labels=_LABELS.value,
                             model_options=_MODEL_OPTION.value, augment_options=_AUGMENT.value,
                             **changes)

@@ -119,6 +119,31 @@ class FerData:
           path=self.source)
     return self.select(mask)
 
+  def with_held_out(self, source: str, name: str, fraction: float, seed: int = 0) -> FerData:
+    """Moves a stratified random ``fraction`` of split ``source`` into a new split ``name``.
+
+    Each class gives up ``round(fraction * its count)`` examples (at least one
+    when it has two or more), drawn with ``seed``; the same data, fraction and
+    seed always give the same split.
+    """
+    if not 0 < fraction < 1:
+      raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    if name in self.split_names:
+      raise DataError(f"this data already has a split named {name!r}", path=self.source)
+    index = np.flatnonzero(self.splits == source)
+    if not len(index):
+      raise DataError(f"no split named {source!r}; this data has {', '.join(self.split_names)}",
+                      path=self.source)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(self.labels[index]):
+      members = index[self.labels[index] == label]
+      take = min(max(int(round(fraction * len(members))), 1), len(members) - 1)
+      chosen.append(rng.choice(members, size=take, replace=False) if take > 0 else members[:0])
+    splits = self.splits.astype(object)
+    splits[np.concatenate(chosen)] = name
+    return dataclasses.replace(self, splits=splits.astype(str))
+
   def class_counts(self) -> np.ndarray:
     """Examples per class, int64 ``(num_classes,)``."""
     return np.bincount(self.labels, minlength=self.num_classes)

@@ -266,7 +266,7 @@ def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, o
     data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
   elif config.labels == "ferplus" and data.num_classes != meta["num_classes"]:
     raise ValueError("this checkpoint was trained on FER+ labels; pass FER+-labelled data")
-  config = resolve_splits(config, data)
+  config, data = resolve_splits(config, data)
   split = split or config.test_split
   return data.split(split), split
 

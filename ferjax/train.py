@@ -213,10 +213,27 @@ def load_training_data(config: TrainConfig, data_path: str | None, *,
   return data
 
 
-def resolve_splits(config: TrainConfig, data: data_lib.FerData) -> TrainConfig:
-  """Maps the default CSV split names to an image folder's train/test."""
+# Image folders have train/ and test/ only. The checkpoint is then selected on a
+# held-out tenth of train (stratified, fixed seed), never on the split it is
+# reported on.
+HELD_OUT_SPLIT = "validation"
+HELD_OUT_FRACTION = 0.1
+
+
+def resolve_splits(config: TrainConfig, data: data_lib.FerData
+                   ) -> tuple[TrainConfig, data_lib.FerData]:
+  """Maps the default CSV split names onto data with other splits: ``(config, data)``.
+
+  For an image folder's train/test: learn on ``train`` less a held-out tenth
+  (:data:`HELD_OUT_SPLIT`), select the checkpoint on that tenth, report
+  ``test``.
+  """
   have = data.split_names
-  fallback = {"Training": "train", "PublicTest": "test", "PrivateTest": "test"}
+  fallback = {"Training": "train", "PublicTest": HELD_OUT_SPLIT, "PrivateTest": "test"}
+  if config.eval_split not in have and fallback.get(config.eval_split) == HELD_OUT_SPLIT \
+      and "train" in have:
+    data = data.with_held_out("train", HELD_OUT_SPLIT, HELD_OUT_FRACTION)
+    have = data.split_names
   changes = {}
   for field in ("train_split", "eval_split", "test_split"):
     name = getattr(config, field)
@@ -228,7 +245,7 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData) -> TrainConfig:
   if changes:
     log.warning("this data has splits %s; using %s", ", ".join(have),
                 ", ".join(f"{k}={v}" for k, v in changes.items()))
-  return dataclasses.replace(config, **changes)
+  return dataclasses.replace(config, **changes), data
 
 
 def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool) -> None:
@@ -284,7 +301,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   workdir = os.path.abspath(workdir)
   if data is None:
     data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
-  config = resolve_splits(config, data)
+  config, data = resolve_splits(config, data)
   train, val, test = (data.split(getattr(config, f)) for f in
                       ("train_split", "eval_split", "test_split"))
   mesh = parallel.make_mesh()

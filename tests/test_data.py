@@ -83,6 +83,28 @@ def test_image_folders(tmp_path, cache_dir, spelling):
     assert len(k) == 1 and d.labels[k[0]] == i % 7
 
 
+def test_held_out_split_is_stratified_disjoint_and_repeatable():
+  n = 140
+  labels = (np.arange(n) % 7).astype(np.int32)
+  labels[:30] = 3  # Classes of different sizes.
+  splits = np.array(["train"] * 120 + ["test"] * 20)
+  d = data_lib.FerData(images=np.zeros((n, 48, 48, 1), np.uint8), labels=labels, splits=splits,
+                       rows=np.arange(n, dtype=np.int32))
+  held = d.with_held_out("train", "validation", 0.1, seed=0)
+  assert held.split_names == ("train", "test", "validation")
+  val, train = held.split("validation"), held.split("train")
+  assert len(val) + len(train) == 120 and len(held.split("test")) == 20
+  assert not set(val.rows) & set(train.rows) and set(val.rows) <= set(range(120))
+  counts = np.bincount(d.split("train").labels, minlength=7)
+  assert (val.class_counts() == np.maximum(np.round(0.1 * counts), 1)).all()
+  again = d.with_held_out("train", "validation", 0.1, seed=0)
+  np.testing.assert_array_equal(again.splits, held.splits)
+  assert not np.array_equal(d.with_held_out("train", "validation", 0.1, seed=1).splits,
+                            held.splits)
+  with pytest.raises(DataError, match="already has a split named 'test'"):
+    d.with_held_out("train", "test", 0.1)
+
+
 def test_image_folder_keeps_split_from_msambare_names(tmp_path, cache_dir):
   img = _expected_images(1)[0, ..., 0]
   for split, name in (("train", "Training_1.jpg"), ("test", "PublicTest_2.jpg"),

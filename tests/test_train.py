@@ -172,6 +172,20 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data
   jax.tree.map(np.testing.assert_array_equal, good, after)
 
 
+def test_image_folder_data_selects_on_held_out_train_not_on_test(tiny_data):
+  config = tiny_config()
+  same_config, same_data = train_lib.resolve_splits(config, tiny_data)  # CSV: as it is.
+  assert same_config == config and same_data is tiny_data
+  splits = np.where(tiny_data.splits == "Training", "train", "test")
+  folder = dataclasses.replace(tiny_data, splits=splits)
+  resolved, data = train_lib.resolve_splits(config, folder)
+  assert (resolved.train_split, resolved.eval_split, resolved.test_split) == (
+      "train", "validation", "test")
+  val, train, test = (data.split(s) for s in ("validation", "train", "test"))
+  assert len(val) + len(train) == 64 and len(test) == 41
+  assert not set(val.rows) & set(test.rows) and not set(val.rows) & set(train.rows)
+
+
 def test_checkpoint_keeps_latest_and_best(tmp_path):
   store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt")
   tree = {"w": jnp.arange(3.0)}
