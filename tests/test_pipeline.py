@@ -110,3 +110,22 @@ def test_tta_views(tta, views):
     assert not np.allclose(v[0], v[2])
   else:
     np.testing.assert_allclose(v[0], x, atol=1e-5)  # The first view is the face itself.
+  if tta == "flip":
+    np.testing.assert_allclose(v[1], x[:, :, ::-1], atol=1e-5)
+
+
+def test_ten_crop_views_are_the_five_44px_crops_scaled_to_48():
+  import cv2
+  x = np.asarray(preprocess(_data(2)[0]))
+  v = np.asarray(tta_views(jnp.asarray(x), "ten_crop"))
+  # OpenCV's linear resize uses the same pixel-centre convention; compare inside a 1-pixel
+  # border, where the warp reads the image just outside the crop and OpenCV clamps.
+  found = []
+  for r0, c0 in ((2, 2), (0, 0), (0, 4), (4, 0), (4, 4)):
+    expected = np.stack([cv2.resize(img[r0:r0 + 44, c0:c0 + 44, 0], (48, 48),
+                                    interpolation=cv2.INTER_LINEAR) for img in x])[..., None]
+    matches = [k for k in range(0, 10, 2)
+               if np.allclose(v[k][:, 1:-1, 1:-1], expected[:, 1:-1, 1:-1], atol=1e-4)]
+    assert len(matches) == 1, (r0, c0)
+    found += matches
+  assert found[0] == 0 and sorted(found) == [0, 2, 4, 6, 8]  # Centre first, each corner once.

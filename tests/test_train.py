@@ -24,6 +24,7 @@ from ferjax.data import load_fer2013
 from ferjax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, evaluate_ensemble,
                              make_predict_fn, predict_dataset)
+from ferjax.preprocess import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ALSTM = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
@@ -306,8 +307,41 @@ def test_two_devices_match_one(tmp_path, tiny_csv):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
+def test_ema_follows_its_update_rule_and_is_what_evaluation_uses(tiny_data):
+  from ferjax import parallel
+  config = tiny_config(ema_decay=0.5)
+  mesh = parallel.make_mesh()
+  trainer = train_lib.Trainer(config, 7, mesh, total_steps=10, steps_per_epoch=4,
+                              weights=np.ones(7, np.float32))
+  params = lambda state: jax.tree.map(np.asarray, state.filter(nnx.Param))
+  train = tiny_data.split("Training")
+  batch = parallel.shard_batch({"image": train.images[:16], "label": train.labels[:16]}, mesh)
+  metrics = trainer.zero_metrics()
+  seen = [params(trainer.state["model"])]
+  for step in range(2):
+    trainer.state, metrics = trainer.train_step(trainer.state, metrics, batch,
+                                                jnp.asarray(step, jnp.int32))
+    seen.append(params(trainer.state["model"]))
+  # ema_0 = p_0; ema_t = d * ema_{t-1} + (1 - d) * p_t, d = 0.5.
+  expected = jax.tree.map(lambda p0, p1, p2: 0.25 * p0 + 0.25 * p1 + 0.5 * p2, *seen)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               jax.tree.map(np.asarray, trainer.state["ema"]), expected)
+  assert not np.allclose(jax.tree.leaves(expected)[0], jax.tree.leaves(seen[2])[0])
+  # Evaluation predicts with the EMA parameters, not the raw ones.
+  model = train_lib.build_model(config, 7)
+  nnx.update(model, trainer.state["model"])
+  model.eval()
+  raw = np.asarray(jax.nn.softmax(model(preprocess(train.images[:4])), axis=-1))
+  nnx.update(model, trainer.state["ema"])
+  with_ema = np.asarray(jax.nn.softmax(model(preprocess(train.images[:4])), axis=-1))
+  got = np.asarray(trainer.predict(jnp.asarray(train.images[:4])))
+  np.testing.assert_allclose(got, with_ema, rtol=1e-4, atol=1e-6)
+  assert not np.allclose(got, raw, atol=1e-6)
+
+
 def test_default_configs_are_valid():
-  for name in ("dnn", "cnn_lstm", "cnn_alstm", "acnn_alstm"):
+  from ferjax.models import model_names
+  for name in model_names():
     c = default_config(name)
     assert c.model == name and TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
   with pytest.raises(ConfigError, match="optimizer must be one of adamw, adam, sgd"):
