@@ -129,6 +129,30 @@ def test_loss_falls_when_overfitting_one_batch(tiny_data):
   assert losses[-1] < 0.3 * losses[0]
 
 
+def test_the_step_learns_soft_targets_when_the_batch_has_them(tiny_data):
+  """Soft targets (FER+ votes, distillation) replace the labels in the loss."""
+  from ferjax import parallel
+  config = tiny_config(augment=NO_AUGMENT, label_smoothing=0.0, learning_rate=1e-2,
+                       model_overrides={**TINY_ALSTM, "dropout": 0.0})
+  mesh = parallel.make_mesh()
+  train = tiny_data.split("Training")
+  images, labels = train.images[:16], train.labels[:16]
+  shifted = (labels + 1) % 7  # Targets that disagree with every label.
+  predicted = {}
+  for name, extra in (("labels", {}), ("soft", {"soft_label": np.eye(7, dtype=np.float32)[
+      shifted]})):
+    trainer = train_lib.Trainer(config, 7, mesh, total_steps=60, steps_per_epoch=60,
+                                weights=np.ones(7, np.float32))
+    batch = parallel.shard_batch({"image": images, "label": labels, **extra}, mesh)
+    for step in range(60):
+      trainer.state, _ = trainer.train_step(trainer.state, trainer.zero_metrics(), batch,
+                                            jnp.asarray(step))
+    predicted[name] = np.asarray(trainer.predict(jnp.asarray(images))).argmax(1)
+  # Seen 2026-11-26: labels 0.875 / shifted 0.0 without, 0.0 / 0.625 with soft targets.
+  assert (predicted["labels"] == labels).mean() >= 0.6 > (predicted["labels"] == shifted).mean()
+  assert (predicted["soft"] == shifted).mean() >= 0.5 > (predicted["soft"] == labels).mean()
+
+
 def test_workdir_with_another_run_is_refused_and_fresh_moves_it_aside(tmp_path, tiny_data):
   workdir = str(tmp_path / "run")
   train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
