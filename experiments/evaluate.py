@@ -1,6 +1,6 @@
 r"""Evaluates a checkpoint of a training run.
 
-  python -m experiments.evaluate --workdir=runs/acnn_alstm --checkpoint=best \
+  python -m experiments.evaluate --workdir=runs/acnn_alstm --which=best \
       --split=PrivateTest --tta=flip
 
 Prints accuracy, macro-F1, per-class precision/recall/F1 and the confusion
@@ -22,7 +22,9 @@ from ferjax.evaluate import TTA_MODES
 _WORKDIR = flags.DEFINE_list("workdir", None, "The training run's workdir; several, "
                              "comma-separated, evaluate their ensemble (needs --output_dir).",
                              required=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+_WHICH = flags.DEFINE_string("which", "best", "Which checkpoint: best, latest or a step number "
+                             "(as in realtime and attention_maps).")
+flags.DEFINE_alias("checkpoint", "which")  # This entrypoint's earlier name for --which.
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate. Default: the run's test split "
                              "(PrivateTest).")
 _TTA = flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation.")
@@ -53,7 +55,7 @@ def main(argv):
     raise app.UsageError(f"--workdir names a run twice: {','.join(workdirs)}")
   from ferjax.evaluate import evaluate_checkpoint, evaluate_ensemble, format_metrics
 
-  common = dict(checkpoint=_CHECKPOINT.value, split=_SPLIT.value, tta=_TTA.value,
+  common = dict(checkpoint=_WHICH.value, split=_SPLIT.value, tta=_TTA.value,
                 data_path=_DATA.value, ferplus_path=_FERPLUS.value, batch_size=_BATCH.value,
                 expect_model=_MODEL.value, output_dir=_OUTPUT.value,
                 on_error="skip" if _SKIP_BAD.value else "raise")

@@ -88,8 +88,8 @@ class CheckpointStore:
     try:
       step = int(which)
     except ValueError:
-      raise CheckpointError(f"--checkpoint must be best, latest or a step number, "
-                            f"got {which!r}") from None
+      raise CheckpointError(f"which checkpoint (--which): expected best, latest or a step "
+                            f"number, got {which!r}") from None
     if step not in steps:
       raise CheckpointError(f"{self.directory}: no checkpoint at step {step}; "
                             f"saved steps: {', '.join(map(str, sorted(steps)))}")
