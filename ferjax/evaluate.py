@@ -218,10 +218,10 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
     step and own metrics on the same split and TTA), ``split``, ``tta`` and
     ``model`` added.
   """
+  import os
+
   from ferjax import checkpoint as checkpoint_lib
   from ferjax.errors import ConfigError
-
-  import os
 
   if len(workdirs) < 2:
     raise ConfigError(f"an ensemble needs at least two runs, got {list(workdirs)}")
