@@ -180,15 +180,8 @@ class AnnotatedImageWriter:
   def write(self, frame_bgr: np.ndarray, name: str) -> None:
     import cv2
 
-    if self.single_file:
-      path = self.path
-      _make_parent(path)
-    else:
-      try:
-        os.makedirs(self.path, exist_ok=True)
-      except OSError as e:
-        raise OutputError(f"{self.path}: cannot create this folder ({e.strerror})") from None
-      path = os.path.join(self.path, name)
+    path = self.path if self.single_file else os.path.join(self.path, name)
+    _make_parent(path)
     partial = _partial_path(path)
     if not cv2.imwrite(partial, frame_bgr):
       raise OutputError(f"{path}: OpenCV cannot write this image")

@@ -393,9 +393,9 @@ def _check_before_writing(config: TrainConfig, num_classes: int, num_train: int)
                       f"examples of {config.train_split}")
   try:  # Builds the model abstractly: bad --model_option values fail here, cheaply.
     nnx.eval_shape(lambda: build_model(config, num_classes))
+  except ConfigError:
+    raise
   except (ValueError, TypeError) as e:
-    if isinstance(e, ConfigError):
-      raise
     options = " ".join(f"{k}={v!r}" for k, v in config.model_overrides.items())
     raise ConfigError(f"model {config.model!r} with options {options or '(none)'}: "
                       f"{e}") from None
