@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 # * XLA compiles a while loop into one kernel only when it touches under 1 kB;
 #   otherwise every iteration dispatches each op separately. At batch 1 the
 #   LSTM's 36-step loop (about 0.3 MB) spent most of its time in that dispatch;
-#   compiled whole, a face's prediction is about 0.2 ms faster. Loops over larger
+#   compiled whole, the recurrence takes about 0.06 ms less. Loops over larger
 #   batches call YNNPACK and are left as they are.
 # Only the CPU backend is touched, never a flag the user set, only on the jaxlib
 # versions they were measured on, and nothing once JAX has started or when
