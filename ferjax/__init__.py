@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 #   are faster. A training step got 1.2x faster.
 # * XLA compiles a while loop into one kernel only when it touches under 1 kB;
 #   otherwise every iteration dispatches each op separately. At batch 1 the
-#   LSTM's 36-step loop (about 0.3 MB) spent most of its time in that dispatch;
+#   LSTM's 36-step loop (about 0.3 MB) spent about a quarter of its time there;
 #   compiled whole, the recurrence takes about 0.06 ms less. Loops over larger
 #   batches call YNNPACK and are left as they are.
 # Only the CPU backend is touched, never a flag the user set, only on the jaxlib
