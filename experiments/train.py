@@ -21,8 +21,9 @@ _LABELS = flags.DEFINE_enum("labels", "fer2013", LABEL_SETS,
 _SOFT = flags.DEFINE_bool("soft_targets", None, "With --labels=ferplus: train on the FER+ vote "
                           "distributions instead of the majority labels.")
 _DISTILL = flags.DEFINE_string("distill_from", None, "Knowledge distillation: a trained run's "
-                               "workdir; its best checkpoint's predictions on the training "
-                               "images are mixed into the targets.")
+                               "workdir, or several separated by commas; the best "
+                               "checkpoints' predictions on the training images (averaged "
+                               "over the runs) are mixed into the targets.")
 _DISTILL_WEIGHT = flags.DEFINE_float("distill_weight", None, "Weight of the teacher's "
                                      "predictions in the targets (0.5).")
 _FERPLUS = flags.DEFINE_string("ferplus", None,

@@ -28,8 +28,9 @@ class TrainConfig:
   model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
   labels: str = "fer2013"
   soft_targets: bool = False  # FER+ only: fit the vote distributions, not the majority.
-  # Knowledge distillation: a trained run's workdir whose predictions on the
-  # training images are mixed into the targets with weight distill_weight.
+  # Knowledge distillation: a trained run's workdir (or several, comma-separated:
+  # their predictions are averaged) whose predictions on the training images
+  # are mixed into the targets with weight distill_weight.
   distill_from: str | None = None
   distill_weight: float = 0.5
   epochs: int = 40

@@ -308,10 +308,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
   _check_before_writing(config, data.num_classes, len(train))
+  teachers = _load_teachers(config, data.class_names, workdir)
   prepare_workdir(workdir, config, fresh=fresh)
 
   batches = TrainBatches(train.images, train.labels, config.batch_size, config.seed,
-                         soft_labels=_training_targets(config, train, data.class_names))
+                         soft_labels=_training_targets(config, train, data.class_names, teachers))
   steps_per_epoch = batches.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
   stop_step = min(total_steps, config.max_steps or total_steps)
@@ -401,28 +402,52 @@ def _check_before_writing(config: TrainConfig, num_classes: int, num_train: int)
                       f"{e}") from None
 
 
-def _training_targets(config: TrainConfig, train: data_lib.FerData,
-                      class_names) -> np.ndarray | None:
+def distill_sources(config: TrainConfig) -> list[str]:
+  """The teacher workdirs named by ``config.distill_from`` (comma-separated)."""
+  if not config.distill_from:
+    return []
+  return [p.strip() for p in config.distill_from.split(",") if p.strip()]
+
+
+def _load_teachers(config: TrainConfig, class_names, workdir: str) -> list:
+  """The teachers' best checkpoints, checked before anything is written."""
+  teachers = []
+  for source in distill_sources(config):
+    if os.path.exists(source) and os.path.exists(workdir) and os.path.samefile(source, workdir):
+      raise ConfigError(f"--distill_from={source} is this run's own --workdir; a teacher must be "
+                        "another, finished run")
+    teacher, meta = checkpoint_lib.load_model(source, "best")
+    if list(meta["class_names"]) != list(class_names):
+      raise ConfigError(f"--distill_from={source}: the teacher predicts "
+                        f"{meta['class_names']}, this run has {list(class_names)}")
+    teachers.append((source, teacher, meta))
+  return teachers
+
+
+def _training_targets(config: TrainConfig, train: data_lib.FerData, class_names,
+                      teachers=None) -> np.ndarray | None:
   """Soft targets for the training examples, or None to train on the labels.
 
   FER+ vote distributions with ``soft_targets``; with ``distill_from``, the
-  teacher's probabilities (averaged over the face and its mirror image) mixed
-  with the one-hot labels: ``(1 - w) * onehot + w * teacher``.
+  teachers' probabilities (each averaged over the face and its mirror image,
+  then averaged over the teachers, equally weighted) mixed with the one-hot
+  labels: ``(1 - w) * onehot + w * teacher``.
   """
   if config.soft_targets:
     targets = train.soft_labels
   else:
     targets = np.eye(len(class_names), dtype=np.float32)[train.labels]
-  if not config.distill_from:
+  if teachers is None:
+    teachers = _load_teachers(config, class_names, "")
+  if not teachers:
     return targets if config.soft_targets else None
-  teacher, meta = checkpoint_lib.load_model(config.distill_from, "best")
-  if list(meta["class_names"]) != list(class_names):
-    raise ConfigError(f"--distill_from={config.distill_from}: the teacher predicts "
-                      f"{meta['class_names']}, this run has {list(class_names)}")
-  log.info("distilling from %s (%s, step %d): predicting %d training images", config.distill_from,
-           meta["model"], meta["step"], len(train))
-  probs = evaluate_lib.predict_dataset(evaluate_lib.make_predict_fn(teacher, "flip"),
-                                       train.images, config.eval_batch_size)
+  probs = np.zeros_like(targets, dtype=np.float64)
+  for source, teacher, meta in teachers:
+    log.info("distilling from %s (%s, step %d): predicting %d training images", source,
+             meta["model"], meta["step"], len(train))
+    probs += evaluate_lib.predict_dataset(evaluate_lib.make_predict_fn(teacher, "flip"),
+                                          train.images, config.eval_batch_size)
+  probs /= len(teachers)
   w = config.distill_weight
   return ((1 - w) * targets + w * probs).astype(np.float32)
 

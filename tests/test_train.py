@@ -430,3 +430,36 @@ def test_distillation_mixes_the_teachers_predictions_into_the_targets(tmp_path, 
   assert train_lib._training_targets(tiny_config(), train, tiny_data.class_names) is None
   results = train_lib.train_and_evaluate(config, str(tmp_path / "student"), data=tiny_data)
   assert results["config"]["distill_from"] == teacher_dir
+
+
+def test_distillation_from_several_runs_averages_their_predictions(tmp_path, tiny_data):
+  dirs = [str(tmp_path / f"teacher{seed}") for seed in (0, 1)]
+  for seed, d in zip((0, 1), dirs):
+    train_lib.train_and_evaluate(tiny_config(max_steps=2, seed=seed), d, data=tiny_data)
+  train = tiny_data.split("Training")
+  probs = [predict_dataset(make_predict_fn(checkpoint_lib.load_model(d)[0], "flip"),
+                           train.images, 16) for d in dirs]
+  assert not np.allclose(probs[0], probs[1], atol=1e-3)  # Two different teachers.
+  config = tiny_config(distill_from=f"{dirs[0]}, {dirs[1]}", distill_weight=0.5)
+  assert train_lib.distill_sources(config) == dirs
+  targets = train_lib._training_targets(config, train, tiny_data.class_names)
+  np.testing.assert_allclose(targets, 0.5 * np.eye(7)[train.labels] + 0.25 * (probs[0] + probs[1]),
+                             atol=1e-6)
+
+
+def test_a_bad_teacher_is_refused_before_the_workdir_is_written(tmp_path, tiny_data):
+  teacher = str(tmp_path / "teacher")
+  train_lib.train_and_evaluate(tiny_config(max_steps=1), teacher, data=tiny_data)
+  before = sorted(os.listdir(teacher))
+  # The run's own workdir as its teacher: refused, the run left as it was.
+  with pytest.raises(ConfigError, match="own --workdir"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=2, distill_from=teacher), teacher,
+                                 data=tiny_data)
+  assert sorted(os.listdir(teacher)) == before
+  # A missing teacher: nothing is created for the student.
+  student = tmp_path / "student"
+  with pytest.raises(CheckpointError):
+    train_lib.train_and_evaluate(
+        tiny_config(max_steps=1, distill_from=f"{teacher},{tmp_path / 'missing'}"),
+        str(student), data=tiny_data)
+  assert not student.exists()
