@@ -50,3 +50,7 @@ run cnn_lstm --model=cnn_lstm --epochs=40
 run cnn_alstm --model=cnn_alstm --epochs=40
 # acnn_alstm again, with vgg_alstm's predictions mixed into its targets (distillation).
 run acnn_alstm-distilled --model=acnn_alstm --epochs=40 --distill_from=runs/vgg_alstm
+# The same with every full-schedule FER2013 run above as one teacher (their
+# predictions averaged).
+run acnn_alstm-distilled-ensemble --model=acnn_alstm --epochs=40 \
+  --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
