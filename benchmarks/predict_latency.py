@@ -1,7 +1,7 @@
 r"""Latency of ``Predictor.predict_faces`` for one face, and faces per second at batch 64.
 
   python -m benchmarks.predict_latency                         # the shipped weights
-  python -m benchmarks.predict_latency --checkpoint=runs/acnn_alstm
+  python -m benchmarks.predict_latency --workdir=runs/acnn_alstm
   python -m benchmarks.predict_latency --models=acnn_alstm,vgg_alstm,dnn
 
 With ``--models`` each registered model is freshly initialised (speed does not
@@ -35,10 +35,11 @@ from ferjax.faces import FACE_SIZE
 from ferjax.inference import DEFAULT_WEIGHTS, Predictor
 from ferjax.models import create_model, model_names
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
-                                  "shipped weights in ferjax/weights/default when present, "
-                                  "else a fresh acnn_alstm.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir. Default: the "
+                               "shipped weights in ferjax/weights/default when present, "
+                               "else a fresh acnn_alstm.")
 _WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
+flags.DEFINE_alias("checkpoint", "workdir")  # The earlier name of --workdir here.
 _MODELS = flags.DEFINE_list("models", [], f"Freshly initialised models to time instead of a "
                             f"checkpoint; any of {', '.join(model_names())}.")
 _CALLS = flags.DEFINE_integer("calls", 500, "Timed calls per batch-1 measurement.")
@@ -96,7 +97,7 @@ def _targets():
   if _MODELS.value:
     yield from _fresh(_MODELS.value)
     return
-  path = _CHECKPOINT.value
+  path = _WORKDIR.value
   if path is None and os.path.isdir(os.path.join(DEFAULT_WEIGHTS, "checkpoints")):
     path = DEFAULT_WEIGHTS
   if path is None:

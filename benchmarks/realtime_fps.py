@@ -43,10 +43,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _CLIP = os.path.join(os.path.dirname(_HERE), "ferjax", "assets", "demo_face_clip.mkv")
 
 _SOURCE = flags.DEFINE_string("source", _CLIP, "A video file.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
-                                  "shipped weights in ferjax/weights/default when present, "
-                                  "else a fresh acnn_alstm (speed does not depend on weights).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir. Default: the "
+                               "shipped weights in ferjax/weights/default when present, "
+                               "else a fresh acnn_alstm (speed does not depend on weights).")
 _WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
+flags.DEFINE_alias("checkpoint", "workdir")  # The earlier name of --workdir here.
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed passes over the clip, per setting.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed frames before each timed run.")
 _DOWNSCALES = flags.DEFINE_list("downscales", ["1", "2", "3"], "Detector --downscale values "
@@ -85,7 +86,7 @@ def replay_source(frames, repeats: int, fps: float | None) -> FrameSource:
 
 def load_predictor() -> tuple[Predictor, str]:
   """The predictor to time and a description of its model."""
-  path = _CHECKPOINT.value
+  path = _WORKDIR.value
   if path is None and os.path.isdir(os.path.join(DEFAULT_WEIGHTS, "checkpoints")):
     path = DEFAULT_WEIGHTS
   if path is not None:

@@ -1,6 +1,6 @@
 r"""Draws a model's local attention α (6x6 positions) as heat maps over test faces.
 
-  python -m experiments.attention_maps --checkpoint=runs/acnn_alstm \
+  python -m experiments.attention_maps --workdir=runs/acnn_alstm \
       --data=path/to/fer2013.csv --split=PrivateTest --num=32 --output=attention.png
 
 Each face is titled true→predicted label and the prediction's probability.
@@ -11,9 +11,10 @@ from absl import app, flags
 
 from ferjax import cli, hostmem
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
-                                  "weights shipped in ferjax/weights/default.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir. Default: the "
+                               "weights shipped in ferjax/weights/default.")
 _WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
+flags.DEFINE_alias("checkpoint", "workdir")  # The earlier name of --workdir here.
 _DATA = flags.DEFINE_string("data", None, "FER2013 in any supported form. Default: "
                             "$FER2013_PATH.")
 _SPLIT = flags.DEFINE_string("split", "PrivateTest", "Split to take faces from.")
@@ -33,7 +34,7 @@ def main(argv):
   cli.setup_logging()
   from ferjax.inference import render_attention_maps
 
-  result = render_attention_maps(_OUTPUT.value, checkpoint=_CHECKPOINT.value, which=_WHICH.value,
+  result = render_attention_maps(_OUTPUT.value, checkpoint=_WORKDIR.value, which=_WHICH.value,
                                  data_path=_DATA.value, split=_SPLIT.value, num=_NUM.value,
                                  columns=_COLUMNS.value,
                                  on_error="skip" if _SKIP_BAD.value else "raise")

@@ -2,7 +2,7 @@ r"""Writes an inference-only copy of a run's best checkpoint (no optimiser state
 
   python -m experiments.export_weights --workdir=runs/acnn_alstm --output=/tmp/acnn_weights
 
-The output loads like a workdir: ``Predictor("out")``, ``--checkpoint=out``.
+The output loads like a workdir: ``Predictor("out")``, ``--workdir=out``.
 """
 
 from absl import app, flags
@@ -11,7 +11,8 @@ from ferjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to create.", required=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+_WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
+flags.DEFINE_alias("checkpoint", "which")  # The earlier name of --which here.
 
 
 @cli.exit_on_errors
@@ -21,7 +22,7 @@ def main(argv):
   cli.setup_logging()
   from ferjax.checkpoint import export_model
 
-  meta = export_model(_WORKDIR.value, _OUTPUT.value, _CHECKPOINT.value)
+  meta = export_model(_WORKDIR.value, _OUTPUT.value, _WHICH.value)
   print(f"exported {meta['model']} step {meta['step']} to {_OUTPUT.value}")
 
 

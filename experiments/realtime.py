@@ -2,7 +2,7 @@ r"""Facial expressions in realtime: webcam, video file, image or folder of image
 
   python -m experiments.realtime                                # webcam 0, shipped weights
   python -m experiments.realtime --source=demo --no_display --output=demo.mp4   # no camera
-  python -m experiments.realtime --checkpoint=runs/acnn_alstm --source=clip.mp4 \
+  python -m experiments.realtime --workdir=runs/acnn_alstm --source=clip.mp4 \
       --no_display --output=annotated.mp4 --csv=faces.csv --json=faces.json
 
 Each frame: Haar face detection → 48x48 crops → the model. The window shows
@@ -23,9 +23,10 @@ _SOURCE = flags.DEFINE_string("source", "0", "Camera index, video file, image fi
                               "images, or 'demo' (a short face clip shipped with ferjax).")
 _PRINT = flags.DEFINE_bool("print_faces", None, "Print each analysed frame's faces (label and "
                            "probabilities). Default: on when running without a window.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training run's workdir. Default: the "
-                                  "weights shipped in ferjax/weights/default.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir. Default: the "
+                               "weights shipped in ferjax/weights/default.")
 _WHICH = flags.DEFINE_string("which", "best", "best, latest or a step number.")
+flags.DEFINE_alias("checkpoint", "workdir")  # The earlier name of --workdir here.
 _OUTPUT = flags.DEFINE_string("output", None, "Annotated output: a video (.mp4, .mkv, .avi) for "
                               "camera/video input, a folder for image input.")
 _CSV = flags.DEFINE_string("csv", None, "Write one row per face (frame, time, box, label, all "
@@ -71,7 +72,7 @@ def main(argv):
   detector = FaceDetector(scale_factor=_SCALE.value, min_neighbors=_NEIGHBORS.value,
                           min_size=_MIN_SIZE.value, margin=_MARGIN.value,
                           max_faces=_MAX_FACES.value, downscale=_DOWNSCALE.value)
-  predictor = Predictor(_CHECKPOINT.value, _WHICH.value, max_faces=_MAX_FACES.value)
+  predictor = Predictor(_WORKDIR.value, _WHICH.value, max_faces=_MAX_FACES.value)
   show = not _NO_DISPLAY.value
   if show:
     from ferjax.annotate import display_available

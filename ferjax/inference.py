@@ -31,7 +31,7 @@ def default_weights_dir() -> str:
   if not os.path.isdir(os.path.join(DEFAULT_WEIGHTS, "checkpoints")):
     raise CheckpointError(
         f"{DEFAULT_WEIGHTS}: no default weights are installed with ferjax; pass a training "
-        "run's workdir instead (e.g. --checkpoint=runs/acnn_alstm), or train one with "
+        "run's workdir instead (e.g. --workdir=runs/acnn_alstm), or train one with "
         "python -m experiments.train")
   return DEFAULT_WEIGHTS
 

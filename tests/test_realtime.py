@@ -267,7 +267,7 @@ def test_script_refuses_bad_detector_settings_in_one_line():
 
 def test_script_runs_headless_on_the_clip(tiny_run, tmp_path):
   table = tmp_path / "faces.csv"
-  result = _script(f"--source={CLIP}", f"--checkpoint={tiny_run[0]}", f"--csv={table}",
+  result = _script(f"--source={CLIP}", f"--workdir={tiny_run[0]}", f"--csv={table}",
                    "--max_frames=12", "--every=2", "--max_faces=2", "--redetect_every=3")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "no display" in result.stderr and "running headless" in result.stderr
@@ -357,6 +357,7 @@ def test_outputs_may_not_replace_their_source(predictor, tmp_path, clip_frames):
 def test_script_prints_faces_headless_on_the_demo_clip(tiny_run, tmp_path):
   out = tmp_path / "demo.mp4"
   r = subprocess.run([sys.executable, "-m", "experiments.realtime", "--source=demo",
+                      # --checkpoint: the earlier name of --workdir, still accepted.
                       f"--checkpoint={tiny_run[0]}", "--no_display", f"--output={out}",
                       "--max_frames=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]

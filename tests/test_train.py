@@ -397,6 +397,24 @@ def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
     checkpoint_lib.export_model(workdir, out)
 
 
+def test_export_weights_cli_exports_the_checkpoint_named_by_which(tmp_path, tiny_data):
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(max_steps=2, eval_every=1), workdir, data=tiny_data)
+  out = tmp_path / "exported"
+
+  def export(*flags):
+    return subprocess.run([sys.executable, "-m", "experiments.export_weights",
+                           f"--workdir={workdir}", f"--output={out}", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+  r = export("--which=7")  # No such step: a one-line error, nothing written.
+  assert r.returncode == 2 and "no checkpoint at step 7" in r.stderr and not out.exists()
+  r = export("--checkpoint=latest")  # The earlier name of --which.
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"step 2 to {out}" in r.stdout
+  jax.tree.map(np.testing.assert_array_equal, _params(workdir, "latest")[0], _params(out)[0])
+
+
 def test_ferplus_labels_train_an_8_class_model(tmp_path, tiny_csv):
   n = 105  # Rows of tiny_csv, in order.
   votes = ["0,10,0,0,0,0,0,0,0,0", "0,0,0,0,0,0,0,10,0,0", "0,0,0,0,0,0,0,0,0,10"]
