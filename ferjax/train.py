@@ -36,7 +36,7 @@ from ferjax import parallel
 from ferjax import plots
 from ferjax.augment import augment
 from ferjax.config import TrainConfig
-from ferjax.errors import ConfigError, TrainingDivergedError
+from ferjax.errors import CheckpointError, ConfigError, TrainingDivergedError
 from ferjax.input_pipeline import TrainBatches
 from ferjax.models import create_model
 from ferjax.preprocess import preprocess
@@ -416,7 +416,10 @@ def _load_teachers(config: TrainConfig, class_names, workdir: str) -> list:
     if os.path.exists(source) and os.path.exists(workdir) and os.path.samefile(source, workdir):
       raise ConfigError(f"--distill_from={source} is this run's own --workdir; a teacher must be "
                         "another, finished run")
-    teacher, meta = checkpoint_lib.load_model(source, "best")
+    try:
+      teacher, meta = checkpoint_lib.load_model(source, "best")
+    except CheckpointError as e:
+      raise CheckpointError(f"--distill_from: {e}") from None
     if list(meta["class_names"]) != list(class_names):
       raise ConfigError(f"--distill_from={source}: the teacher predicts "
                         f"{meta['class_names']}, this run has {list(class_names)}")

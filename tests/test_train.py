@@ -476,7 +476,7 @@ def test_a_bad_teacher_is_refused_before_the_workdir_is_written(tmp_path, tiny_d
   assert sorted(os.listdir(teacher)) == before
   # A missing teacher: nothing is created for the student.
   student = tmp_path / "student"
-  with pytest.raises(CheckpointError):
+  with pytest.raises(CheckpointError, match="^--distill_from: .*missing: no such directory"):
     train_lib.train_and_evaluate(
         tiny_config(max_steps=1, distill_from=f"{teacher},{tmp_path / 'missing'}"),
         str(student), data=tiny_data)
