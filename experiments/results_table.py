@@ -34,7 +34,7 @@ def _commands(script: str) -> dict[str, str]:
   out = {}
   if not os.path.exists(script):
     return out
-  text = open(script).read()
+  text = re.sub(r"\s*\\\n\s*", " ", open(script).read())  # Join continued lines.
   variables = dict(re.findall(r'^([A-Z]+)="([^"]*)"$', text, re.M))
   for name, args in re.findall(r"^run (\S+) (.*)$", text, re.M):
     for var, value in variables.items():

@@ -162,7 +162,7 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   result = json.load(open(os.path.join(workdir, "results.json")))
   json.dump(result, open(results / "short-acnn.json", "w"))
   script = tmp_path / "reproduce.sh"
-  script.write_text('A="--model=acnn_alstm --epochs=1"\nrun short-acnn $A --batch_size=8\n')
+  script.write_text('A="--model=acnn_alstm --epochs=1"\nrun short-acnn $A \\\n  --batch_size=8\n')
   readme = tmp_path / "README.md"
   readme.write_text("# x\n\n<!-- results-table -->\n\nafter\n")
   for _ in range(2):  # The tables go to stdout and the README; a second run replaces them.
