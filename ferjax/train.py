@@ -428,7 +428,7 @@ def _load_teachers(config: TrainConfig, class_names, workdir: str) -> list:
 
 
 def _training_targets(config: TrainConfig, train: data_lib.FerData, class_names,
-                      teachers=None) -> np.ndarray | None:
+                      teachers: list) -> np.ndarray | None:
   """Soft targets for the training examples, or None to train on the labels.
 
   FER+ vote distributions with ``soft_targets``; with ``distill_from``, the
@@ -440,8 +440,6 @@ def _training_targets(config: TrainConfig, train: data_lib.FerData, class_names,
     targets = train.soft_labels
   else:
     targets = np.eye(len(class_names), dtype=np.float32)[train.labels]
-  if teachers is None:
-    teachers = _load_teachers(config, class_names, "")
   if not teachers:
     return targets if config.soft_targets else None
   probs = np.zeros_like(targets, dtype=np.float64)

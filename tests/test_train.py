@@ -440,12 +440,14 @@ def test_distillation_mixes_the_teachers_predictions_into_the_targets(tmp_path, 
   train_lib.train_and_evaluate(tiny_config(max_steps=2), teacher_dir, data=tiny_data)
   config = tiny_config(max_steps=1, distill_from=teacher_dir, distill_weight=0.25)
   train = tiny_data.split("Training")
-  targets = train_lib._training_targets(config, train, tiny_data.class_names)
+  targets = train_lib._training_targets(
+      config, train, tiny_data.class_names,
+      train_lib._load_teachers(config, tiny_data.class_names, str(tmp_path / "student")))
   teacher, _ = checkpoint_lib.load_model(teacher_dir)
   probs = predict_dataset(make_predict_fn(teacher, "flip"), train.images, 16)
   np.testing.assert_allclose(targets, 0.75 * np.eye(7)[train.labels] + 0.25 * probs, atol=1e-6)
   np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
-  assert train_lib._training_targets(tiny_config(), train, tiny_data.class_names) is None
+  assert train_lib._training_targets(tiny_config(), train, tiny_data.class_names, []) is None
   results = train_lib.train_and_evaluate(config, str(tmp_path / "student"), data=tiny_data)
   assert results["config"]["distill_from"] == teacher_dir
 
@@ -460,7 +462,9 @@ def test_distillation_from_several_runs_averages_their_predictions(tmp_path, tin
   assert not np.allclose(probs[0], probs[1], atol=1e-3)  # Two different teachers.
   config = tiny_config(distill_from=f"{dirs[0]}, {dirs[1]}", distill_weight=0.5)
   assert train_lib.distill_sources(config) == dirs
-  targets = train_lib._training_targets(config, train, tiny_data.class_names)
+  targets = train_lib._training_targets(
+      config, train, tiny_data.class_names,
+      train_lib._load_teachers(config, tiny_data.class_names, str(tmp_path / "student")))
   np.testing.assert_allclose(targets, 0.5 * np.eye(7)[train.labels] + 0.25 * (probs[0] + probs[1]),
                              atol=1e-6)
 
