@@ -7,13 +7,16 @@ Main table: every model's PrivateTest accuracy (plain and with flip TTA),
 macro-F1, parameters, MFLOPs per image, epochs and training time, with the
 command that produced the row (experiments/reproduce_results.sh). Short-schedule
 table: the short-* runs (every model on the same few epochs) and the
-ablation-* runs. FER+ rows: runs with labels=ferplus.
+ablation-* runs. FER+ rows: runs with labels=ferplus. Seed spread: a run NAME
+repeated as NAME-seed<N> (same command, another --seed) gives one row with every
+seed's PrivateTest accuracy, their mean, sample standard deviation and range.
 """
 
 import glob
 import json
 import os
 import re
+import statistics
 
 from absl import app, flags
 
@@ -47,6 +50,54 @@ def _commands(script: str) -> dict[str, str]:
 def _is_short(name: str) -> bool:
   """Runs on the shared short schedule: the short-* models and the ablation."""
   return name.startswith(("ablation-", "short-"))
+
+
+def seed_groups(runs: dict[str, dict]) -> dict[str, list[str]]:
+  """Base run → [base, base-seed<N>, ...] for every base repeated with other seeds."""
+  from ferjax.config import RUN_CONTROL_FIELDS
+
+  def recipe(name):  # What must match: everything but the seed and the run control.
+    return {k: v for k, v in runs[name]["config"].items()
+            if k != "seed" and k not in RUN_CONTROL_FIELDS}
+
+  groups = {}
+  for name in runs:
+    m = re.fullmatch(r"(.+)-seed\d+", name)
+    if not (m and m.group(1) in runs):
+      continue
+    base = m.group(1)
+    differ = sorted(k for k in recipe(base).keys() | recipe(name).keys()
+                    if recipe(base).get(k) != recipe(name).get(k))
+    if differ:
+      raise ConfigError(f"{name}.json: a seed repeat of {base} must differ only in its seed; "
+                        f"it also differs in {', '.join(differ)}")
+    if runs[name]["config"]["seed"] == runs[base]["config"]["seed"]:
+      raise ConfigError(f"{name}.json: has the same seed as {base}.json")
+    groups.setdefault(base, [base]).append(name)
+  return groups
+
+
+def seed_spread_table(runs: dict[str, dict]) -> str:
+  """Markdown rows: per repeated run, each seed's PrivateTest accuracy and their spread."""
+  lines = []
+  for base, names in seed_groups(runs).items():
+    names = sorted(names, key=lambda n: runs[n]["config"]["seed"])
+    cells = []
+    for key in ("test_tta_none", "test_tta_ten_crop"):
+      accs = [100 * runs[n][key]["accuracy"] for n in names if runs[n].get(key)]
+      if len(accs) < len(names):  # A seed without this evaluation: no spread to show.
+        cells.append("— | — | — | —")
+        continue
+      cells.append(f"{' / '.join(f'{a:.2f}' for a in accs)} | {statistics.mean(accs):.2f} | "
+                   f"{statistics.stdev(accs):.2f} | {max(accs) - min(accs):.2f}")
+    seeds = ", ".join(str(runs[n]["config"]["seed"]) for n in names)
+    lines.append(f"| `{base}` | {seeds} | {cells[0]} | {cells[1]} |")
+  if not lines:
+    return ""
+  return ("| run | seeds | PrivateTest % per seed | mean | s.d. | range | ten-crop % per seed | "
+          "mean | s.d. | range |\n"
+          "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |\n" + "\n".join(lines)
+          + "\n")
 
 
 def _hours(seconds) -> str:
@@ -95,6 +146,10 @@ def main(argv):
     rows = [row(n, r) for n, r in runs.items() if keep(n, r)]
     if rows:
       tables.append(f"#### {title}\n\n{header}\n" + "\n".join(rows) + "\n")
+  spread = seed_spread_table(runs)
+  if spread:
+    tables.append("#### Seed spread (the same command with other seeds; s.d. is the sample "
+                  f"standard deviation)\n\n{spread}")
   text = "\n".join(tables)
   print(text)
   if readme is not None:

@@ -178,6 +178,22 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
                          "--batch_size=8 --workdir=runs/short-acnn`")
     text = readme.read_text()
     assert text.count(row) == 1 and text.endswith("<!-- /results-table -->\n\nafter\n")
+  # The same run with another seed: its own row, and one seed-spread row for the two.
+  repeat = json.loads(json.dumps(result))
+  repeat["config"]["seed"] += 1
+  repeat["test_tta_none"]["accuracy"] = result["test_tta_none"]["accuracy"] + 0.02
+  json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
+  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  spread = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn` | 0, 1 |"))
+  a = 100 * result["test_tta_none"]["accuracy"]
+  assert spread.split(" | ")[2:6] == [f"{a:.2f} / {a + 2:.2f}", f"{a + 1:.2f}",
+                                      f"{2 ** 0.5:.2f}", "2.00"]
+  repeat["config"]["learning_rate"] *= 2  # Not a seed repeat any more: refused, named.
+  json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
+  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  assert r.returncode == 2 and "short-acnn-seed1.json: a seed repeat of short-acnn must differ " \
+      "only in its seed; it also differs in learning_rate" in r.stderr
   r = run("experiments.results_table", f"--results={results}", f"--script={script}",
           f"--readme={tmp_path / 'nothing.md'}")
   assert r.returncode == 2 and "nothing.md: No such file or directory" in r.stderr
