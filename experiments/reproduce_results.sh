@@ -54,11 +54,11 @@ run acnn_alstm-distilled --model=acnn_alstm --epochs=40 --distill_from=runs/vgg_
 # predictions averaged).
 run acnn_alstm-distilled-ensemble --model=acnn_alstm --epochs=40 \
   --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
-# The same, evaluated (and its checkpoint selected) with an exponential moving
-# average of the parameters (decay 0.999: about 1,000 steps, two epochs).
-run acnn_alstm-distilled-ensemble-ema --model=acnn_alstm --epochs=40 --ema_decay=0.999 \
-  --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
 # Seed spread: ablation-base (seed 0) again with two other seeds (initialisation,
 # data order, augmentation and dropout all change).
 run ablation-base-seed1 $A --seed=1
 run ablation-base-seed2 $A --seed=2
+# acnn_alstm-distilled-ensemble again, evaluated (and its checkpoint selected) with an
+# exponential moving average of the parameters (decay 0.999: about 1,000 steps, two epochs).
+run acnn_alstm-distilled-ensemble-ema --model=acnn_alstm --epochs=40 --ema_decay=0.999 \
+  --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
