@@ -20,6 +20,7 @@ _OPTION = flags.DEFINE_multi_string("model_option", [], "Model option key=value 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
   from ferjax.models.summary import summarize
 
   overrides = cli.parse_options(_OPTION.value, "model_option")

@@ -108,6 +108,7 @@ def _hours(seconds) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
   from ferjax.models.summary import summarize
 
   commands = _commands(_SCRIPT.value)
