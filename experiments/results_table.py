@@ -112,8 +112,8 @@ def main(argv):
   from ferjax.models.summary import summarize
 
   commands = _commands(_SCRIPT.value)
-  runs = {os.path.basename(p)[:-5]: json.load(open(p))
-          for p in sorted(glob.glob(os.path.join(_RESULTS.value, "*.json")))}
+  paths = {os.path.basename(p)[:-5]: p for p in glob.glob(os.path.join(_RESULTS.value, "*.json"))}
+  runs = {name: json.load(open(paths[name])) for name in sorted(paths)}  # NAME before NAME-seed1.
   if not runs:
     raise ConfigError(f"--results={_RESULTS.value}: no <run>.json files there")
   readme = _read_readme(_README.value) if _README.value else None  # Fail before the work.

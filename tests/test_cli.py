@@ -185,6 +185,8 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
   r = run("experiments.results_table", f"--results={results}", f"--script={script}")
   assert r.returncode == 0, r.stderr[-3000:]
+  names = [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("| `short")]
+  assert names[:2] == ["| `short-acnn`", "| `short-acnn-seed1`"]  # A run, then its repeats.
   spread = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn` | 0, 1 |"))
   a = 100 * result["test_tta_none"]["accuracy"]
   assert spread.split(" | ")[2:6] == [f"{a:.2f} / {a + 2:.2f}", f"{a + 1:.2f}",
