@@ -66,8 +66,8 @@ def seed_groups(runs: dict[str, dict]) -> dict[str, list[str]]:
     if not (m and m.group(1) in runs):
       continue
     base = m.group(1)
-    differ = sorted(k for k in recipe(base).keys() | recipe(name).keys()
-                    if recipe(base).get(k) != recipe(name).get(k))
+    want, got = recipe(base), recipe(name)
+    differ = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
     if differ:
       raise ConfigError(f"{name}.json: a seed repeat of {base} must differ only in its seed; "
                         f"it also differs in {', '.join(differ)}")
