@@ -54,11 +54,12 @@ def _is_short(name: str) -> bool:
 
 def seed_groups(runs: dict[str, dict]) -> dict[str, list[str]]:
   """Base run → [base, base-seed<N>, ...] for every base repeated with other seeds."""
-  from ferjax.config import RUN_CONTROL_FIELDS
+  from ferjax.config import TrainConfig
 
-  def recipe(name):  # What must match: everything but the seed and the run control.
-    return {k: v for k, v in runs[name]["config"].items()
-            if k != "seed" and k not in RUN_CONTROL_FIELDS}
+  def recipe(name):  # What must match: the config's identity, but for the seed.
+    identity = TrainConfig.from_dict(runs[name]["config"]).identity()
+    identity.pop("seed")
+    return identity
 
   groups = {}
   for name in runs:
