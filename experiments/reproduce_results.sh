@@ -65,3 +65,9 @@ run ablation-layers2-seed1 $A --model_option=lstm_layers=2 --seed=1
 # exponential moving average of the parameters (decay 0.999: about 1,000 steps, two epochs).
 run acnn_alstm-distilled-ensemble-ema --model=acnn_alstm --epochs=40 --ema_decay=0.999 \
   --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
+# The 40-epoch spread: acnn_alstm-distilled-ensemble again with another seed.
+run acnn_alstm-distilled-ensemble-seed1 --model=acnn_alstm --epochs=40 --seed=1 \
+  --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
+# The same teachers with more weight on their predictions (0.8 instead of 0.5).
+run acnn_alstm-distilled-ensemble-weight0.8 --model=acnn_alstm --epochs=40 --distill_weight=0.8 \
+  --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm

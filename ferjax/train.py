@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -312,7 +313,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   prepare_workdir(workdir, config, fresh=fresh)
 
   batches = TrainBatches(train.images, train.labels, config.batch_size, config.seed,
-                         soft_labels=_training_targets(config, train, data.class_names, teachers))
+                         soft_labels=_training_targets(config, train, data.class_names, teachers,
+                                                       workdir=workdir))
   steps_per_epoch = batches.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
   stop_step = min(total_steps, config.max_steps or total_steps)
@@ -428,13 +430,16 @@ def _load_teachers(config: TrainConfig, class_names, workdir: str) -> list:
 
 
 def _training_targets(config: TrainConfig, train: data_lib.FerData, class_names,
-                      teachers: list) -> np.ndarray | None:
+                      teachers: list, workdir: str | None = None) -> np.ndarray | None:
   """Soft targets for the training examples, or None to train on the labels.
 
   FER+ vote distributions with ``soft_targets``; with ``distill_from``, the
   teachers' probabilities (each averaged over the face and its mirror image,
   then averaged over the teachers, equally weighted) mixed with the one-hot
-  labels: ``(1 - w) * onehot + w * teacher``.
+  labels: ``(1 - w) * onehot + w * teacher``. With a ``workdir``, the
+  teachers' averaged predictions are kept there (``TEACHER_FILE``), and a
+  resumed run reuses them: its targets stay those it started with, and it
+  skips predicting the training set again.
   """
   if config.soft_targets:
     targets = train.soft_labels
@@ -442,15 +447,54 @@ def _training_targets(config: TrainConfig, train: data_lib.FerData, class_names,
     targets = np.eye(len(class_names), dtype=np.float32)[train.labels]
   if not teachers:
     return targets if config.soft_targets else None
-  probs = np.zeros_like(targets, dtype=np.float64)
+  probs = _teacher_predictions(teachers, train, len(class_names), config.eval_batch_size, workdir)
+  w = config.distill_weight
+  return ((1 - w) * targets + w * probs).astype(np.float32)
+
+
+TEACHER_FILE = "teacher_predictions.npz"
+
+
+def _teacher_predictions(teachers: list, train: data_lib.FerData, num_classes: int,
+                         batch_size: int, workdir: str | None) -> np.ndarray:
+  """The teachers' averaged probabilities on ``train``, saved in (or read from) ``workdir``."""
+  sources = [source for source, _, _ in teachers]
+  steps = [int(meta["step"]) for _, _, meta in teachers]
+  fingerprint = _fingerprint(train)
+  path = os.path.join(workdir, TEACHER_FILE) if workdir else None
+  if path and os.path.exists(path):
+    with np.load(path) as saved:
+      if (list(saved["sources"]) == sources and str(saved["fingerprint"]) == fingerprint
+          and saved["probs"].shape[0] == len(train)):
+        changed = [f"{s} (step {old} then, {new} now)"
+                   for s, old, new in zip(sources, saved["steps"].tolist(), steps) if old != new]
+        if changed:
+          log.warning("the best checkpoint of %s changed since this run started; it goes on "
+                      "with the predictions it started with", ", ".join(changed))
+        log.info("distilling: reusing the teachers' predictions in %s", path)
+        return saved["probs"]
+    log.warning("%s does not match these teachers or this training data; predicting again",
+                path)
+  probs = np.zeros((len(train), num_classes), np.float64)
   for source, teacher, meta in teachers:
     log.info("distilling from %s (%s, step %d): predicting %d training images", source,
              meta["model"], meta["step"], len(train))
     probs += evaluate_lib.predict_dataset(evaluate_lib.make_predict_fn(teacher, "flip"),
-                                          train.images, config.eval_batch_size)
-  probs /= len(teachers)
-  w = config.distill_weight
-  return ((1 - w) * targets + w * probs).astype(np.float32)
+                                          train.images, batch_size)
+  probs = (probs / len(teachers)).astype(np.float32)
+  if path:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, probs=probs, sources=np.array(sources), steps=np.array(steps),
+             fingerprint=np.array(fingerprint))
+    os.replace(tmp, path)
+  return probs
+
+
+def _fingerprint(split: data_lib.FerData) -> str:
+  """A digest of a split's images and labels, to tell whether saved predictions belong to it."""
+  digest = hashlib.sha256(np.ascontiguousarray(split.images).tobytes())
+  digest.update(np.ascontiguousarray(split.labels, np.int64).tobytes())
+  return digest.hexdigest()
 
 
 def _check_finite(metrics: dict, step: int, store) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -467,6 +468,40 @@ def test_distillation_from_several_runs_averages_their_predictions(tmp_path, tin
       train_lib._load_teachers(config, tiny_data.class_names, str(tmp_path / "student")))
   np.testing.assert_allclose(targets, 0.5 * np.eye(7)[train.labels] + 0.25 * (probs[0] + probs[1]),
                              atol=1e-6)
+
+
+def test_a_resumed_student_keeps_the_teacher_predictions_it_started_with(tmp_path, tiny_data,
+                                                                          caplog):
+  teacher_dir, student = str(tmp_path / "teacher"), str(tmp_path / "student")
+  train_lib.train_and_evaluate(tiny_config(max_steps=2), teacher_dir, data=tiny_data)
+  config = tiny_config(max_steps=1, distill_from=teacher_dir)
+  train_lib.train_and_evaluate(config, student, data=tiny_data)
+  train = tiny_data.split("Training")
+  first = predict_dataset(make_predict_fn(checkpoint_lib.load_model(teacher_dir)[0], "flip"),
+                          train.images, 16)
+  with np.load(os.path.join(student, train_lib.TEACHER_FILE)) as saved:
+    np.testing.assert_allclose(saved["probs"], first, atol=1e-6)
+    assert saved["steps"].tolist() == [2]
+  # The teacher's workdir now holds another run, whose best checkpoint predicts differently.
+  other = str(tmp_path / "other")
+  train_lib.train_and_evaluate(tiny_config(max_steps=3, seed=1), other, data=tiny_data)
+  os.rename(teacher_dir, str(tmp_path / "teacher.old"))
+  os.rename(other, teacher_dir)
+  now_model, meta = checkpoint_lib.load_model(teacher_dir)
+  now = predict_dataset(make_predict_fn(now_model, "flip"), train.images, 16)
+  assert meta["step"] == 3 and not np.allclose(now, first, atol=1e-4)
+  with caplog.at_level(logging.INFO, logger="ferjax"):
+    train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=2), student, data=tiny_data)
+  assert "reusing the teachers' predictions" in caplog.text
+  assert f"{teacher_dir} (step 2 then, {meta['step']} now)" in caplog.text
+  assert "distilling from" not in caplog.text
+  teachers = train_lib._load_teachers(config, tiny_data.class_names, student)
+  targets = train_lib._training_targets(config, train, tiny_data.class_names, teachers,
+                                        workdir=student)
+  np.testing.assert_allclose(targets, 0.5 * np.eye(7)[train.labels] + 0.5 * first, atol=1e-6)
+  # Without a workdir (or with --fresh, which moves the run aside) the teacher predicts anew.
+  fresh = train_lib._training_targets(config, train, tiny_data.class_names, teachers)
+  np.testing.assert_allclose(fresh, 0.5 * np.eye(7)[train.labels] + 0.5 * now, atol=1e-6)
 
 
 def test_a_bad_teacher_is_refused_before_the_workdir_is_written(tmp_path, tiny_data):
