@@ -71,3 +71,6 @@ run acnn_alstm-distilled-ensemble-seed1 --model=acnn_alstm --epochs=40 --seed=1 
 # The same teachers with more weight on their predictions (0.8 instead of 0.5).
 run acnn_alstm-distilled-ensemble-weight0.8 --model=acnn_alstm --epochs=40 --distill_weight=0.8 \
   --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
+# The same recipe on a longer schedule (60 epochs).
+run acnn_alstm-distilled-ensemble-60epochs --model=acnn_alstm --epochs=60 \
+  --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
