@@ -79,12 +79,13 @@ def seed_groups(runs: dict[str, dict]) -> dict[str, list[str]]:
 
 
 def seed_spread_table(runs: dict[str, dict]) -> str:
-  """Markdown rows: per repeated run, each seed's PrivateTest accuracy and their spread."""
+  """Markdown rows: per repeated run, each seed's PrivateTest accuracy (plain, flip and
+  ten-crop TTA) and their spread."""
   lines = []
   for base, names in seed_groups(runs).items():
     names = sorted(names, key=lambda n: runs[n]["config"]["seed"])
     cells = []
-    for key in ("test_tta_none", "test_tta_ten_crop"):
+    for key in ("test_tta_none", "test_tta_flip", "test_tta_ten_crop"):
       accs = [100 * runs[n][key]["accuracy"] for n in names if runs[n].get(key)]
       if len(accs) < len(names):  # A seed without this evaluation: no spread to show.
         cells.append("— | — | — | —")
@@ -92,13 +93,13 @@ def seed_spread_table(runs: dict[str, dict]) -> str:
       cells.append(f"{' / '.join(f'{a:.2f}' for a in accs)} | {statistics.mean(accs):.2f} | "
                    f"{statistics.stdev(accs):.2f} | {max(accs) - min(accs):.2f}")
     seeds = ", ".join(str(runs[n]["config"]["seed"]) for n in names)
-    lines.append(f"| `{base}` | {seeds} | {cells[0]} | {cells[1]} |")
+    lines.append(f"| `{base}` | {seeds} | {' | '.join(cells)} |")
   if not lines:
     return ""
-  return ("| run | seeds | PrivateTest % per seed | mean | s.d. | range | ten-crop % per seed | "
-          "mean | s.d. | range |\n"
-          "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |\n" + "\n".join(lines)
-          + "\n")
+  stats = " | mean | s.d. | range"
+  return (f"| run | seeds | PrivateTest % per seed{stats} | flip TTA % per seed{stats} | "
+          f"ten-crop % per seed{stats} |\n"
+          "| --- | --- |" + " --- | ---: | ---: | ---: |" * 3 + "\n" + "\n".join(lines) + "\n")
 
 
 def _hours(seconds) -> str:

@@ -191,6 +191,9 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   a = 100 * result["test_tta_none"]["accuracy"]
   assert spread.split(" | ")[2:6] == [f"{a:.2f} / {a + 2:.2f}", f"{a + 1:.2f}",
                                       f"{2 ** 0.5:.2f}", "2.00"]
+  f = 100 * result["test_tta_flip"]["accuracy"]  # The same in both seeds: no spread.
+  assert spread.split(" | ")[6:10] == [f"{f:.2f} / {f:.2f}", f"{f:.2f}", "0.00", "0.00"]
+  assert len(spread.strip("|").split("|")) == 14
   repeat["config"]["learning_rate"] *= 2  # Not a seed repeat any more: refused, named.
   json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
   r = run("experiments.results_table", f"--results={results}", f"--script={script}")
