@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -462,17 +463,17 @@ def _teacher_predictions(teachers: list, train: data_lib.FerData, num_classes: i
   steps = [int(meta["step"]) for _, _, meta in teachers]
   fingerprint = _fingerprint(train)
   path = os.path.join(workdir, TEACHER_FILE) if workdir else None
-  if path and os.path.exists(path):
-    with np.load(path) as saved:
-      if (list(saved["sources"]) == sources and str(saved["fingerprint"]) == fingerprint
-          and saved["probs"].shape[0] == len(train)):
-        changed = [f"{s} (step {old} then, {new} now)"
-                   for s, old, new in zip(sources, saved["steps"].tolist(), steps) if old != new]
-        if changed:
-          log.warning("the best checkpoint of %s changed since this run started; it goes on "
-                      "with the predictions it started with", ", ".join(changed))
-        log.info("distilling: reusing the teachers' predictions in %s", path)
-        return saved["probs"]
+  saved = _read_saved_predictions(path) if path and os.path.exists(path) else None
+  if saved is not None:
+    if (saved["sources"].tolist() == sources and str(saved["fingerprint"]) == fingerprint
+        and saved["probs"].shape == (len(train), num_classes)):
+      changed = [f"{s} (step {old} then, {new} now)"
+                 for s, old, new in zip(sources, saved["steps"].tolist(), steps) if old != new]
+      if changed:
+        log.warning("the best checkpoint of %s changed since this run started; it goes on "
+                    "with the predictions it started with", ", ".join(changed))
+      log.info("distilling: reusing the teachers' predictions in %s", path)
+      return saved["probs"]
     log.warning("%s does not match these teachers or this training data; predicting again",
                 path)
   probs = np.zeros((len(train), num_classes), np.float64)
@@ -488,6 +489,16 @@ def _teacher_predictions(teachers: list, train: data_lib.FerData, num_classes: i
              fingerprint=np.array(fingerprint))
     os.replace(tmp, path)
   return probs
+
+
+def _read_saved_predictions(path: str) -> dict[str, np.ndarray] | None:
+  """The arrays of a ``TEACHER_FILE``, or None (with a warning) if it cannot be read."""
+  try:
+    with np.load(path) as f:
+      return {k: f[k] for k in ("probs", "sources", "steps", "fingerprint")}
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    log.warning("%s is unreadable (%s); predicting again", path, e)
+    return None
 
 
 def _fingerprint(split: data_lib.FerData) -> str:

@@ -502,6 +502,18 @@ def test_a_resumed_student_keeps_the_teacher_predictions_it_started_with(tmp_pat
   # Without a workdir (or with --fresh, which moves the run aside) the teacher predicts anew.
   fresh = train_lib._training_targets(config, train, tiny_data.class_names, teachers)
   np.testing.assert_allclose(fresh, 0.5 * np.eye(7)[train.labels] + 0.5 * now, atol=1e-6)
+  # A damaged file is not trusted: the teachers predict again and the file is rewritten.
+  saved_file = os.path.join(student, train_lib.TEACHER_FILE)
+  with open(saved_file, "wb") as f:
+    f.write(b"not an npz")
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="ferjax"):
+    again = train_lib._training_targets(config, train, tiny_data.class_names, teachers,
+                                        workdir=student)
+  assert "is unreadable" in caplog.text and "distilling from" in caplog.text
+  np.testing.assert_allclose(again, fresh, atol=1e-6)
+  with np.load(saved_file) as saved:
+    assert saved["steps"].tolist() == [3]
 
 
 def test_a_bad_teacher_is_refused_before_the_workdir_is_written(tmp_path, tiny_data):
