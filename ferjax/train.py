@@ -461,8 +461,8 @@ def _teacher_predictions(teachers: list, train: data_lib.FerData, num_classes: i
   """The teachers' averaged probabilities on ``train``, saved in (or read from) ``workdir``."""
   sources = [source for source, _, _ in teachers]
   steps = [int(meta["step"]) for _, _, meta in teachers]
-  fingerprint = _fingerprint(train)
   path = os.path.join(workdir, TEACHER_FILE) if workdir else None
+  fingerprint = _fingerprint(train) if path else ""
   saved = _read_saved_predictions(path) if path and os.path.exists(path) else None
   if saved is not None:
     if (saved["sources"].tolist() == sources and str(saved["fingerprint"]) == fingerprint
