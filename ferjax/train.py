@@ -485,9 +485,13 @@ def _teacher_predictions(teachers: list, train: data_lib.FerData, num_classes: i
   probs = (probs / len(teachers)).astype(np.float32)
   if path:
     tmp = path + ".tmp.npz"
-    np.savez(tmp, probs=probs, sources=np.array(sources), steps=np.array(steps),
-             fingerprint=np.array(fingerprint))
-    os.replace(tmp, path)
+    try:  # Only a saving: a failed write costs a resume the predictions, not the run.
+      np.savez(tmp, probs=probs, sources=np.array(sources), steps=np.array(steps),
+               fingerprint=np.array(fingerprint))
+      os.replace(tmp, path)  # Atomic: a resume never reads half a file.
+    except OSError as e:
+      log.warning("could not save the teachers' predictions to %s (%s); a resume will "
+                  "predict again", path, e)
   return probs
 
 
