@@ -23,7 +23,9 @@ _SOFT = flags.DEFINE_bool("soft_targets", None, "With --labels=ferplus: train on
 _DISTILL = flags.DEFINE_string("distill_from", None, "Knowledge distillation: a trained run's "
                                "workdir, or several separated by commas; the best "
                                "checkpoints' predictions on the training images (averaged "
-                               "over the runs) are mixed into the targets.")
+                               "over the runs) are mixed into the targets. Or the "
+                               "teacher_predictions.npz that a distilled run saved in its "
+                               "workdir: the same targets without the teachers' checkpoints.")
 _DISTILL_WEIGHT = flags.DEFINE_float("distill_weight", None, "Weight of the teacher's "
                                      "predictions in the targets (0.5).")
 _FERPLUS = flags.DEFINE_string("ferplus", None,

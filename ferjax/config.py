@@ -30,7 +30,8 @@ class TrainConfig:
   soft_targets: bool = False  # FER+ only: fit the vote distributions, not the majority.
   # Knowledge distillation: a trained run's workdir (or several, comma-separated:
   # their predictions are averaged) whose predictions on the training images
-  # are mixed into the targets with weight distill_weight.
+  # are mixed into the targets with weight distill_weight. Or the
+  # teacher_predictions.npz a distilled run saved: those averaged predictions.
   distill_from: str | None = None
   distill_weight: float = 0.5
   epochs: int = 40

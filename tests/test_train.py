@@ -22,7 +22,7 @@ from ferjax import train as train_lib
 from ferjax.augment import NO_AUGMENT
 from ferjax.config import TrainConfig, default_config
 from ferjax.data import load_fer2013
-from ferjax.errors import CheckpointError, ConfigError, TrainingDivergedError
+from ferjax.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, evaluate_ensemble,
                              make_predict_fn, predict_dataset)
 from ferjax.preprocess import preprocess
@@ -514,6 +514,51 @@ def test_a_resumed_student_keeps_the_teacher_predictions_it_started_with(tmp_pat
   np.testing.assert_allclose(again, fresh, atol=1e-6)
   with np.load(saved_file) as saved:
     assert saved["steps"].tolist() == [3]
+
+
+def test_a_student_distils_from_another_runs_saved_predictions(tmp_path, tiny_data, caplog):
+  teacher_dir, first = str(tmp_path / "teacher"), str(tmp_path / "first")
+  train_lib.train_and_evaluate(tiny_config(max_steps=2), teacher_dir, data=tiny_data)
+  train_lib.train_and_evaluate(tiny_config(max_steps=1, distill_from=teacher_dir), first,
+                               data=tiny_data)
+  saved_file = os.path.join(first, train_lib.TEACHER_FILE)
+  train = tiny_data.split("Training")
+  probs = predict_dataset(make_predict_fn(checkpoint_lib.load_model(teacher_dir)[0], "flip"),
+                          train.images, 16)
+  # With the teacher's checkpoints gone, its saved predictions still give the same targets.
+  os.rename(teacher_dir, str(tmp_path / "gone"))
+  config = tiny_config(max_steps=1, distill_from=saved_file, distill_weight=0.25)
+  student = str(tmp_path / "student")
+  with caplog.at_level(logging.INFO, logger="ferjax"):
+    teachers = train_lib._load_teachers(config, tiny_data.class_names, student, train)
+  assert f"predictions saved in {saved_file} (teachers: {teacher_dir})" in caplog.text
+  targets = train_lib._training_targets(config, train, tiny_data.class_names, teachers,
+                                        workdir=student)
+  np.testing.assert_allclose(targets, 0.75 * np.eye(7)[train.labels] + 0.25 * probs, atol=1e-6)
+  results = train_lib.train_and_evaluate(config, student, data=tiny_data)
+  assert results["config"]["distill_from"] == saved_file
+  with np.load(os.path.join(student, train_lib.TEACHER_FILE)) as kept:  # Its own copy, to resume.
+    np.testing.assert_allclose(kept["probs"], probs, atol=1e-6)
+    assert kept["sources"].tolist() == [saved_file]
+  # Refused before anything is written: other training data, a file among workdirs, not a file
+  # of predictions.
+  fewer = train.select(np.arange(len(train) - 1))
+  with pytest.raises(ConfigError, match="shape"):
+    train_lib._load_teachers(config, tiny_data.class_names, student, fewer)
+  relabelled = train.select(np.arange(len(train)))
+  relabelled.labels[0] = (relabelled.labels[0] + 1) % 7
+  with pytest.raises(ConfigError, match="other training images or labels"):
+    train_lib._load_teachers(config, tiny_data.class_names, student, relabelled)
+  with pytest.raises(ConfigError, match="name it alone"):
+    train_lib._load_teachers(dataclasses.replace(config, distill_from=f"{saved_file},{first}"),
+                             tiny_data.class_names, student, train)
+  junk = tmp_path / "junk.npz"
+  junk.write_bytes(b"not an npz")
+  fresh_dir = tmp_path / "never"
+  with pytest.raises(DataError, match=f"^{junk}: --distill_from: not a file of saved teacher"):
+    train_lib.train_and_evaluate(dataclasses.replace(config, distill_from=str(junk)),
+                                 str(fresh_dir), data=tiny_data)
+  assert not fresh_dir.exists()
 
 
 def test_a_bad_teacher_is_refused_before_the_workdir_is_written(tmp_path, tiny_data):
