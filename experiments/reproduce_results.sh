@@ -77,3 +77,10 @@ run acnn_alstm-distilled-ensemble-weight0.8 --model=acnn_alstm --epochs=40 --dis
 # The same recipe on a longer schedule (60 epochs).
 run acnn_alstm-distilled-ensemble-60epochs --model=acnn_alstm --epochs=60 \
   --distill_from=runs/vgg_alstm,runs/acnn_alstm,runs/acnn_alstm-distilled,runs/cnn_lstm,runs/cnn_alstm
+# Trained on a lent NVIDIA H100 GPU, one run at a time (BUILD_NOTES.md, Results: GPU runs);
+# on this CPU each takes hours. Their epochs were set to fit the lease. The distilled row
+# reads the five teachers' averaged predictions that the 60-epoch run above saved.
+run vgg_alstm-37epochs --model=vgg_alstm --epochs=37
+run vgg_alstm-60epochs --model=vgg_alstm --epochs=60
+run acnn_alstm-distilled-ensemble-55epochs --model=acnn_alstm --epochs=55 \
+  --distill_from=runs/acnn_alstm-distilled-ensemble-60epochs/teacher_predictions.npz

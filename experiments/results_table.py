@@ -4,7 +4,8 @@ r"""Prints the README's results tables from the runs' results/*.json files.
   python -m experiments.results_table --readme=README.md   # and puts it in the README
 
 Main table: every model's PrivateTest accuracy (plain and with flip TTA),
-macro-F1, parameters, MFLOPs per image, epochs and training time, with the
+macro-F1, parameters, MFLOPs per image, epochs and training time (with the GPU
+named, for runs trained on one; the others ran on the project's CPU), with the
 command that produced the row (experiments/reproduce_results.sh). Short-schedule
 table: the short-* runs (every model on the same few epochs) and the
 ablation-* runs. FER+ rows: runs with labels=ferplus. Seed spread: a run NAME
@@ -103,7 +104,18 @@ def seed_spread_table(runs: dict[str, dict]) -> str:
 
 
 def _hours(seconds) -> str:
-  return "—" if seconds is None else f"{seconds / 3600:.2f} h"
+  if seconds is None:
+    return "—"
+  return f"{seconds / 60:.1f} min" if seconds < 600 else f"{seconds / 3600:.2f} h"
+
+
+def _on_accelerator(result: dict) -> str:
+  """" on <GPU>" for a run trained on an accelerator; runs without the field ran on the CPU."""
+  device = result.get("device") or {}
+  if device.get("platform", "cpu") == "cpu":
+    return ""
+  count = device.get("count", 1)
+  return f" on {'' if count == 1 else f'{count} x '}{device.get('kind', device['platform'])}"
 
 
 @cli.exit_on_errors
@@ -133,7 +145,7 @@ def main(argv):
     return (f"| `{name}` | {100 * none['accuracy']:.2f} | {100 * flip['accuracy']:.2f} | {ten} | "
             f"{none['macro_f1']:.3f} | {s.params:,} | {s.mflops:.2f} | "
             f"{r.get('epochs_trained') or r['config']['epochs']:g} | "
-            f"{_hours(r.get('train_seconds'))} | `{commands.get(name, '')}` |")
+            f"{_hours(r.get('train_seconds'))}{_on_accelerator(r)} | `{commands.get(name, '')}` |")
 
   header = ("| run | PrivateTest acc. % | flip TTA % | ten-crop TTA % | macro-F1 | params | "
             "MFLOPs | epochs | train time | command |\n"

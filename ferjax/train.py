@@ -611,7 +611,9 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
              "selected_on": config.eval_split, "test_split": config.test_split,
              "epochs_trained": last.get("epoch"), "train_seconds": last.get("elapsed_seconds"),
              "best_eval_accuracy": last.get("best_eval_accuracy"),
-             "ferjax_version": __version__, "config": config.to_dict()}
+             "ferjax_version": __version__, "config": config.to_dict(),
+             "device": {"platform": jax.devices()[0].platform,
+                        "kind": jax.devices()[0].device_kind, "count": jax.device_count()}}
   for tta in evaluate_lib.TTA_MODES:
     m = evaluate_lib.classification_metrics(trainer.predict_dataset(test.images, tta),
                                             test.labels, class_names)

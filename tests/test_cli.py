@@ -178,6 +178,15 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
                          "--batch_size=8 --workdir=runs/short-acnn`")
     text = readme.read_text()
     assert text.count(row) == 1 and text.endswith("<!-- /results-table -->\n\nafter\n")
+  # The run's device is recorded; a run trained on a GPU names it beside its training time.
+  assert result["device"] == {"platform": "cpu", "kind": "cpu", "count": 1}
+  assert cells[8] == f"{result['train_seconds'] / 60:.1f} min"  # Under 10 minutes.
+  on_gpu = {**result, "device": {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 1}}
+  json.dump(on_gpu, open(results / "short-acnn-gpu.json", "w"))
+  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  gpu_row = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn-gpu` |"))
+  assert gpu_row.split(" | ")[8] == f"{cells[8]} on NVIDIA H100 80GB HBM3"
+  os.remove(results / "short-acnn-gpu.json")
   # The same run with another seed: its own row, and one seed-spread row for the two.
   repeat = json.loads(json.dumps(result))
   repeat["config"]["seed"] += 1
