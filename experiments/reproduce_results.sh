@@ -84,3 +84,7 @@ run vgg_alstm-37epochs --model=vgg_alstm --epochs=37
 run vgg_alstm-60epochs --model=vgg_alstm --epochs=60
 run acnn_alstm-distilled-ensemble-55epochs --model=acnn_alstm --epochs=55 \
   --distill_from=runs/acnn_alstm-distilled-ensemble-60epochs/teacher_predictions.npz
+# acnn_alstm distilled from the strongest runs: both GPU-trained vgg_alstm runs, the
+# 55-epoch distilled acnn_alstm, vgg_alstm and cnn_alstm (CPU, 40 epochs).
+run acnn_alstm-distilled-strong --model=acnn_alstm --epochs=40 \
+  --distill_from=runs/vgg_alstm-60epochs,runs/vgg_alstm-37epochs,runs/acnn_alstm-distilled-ensemble-55epochs,runs/vgg_alstm,runs/cnn_alstm
