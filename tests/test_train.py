@@ -382,6 +382,12 @@ def test_soft_targets_change_the_loss():
                            jnp.asarray([[0.5, 0.5, 0.0]]))
   expected = -(0.5 * jax.nn.log_softmax(logits)[0, 0] + 0.5 * jax.nn.log_softmax(logits)[0, 1])
   assert float(soft) == pytest.approx(float(expected)) and float(hard) < float(soft)
+  # Label smoothing applies on top of soft (distillation or FER+ vote) targets too.
+  smoothed = train_lib.loss_fn(logits, jnp.asarray([0]), jnp.ones(3), 0.3,
+                               jnp.asarray([[0.5, 0.5, 0.0]]))
+  targets = 0.7 * np.asarray([0.5, 0.5, 0.0]) + 0.3 / 3
+  expected = -float(jnp.sum(targets * jax.nn.log_softmax(logits)[0]))
+  assert float(smoothed) == pytest.approx(expected, rel=1e-6)
 
 
 def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
