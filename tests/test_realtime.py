@@ -364,3 +364,127 @@ def test_script_prints_faces_headless_on_the_demo_clip(tiny_run, tmp_path):
   lines = [line for line in r.stdout.splitlines() if line.startswith("frame")]
   assert len(lines) >= 4 and " at (" in lines[0] and "FPS" in r.stdout
   assert out.stat().st_size > 1000
+
+
+class _FakeCamera:
+  """Stands in for ``cv2.VideoCapture(index)``: replays frames, then fails as an unplugged camera.
+
+  No camera is attached to the test machine; this drives the camera branch of
+  ``open_source`` and the pipeline with the demo clip's real frames.
+  """
+
+  def __init__(self, frames, opened=True):
+    self._frames = list(frames)
+    self._opened = opened
+    self.settings = {}
+    self.released = False
+
+  def isOpened(self):  # noqa: N802 - OpenCV's name.
+    return self._opened
+
+  def set(self, prop, value):
+    self.settings[prop] = value
+    return True
+
+  def get(self, prop):
+    import cv2
+
+    return 30.0 if prop == cv2.CAP_PROP_FPS else 0.0
+
+  def read(self):
+    if not self._frames:
+      return False, None
+    return True, self._frames.pop(0)
+
+  def release(self):
+    self.released = True
+
+
+def _patch_camera(monkeypatch, camera):
+  import cv2
+
+  real = cv2.VideoCapture
+  opened = []
+
+  def video_capture(arg, *rest):
+    if isinstance(arg, int):
+      opened.append(arg)
+      return camera
+    return real(arg, *rest)
+
+  monkeypatch.setattr(cv2, "VideoCapture", video_capture)
+  return opened
+
+
+def test_a_camera_streams_its_frames_until_it_is_unplugged(monkeypatch, caplog, predictor,
+                                                           clip_frames):
+  import cv2
+
+  camera = _FakeCamera(clip_frames[:7])
+  opened = _patch_camera(monkeypatch, camera)
+  src = sources.open_source("0")
+  assert opened == [0] and src.kind == "camera" and src.description == "camera 0"
+  assert src.fps == 30.0 and camera.settings == {cv2.CAP_PROP_BUFFERSIZE: 1}
+  with caplog.at_level(logging.WARNING):
+    got = list(src)
+  # The frame read to check the camera is the first one yielded, not lost.
+  assert len(got) == 7 and np.array_equal(got[0][0], clip_frames[0])
+  times = [t for _, t, _ in got]
+  assert all(b >= a for a, b in zip(times, times[1:])) and all(n is None for _, _, n in got)
+  assert "camera 0: no more frames (camera closed or unplugged)" in caplog.text
+  src.close()
+  assert camera.released
+
+  # The whole pipeline on a camera: every frame analysed, the face found, the camera released.
+  camera = _FakeCamera(clip_frames[:6])
+  _patch_camera(monkeypatch, camera)
+  seen = []
+  summary = video.run_pipeline(0, predictor, on_result=seen.append)
+  assert summary["source"] == "camera 0" and summary["frames"] == 6 and camera.released
+  assert [len(r.faces) for r in seen] == [1] * 6
+
+
+def test_a_camera_that_opens_but_gives_no_frame_is_refused(monkeypatch):
+  camera = _FakeCamera([])
+  _patch_camera(monkeypatch, camera)
+  with pytest.raises(sources.SourceError, match="^camera 3: opened but gives no frames$"):
+    sources.open_source(3)
+  assert camera.released
+
+
+def test_the_window_shows_every_frame_and_q_quits(monkeypatch, predictor, clip_frames):
+  import cv2
+
+  shown, waits, destroyed = [], [], []
+
+  def wait_key(delay):
+    waits.append(delay)
+    return ord("q") if len(waits) == 5 else -1  # -1: no key pressed.
+
+  monkeypatch.setattr(video, "display_available", lambda: (True, ""))
+  monkeypatch.setattr(cv2, "imshow", lambda name, image: shown.append((name, image)))
+  monkeypatch.setattr(cv2, "waitKey", wait_key)
+  monkeypatch.setattr(cv2, "destroyAllWindows", lambda: destroyed.append(True))
+  camera = _FakeCamera(clip_frames[:20])
+  _patch_camera(monkeypatch, camera)
+  summary = video.run_pipeline(0, predictor, display=True, window="faces")
+  assert summary["displayed"] and summary["frames"] == 5  # Stopped at the key, not at frame 20.
+  assert waits == [1] * 5  # A live source polls the keyboard; it never blocks.
+  assert [name for name, _ in shown] == ["faces"] * 5
+  for (_, image), frame in zip(shown, clip_frames):
+    assert image.shape == frame.shape and not np.array_equal(image, frame)  # Annotated.
+  assert destroyed and camera.released
+
+
+def test_an_image_stays_in_the_window_until_a_key(monkeypatch, predictor, clip_frames, tmp_path):
+  import cv2
+
+  for i in range(3):
+    cv2.imwrite(str(tmp_path / f"face{i}.png"), clip_frames[i * 10])
+  waits = []
+  monkeypatch.setattr(video, "display_available", lambda: (True, ""))
+  monkeypatch.setattr(cv2, "imshow", lambda name, image: None)
+  monkeypatch.setattr(cv2, "waitKey", lambda delay: waits.append(delay) or 32)  # Space: next.
+  monkeypatch.setattr(cv2, "destroyAllWindows", lambda: None)
+  summary = video.run_pipeline(str(tmp_path), predictor, display=True)
+  assert summary["frames"] == 3 and waits == [0, 0, 0]
