@@ -373,14 +373,13 @@ class _FakeCamera:
   ``open_source`` and the pipeline with the demo clip's real frames.
   """
 
-  def __init__(self, frames, opened=True):
+  def __init__(self, frames):
     self._frames = list(frames)
-    self._opened = opened
     self.settings = {}
     self.released = False
 
   def isOpened(self):  # noqa: N802 - OpenCV's name.
-    return self._opened
+    return True
 
   def set(self, prop, value):
     self.settings[prop] = value
