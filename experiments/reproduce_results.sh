@@ -82,6 +82,7 @@ run acnn_alstm-distilled-ensemble-60epochs --model=acnn_alstm --epochs=60 \
 # reads the five teachers' averaged predictions that the 60-epoch run above saved.
 run vgg_alstm-37epochs --model=vgg_alstm --epochs=37
 run vgg_alstm-60epochs --model=vgg_alstm --epochs=60
+run vgg_alstm-120epochs --model=vgg_alstm --epochs=120
 run acnn_alstm-distilled-ensemble-55epochs --model=acnn_alstm --epochs=55 \
   --distill_from=runs/acnn_alstm-distilled-ensemble-60epochs/teacher_predictions.npz
 # acnn_alstm distilled from the strongest runs: both GPU-trained vgg_alstm runs, the
@@ -98,3 +99,10 @@ run acnn_alstm-distilled-strong-wd0.05 --model=acnn_alstm --epochs=40 --weight_d
 # The same recipe at batch 32: twice the updates per epoch, the same images per second here.
 run acnn_alstm-distilled-strong-batch32 --model=acnn_alstm --epochs=40 --batch_size=32 \
   --distill_from=runs/acnn_alstm-distilled-strong/teacher_predictions.npz
+# batch 32 again, with the teachers at hand after the runs above were lost with their machine:
+# the 120-epoch vgg_alstm (GPU) and the shipped default weights (the 55-epoch distilled
+# acnn_alstm, GPU). Two seeds.
+run acnn_alstm-distilled-vgg120-batch32 --model=acnn_alstm --epochs=40 --batch_size=32 \
+  --distill_from=runs/vgg_alstm-120epochs,ferjax/weights/default
+run acnn_alstm-distilled-vgg120-batch32-seed1 --model=acnn_alstm --epochs=40 --batch_size=32 --seed=1 \
+  --distill_from=runs/vgg_alstm-120epochs,ferjax/weights/default
