@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -11,6 +13,8 @@ import numpy as np
 from ferjax.augment import affine_warp
 from ferjax.input_pipeline import eval_batches
 from ferjax.preprocess import preprocess
+
+log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "ten_crop")
 # ten_crop: five 44x44 crops (centre and corners) scaled back to 48x48, and their mirrors.
@@ -58,7 +62,8 @@ def predict_probs(model_fn: Callable[[jax.Array], jax.Array], images_BxHxWx1: ja
 
 
 def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.ndarray,
-                    batch_size: int, shard: Callable | None = None) -> np.ndarray:
+                    batch_size: int, shard: Callable | None = None, *,
+                    progress: str | None = None, log_every_s: float = 30.0) -> np.ndarray:
   """Runs ``predict_fn`` over every image once, in fixed-shape padded batches.
 
   Args:
@@ -66,6 +71,10 @@ def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.nd
     images: uint8 ``(N, 48, 48, 1)``.
     batch_size: the one batch shape used (the last batch is padded).
     shard: optional placement of each batch on devices.
+    progress: a label; with it, the images done so far are logged about every
+      ``log_every_s`` seconds (predicting FER2013's training set with a large
+      teacher takes minutes on a CPU).
+    log_every_s: seconds between progress lines.
 
   Returns:
     float32 ``(N, C)`` probabilities; padding rows are dropped.
@@ -75,8 +84,18 @@ def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.nd
   for batch in eval_batches(images, dummy, batch_size):
     x = batch["image"] if shard is None else shard({"image": batch["image"]})["image"]
     outputs.append((predict_fn(x), int(batch["mask"].sum())))
-  # One host transfer per batch, after all batches were dispatched.
-  return np.concatenate([np.asarray(p)[:n] for p, n in outputs]).astype(np.float32)
+  # All batches are dispatched first; each comes to the host as it is ready.
+  start = last = time.monotonic()
+  done, results = 0, []
+  for p, n in outputs:
+    results.append(np.asarray(p)[:n])
+    done += n
+    now = time.monotonic()
+    if progress and now - last >= log_every_s and done < len(images):
+      log.info("%s: %d/%d images, %.0f images/s", progress, done, len(images),
+               done / (now - start))
+      last = now
+  return np.concatenate(results).astype(np.float32)
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray,
@@ -188,7 +207,8 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
 
   model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
   subset, split = _test_subset(meta, split, data, data_path, ferplus_path, on_error)
-  probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size)
+  probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size,
+                          progress=f"{workdir} on {split} (tta={tta})")
   metrics = classification_metrics(probs, subset.labels, meta["class_names"])
   metrics.update(step=meta["step"], split=split, tta=tta, model=meta["model"],
                  labels=meta["labels"])
@@ -242,7 +262,8 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
       raise ConfigError(f"{workdir}: its model predicts {meta['labels']} classes "
                        f"{list(meta['class_names'])}, {workdirs[0]}'s predicts "
                        f"{first['labels']} classes {list(first['class_names'])}")
-    p = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size)
+    p = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size,
+                        progress=f"{workdir} on {split} (tta={tta})")
     own = classification_metrics(p, subset.labels, meta["class_names"])
     members.append({"workdir": workdir, "model": meta["model"], "step": meta["step"],
                     "accuracy": own["accuracy"], "macro_f1": own["macro_f1"]})

@@ -187,10 +187,11 @@ class Trainer:
     """Probabilities for a uint8 batch under the current (or EMA) parameters."""
     return self._predict(self.rng_state, self.state["model"], self.state["ema"], images, tta=tta)
 
-  def predict_dataset(self, images: np.ndarray, tta: str = "none") -> np.ndarray:
+  def predict_dataset(self, images: np.ndarray, tta: str = "none",
+                      progress: str | None = None) -> np.ndarray:
     return evaluate_lib.predict_dataset(
         lambda x: self.predict(x, tta), images, self.config.eval_batch_size,
-        shard=lambda b: parallel.shard_batch(b, self.mesh))
+        shard=lambda b: parallel.shard_batch(b, self.mesh), progress=progress)
 
   def abstract_state(self) -> dict[str, Any]:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -525,7 +526,8 @@ def _teacher_predictions(teachers: list, train: data_lib.FerData, class_names: S
     log.info("distilling from %s (%s, step %d): predicting %d training images", source,
              meta["model"], meta["step"], len(train))
     probs += evaluate_lib.predict_dataset(evaluate_lib.make_predict_fn(teacher, "flip"),
-                                          train.images, batch_size)
+                                          train.images, batch_size,
+                                          progress=f"distilling from {source}")
   probs = (probs / len(teachers)).astype(np.float32)
   if path:
     tmp = path + ".tmp.npz"
@@ -615,8 +617,9 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
              "device": {"platform": jax.devices()[0].platform,
                         "kind": jax.devices()[0].device_kind, "count": jax.device_count()}}
   for tta in evaluate_lib.TTA_MODES:
-    m = evaluate_lib.classification_metrics(trainer.predict_dataset(test.images, tta),
-                                            test.labels, class_names)
+    probs = trainer.predict_dataset(test.images, tta,
+                                    progress=f"{config.test_split} (tta={tta})")
+    m = evaluate_lib.classification_metrics(probs, test.labels, class_names)
     results[f"test_tta_{tta}"] = m
     log.info("%s", evaluate_lib.format_metrics(
         m, f"{config.test_split} (checkpoint step {best}, tta={tta})"))

@@ -102,6 +102,18 @@ def test_evaluation_is_exact_with_a_ragged_last_batch(tiny_data):
   assert sum(map(sum, m["confusion"])) == 21
 
 
+def test_predict_dataset_logs_progress_when_labelled(tiny_data, caplog):
+  images = tiny_data.split("PrivateTest").images  # 21 faces: batches of 8, 8 and 5.
+  uniform = jax.jit(lambda x: jnp.full((x.shape[0], 7), 1 / 7))
+  with caplog.at_level(logging.INFO, logger="ferjax.evaluate"):
+    probs = predict_dataset(uniform, images, 8)
+    assert probs.shape == (21, 7) and not caplog.records  # No label, no progress lines.
+    predict_dataset(uniform, images, 8, progress="teacher", log_every_s=0)
+  lines = [r.getMessage() for r in caplog.records]
+  assert [line.split(",")[0] for line in lines] == ["teacher: 8/21 images", "teacher: 16/21 images"]
+  assert all(line.endswith("images/s") for line in lines)
+
+
 def test_metrics_by_hand():
   probs = np.eye(3)[[0, 1, 1, 2, 2, 2]] * 0.9 + 0.1 / 3
   labels = np.array([0, 1, 2, 2, 2, 0])
