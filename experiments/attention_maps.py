@@ -32,6 +32,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
+  cli.enable_compilation_cache()
   from ferjax.inference import render_attention_maps
 
   result = render_attention_maps(_OUTPUT.value, checkpoint=_WORKDIR.value, which=_WHICH.value,

@@ -47,6 +47,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
+  cli.enable_compilation_cache()
   workdirs = _WORKDIR.value
   if len(workdirs) > 1 and not _OUTPUT.value:
     raise app.UsageError("--workdir names several runs (an ensemble): set --output_dir for its "

@@ -20,6 +20,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.setup_logging()
+  cli.enable_compilation_cache()
   from ferjax.checkpoint import export_model
 
   meta = export_model(_WORKDIR.value, _OUTPUT.value, _WHICH.value)

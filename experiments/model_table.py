@@ -21,6 +21,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.setup_logging()
+  cli.enable_compilation_cache()
   from ferjax.models.summary import summarize
 
   overrides = cli.parse_options(_OPTION.value, "model_option")

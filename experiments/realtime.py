@@ -62,6 +62,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
+  cli.enable_compilation_cache()
   from ferjax.faces import FaceDetector
   from ferjax.inference import Predictor
   from ferjax.sources import open_source

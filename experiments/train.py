@@ -78,6 +78,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
+  cli.enable_compilation_cache()
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize()

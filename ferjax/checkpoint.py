@@ -172,22 +172,33 @@ def load_model(path: str | os.PathLike, which: str | int = "best", *,
       raise CheckpointError(f"{store.directory}/{step} holds a {meta['model']!r} model, not "
                             f"{expect_model!r}")
     config = meta["config"]
-    model = create_model(meta["model"], num_classes=meta["num_classes"], rngs=nnx.Rngs(0),
-                         **config.get("model_overrides", {}))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            nnx.state(model, nnx.Not(nnx.RngState)))
+    # The model's structure only: initialising its parameters would cost dozens of
+    # small compiles (seconds) for values the checkpoint replaces.
+    abstract_model = nnx.eval_shape(lambda: create_model(
+        meta["model"], num_classes=meta["num_classes"], rngs=nnx.Rngs(0),
+        **config.get("model_overrides", {})))
+    graphdef, abstract, abstract_rngs = nnx.split(abstract_model, nnx.Not(nnx.RngState),
+                                                  nnx.RngState)
     items = {"model": abstract}
     if config.get("ema_decay"):
-      items["ema"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                  nnx.state(model, nnx.Param))
+      items["ema"] = nnx.state(abstract_model, nnx.Param)
     restored = store.restore(step, **items)
   finally:
     store.close()
-  nnx.update(model, restored["model"])
+  # Dropout's random streams are not checkpointed; evaluation never draws from them.
+  model = nnx.merge(graphdef, restored["model"], jax.tree.map(_fresh_rng_leaf, abstract_rngs))
   if "ema" in restored:
     nnx.update(model, restored["ema"])
   model.eval()
   return model, {**meta, "step": step}
+
+
+def _fresh_rng_leaf(x: jax.ShapeDtypeStruct) -> jax.Array:
+  """A concrete value for an abstract RNG key or counter."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    key = jax.random.key(0)
+    return key if x.shape == () else jax.random.split(key, x.shape)
+  return jax.numpy.zeros(x.shape, x.dtype)
 
 
 def export_model(path: str | os.PathLike, output: str | os.PathLike, which: str | int = "best"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +32,36 @@ def setup_logging(verbose: bool = False) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
   except ImportError:
     pass
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str | None:
+  """Keeps XLA's compiled programs on disk, so a second start skips compiling them.
+
+  Loading a checkpoint and compiling predict for the realtime script's batch
+  sizes, or an evaluation's steps, is most of a start; later starts read the
+  programs back. The cache lives in ``<ferjax cache>/xla`` (see
+  ``ferjax.data.default_cache_dir``) unless ``directory`` or JAX's own
+  ``JAX_COMPILATION_CACHE_DIR`` names another; ``JAX_ENABLE_COMPILATION_CACHE=false``
+  turns it off. Entries are keyed on the program, the compile options and the
+  JAX version, so a stale entry is never used; the folder is safe to delete.
+
+  Returns:
+    The cache folder, or None when turned off.
+  """
+  import jax
+
+  from ferjax.data import default_cache_dir
+
+  if not jax.config.jax_enable_compilation_cache:
+    return None
+  if directory is None:
+    directory = jax.config.jax_compilation_cache_dir or os.path.join(default_cache_dir(), "xla")
+  directory = os.fspath(directory)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    # JAX keeps only compiles over 1 s; a start is dozens of shorter ones.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return directory
 
 
 def exit_on_errors(main: Callable[..., Any]) -> Callable[..., Any]:

@@ -55,6 +55,27 @@ def test_train_then_evaluate(trained, csv_path):
   assert json.load(open(os.path.join(workdir, out[0])))["num_examples"] == 9
 
 
+def test_a_second_start_reads_its_programs_from_the_compilation_cache(tmp_path, trained,
+                                                                      csv_path):
+  workdir, r = trained
+  assert r.returncode == 0, r.stderr[-3000:]
+  cache = tmp_path / "cache"
+  args = [f"--workdir={workdir}", "--tta=flip", f"--data={csv_path}", "--batch_size=8",
+          f"--output_dir={tmp_path / 'out'}"]
+  r = run("experiments.evaluate", *args, env={"FERJAX_CACHE_DIR": str(cache)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  first = sorted(os.listdir(cache / "xla"))
+  assert any(name.startswith("jit_") for name in first)
+  r = run("experiments.evaluate", *args, env={"FERJAX_CACHE_DIR": str(cache)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert sorted(os.listdir(cache / "xla")) == first  # Every program came from the cache.
+  off = tmp_path / "off"
+  r = run("experiments.evaluate", *args, env={"FERJAX_CACHE_DIR": str(off),
+                                              "JAX_ENABLE_COMPILATION_CACHE": "false"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not (off / "xla").exists()
+
+
 def test_train_flags_change_only_what_they_name():
   from ferjax.cli import train_config
   from ferjax.config import default_config
