@@ -467,6 +467,14 @@ def test_distillation_mixes_the_teachers_predictions_into_the_targets(tmp_path, 
   np.testing.assert_allclose(targets, 0.75 * np.eye(7)[train.labels] + 0.25 * probs, atol=1e-6)
   np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
   assert train_lib._training_targets(tiny_config(), train, tiny_data.class_names, []) is None
+  # An exported folder (no optimiser state, as the shipped weights) teaches the same.
+  exported = str(tmp_path / "exported")
+  checkpoint_lib.export_model(teacher_dir, exported)
+  config_exported = dataclasses.replace(config, distill_from=exported)
+  np.testing.assert_allclose(train_lib._training_targets(
+      config_exported, train, tiny_data.class_names,
+      train_lib._load_teachers(config_exported, tiny_data.class_names, str(tmp_path / "s2"))),
+      targets, atol=1e-6)
   results = train_lib.train_and_evaluate(config, str(tmp_path / "student"), data=tiny_data)
   assert results["config"]["distill_from"] == teacher_dir
 
