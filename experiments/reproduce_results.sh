@@ -106,3 +106,7 @@ run acnn_alstm-distilled-vgg120-batch32 --model=acnn_alstm --epochs=40 --batch_s
   --distill_from=runs/vgg_alstm-120epochs,ferjax/weights/default
 run acnn_alstm-distilled-vgg120-batch32-seed1 --model=acnn_alstm --epochs=40 --batch_size=32 --seed=1 \
   --distill_from=runs/vgg_alstm-120epochs,ferjax/weights/default
+# Mixing against overfitting, on the plain acnn_alstm row's command (no teachers): mixup
+# (alpha 0.2) and CutMix (alpha 1.0) on every face.
+run acnn_alstm-mixup0.2 --model=acnn_alstm --epochs=40 --augment=mixup_alpha=0.2
+run acnn_alstm-cutmix1.0 --model=acnn_alstm --epochs=40 --augment=cutmix_alpha=1.0

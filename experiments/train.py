@@ -58,7 +58,8 @@ _MODEL_OPTION = flags.DEFINE_multi_string(
     " --model_option=bidirectional=true --model_option=widths=(32,64,128,128).")
 _AUGMENT = flags.DEFINE_multi_string(
     "augment", [], "Augmentation option as key=value, repeatable: max_shift, flip, max_rotation, "
-    "max_scale, erase_prob.")
+    "max_scale, erase_prob, erase_area, erase_aspect, mixup_alpha, cutmix_alpha, mix_prob "
+    "(ferjax.augment.AugmentConfig). Mixing is off unless an alpha is set.")
 _TRAIN_SPLIT = flags.DEFINE_string("train_split", None, "Split to learn on. Default: Training "
                                    "(train for image folders).")
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", None, "Split that selects the checkpoint. "

@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ferjax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -25,6 +27,14 @@ class AugmentConfig:
     erase_prob: probability of random erasing (a rectangle set to the mean).
     erase_area: range of the erased fraction of the image.
     erase_aspect: range of the erased rectangle's aspect ratio (log-uniform).
+    mixup_alpha: mixup (Zhang et al. 2018) with a mixing weight drawn from
+      Beta(alpha, alpha): a face is blended with another face of the batch,
+      and its target with that face's target in the same proportion. 0 is off.
+    cutmix_alpha: CutMix (Yun et al. 2019) with Beta(alpha, alpha): a
+      rectangle of the face is replaced by the same rectangle of another face
+      and the targets mix in proportion to the areas. 0 is off. With both
+      alphas set, each mixed face gets one of the two at random.
+    mix_prob: probability that a face is mixed at all (when an alpha is set).
   """
 
   max_shift: float = 4.0
@@ -34,6 +44,27 @@ class AugmentConfig:
   erase_prob: float = 0.0
   erase_area: tuple[float, float] = (0.02, 0.2)
   erase_aspect: tuple[float, float] = (0.3, 3.3)
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
+  mix_prob: float = 1.0
+
+  def __post_init__(self):
+    for name in ("max_shift", "max_rotation", "max_scale", "erase_prob", "mixup_alpha",
+                 "cutmix_alpha", "mix_prob"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"augment option {name}={value!r}: must be a number")
+    for name in ("erase_prob", "mix_prob"):
+      if not 0 <= getattr(self, name) <= 1:
+        raise ConfigError(f"augment option {name}={getattr(self, name)}: must be in [0, 1]")
+    for name in ("max_shift", "max_rotation", "max_scale", "mixup_alpha", "cutmix_alpha"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"augment option {name}={getattr(self, name)}: must not be negative")
+
+  @property
+  def mixes(self) -> bool:
+    """Whether :func:`mix_batch` changes anything (it needs the targets, so the train step calls it)."""
+    return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
   @property
   def warps(self) -> bool:
@@ -132,3 +163,62 @@ def _random_erase(key, x_BxHxWxC, config: AugmentConfig):
   erase_BxHxW = inside_BxHxW & apply_B[:, None, None]
   # Zero is the data set mean after preprocess.
   return jnp.where(erase_BxHxW[..., None], 0.0, x_BxHxWxC)
+
+
+def mix_batch(key: jax.Array, x_BxHxWxC: jax.Array, targets_BxC: jax.Array, weights_B: jax.Array,
+        config: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Mixup and CutMix: mixes each face with the one before it in the batch.
+
+  The batch is already shuffled, so the face before is a random partner (the
+  first face's partner is the last). Each face ``i`` keeps a share ``lam_i``
+  of itself: its image is ``lam_i * x_i + (1 - lam_i) * x_(i-1)`` (mixup) or
+  ``x_i`` with a rectangle of ``x_(i-1)`` pasted in, covering ``1 - lam_i``
+  of the image (CutMix); its target and its loss weight mix with the same
+  shares. Faces not drawn (``mix_prob``) come back unchanged.
+
+  Args:
+    key: PRNG key; the same key gives the same result.
+    x_BxHxWxC: float images, after :func:`augment`.
+    targets_BxC: target distributions (one-hot, smoothed later by the loss).
+    weights_B: each face's loss weight (its class weight).
+    config: the alphas and ``mix_prob``.
+
+  Returns:
+    ``(images, targets, weights)``, same shapes and dtypes.
+  """
+  b, h, w, _ = x_BxHxWxC.shape
+  k_apply, k_kind, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
+  partner_x = jnp.roll(x_BxHxWxC, 1, axis=0)
+  apply_B = jax.random.bernoulli(k_apply, config.mix_prob, (b,))
+  if config.mixup_alpha > 0 and config.cutmix_alpha > 0:
+    cut_B = jax.random.bernoulli(k_kind, 0.5, (b,))
+  else:
+    cut_B = jnp.full((b,), config.cutmix_alpha > 0)
+  mixup_alpha = config.mixup_alpha or 1.0  # Unused draws need a valid parameter.
+  cutmix_alpha = config.cutmix_alpha or 1.0
+  lam_mix_B = jax.random.beta(k_mix, mixup_alpha, mixup_alpha, (b,))
+  lam_cut_B = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha, (b,))
+  # CutMix's rectangle: (1 - lam) of the area around a uniform centre, clipped to
+  # the image; lam is then recomputed from the pixels actually pasted.
+  half_h_B = 0.5 * h * jnp.sqrt(1.0 - lam_cut_B)
+  half_w_B = 0.5 * w * jnp.sqrt(1.0 - lam_cut_B)
+  cy_B = jax.random.uniform(k_y, (b,)) * h
+  cx_B = jax.random.uniform(k_x, (b,)) * w
+  y0_B = jnp.clip(jnp.round(cy_B - half_h_B), 0, h)
+  y1_B = jnp.clip(jnp.round(cy_B + half_h_B), 0, h)
+  x0_B = jnp.clip(jnp.round(cx_B - half_w_B), 0, w)
+  x1_B = jnp.clip(jnp.round(cx_B + half_w_B), 0, w)
+  ys = jnp.arange(h, dtype=jnp.float32)[None, :, None]
+  xs = jnp.arange(w, dtype=jnp.float32)[None, None, :]
+  paste_BxHxW = ((ys >= y0_B[:, None, None]) & (ys < y1_B[:, None, None])
+                 & (xs >= x0_B[:, None, None]) & (xs < x1_B[:, None, None]))
+  paste_BxHxW &= (apply_B & cut_B)[:, None, None]
+  lam_cut_B = 1.0 - paste_BxHxW.mean(axis=(1, 2))
+  lam_B = jnp.where(apply_B, jnp.where(cut_B, lam_cut_B, lam_mix_B), 1.0)
+
+  blend_B = jnp.where(cut_B, 1.0, lam_B)[:, None, None, None]
+  mixed = blend_B * x_BxHxWxC + (1.0 - blend_B) * partner_x
+  mixed = jnp.where(paste_BxHxW[..., None], partner_x, mixed)
+  targets = lam_B[:, None] * targets_BxC + (1.0 - lam_B[:, None]) * jnp.roll(targets_BxC, 1, 0)
+  weights = lam_B * weights_B + (1.0 - lam_B) * jnp.roll(weights_B, 1, 0)
+  return mixed.astype(x_BxHxWxC.dtype), targets.astype(targets_BxC.dtype), weights

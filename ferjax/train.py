@@ -36,7 +36,7 @@ from ferjax import data as data_lib
 from ferjax import evaluate as evaluate_lib
 from ferjax import parallel
 from ferjax import plots
-from ferjax.augment import augment
+from ferjax.augment import augment, mix_batch
 from ferjax.config import TrainConfig
 from ferjax.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from ferjax.input_pipeline import TrainBatches
@@ -97,14 +97,19 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray
 
 
 def loss_fn(logits_BxC: jax.Array, labels_B: jax.Array, weights_C: jax.Array,
-            label_smoothing: float, soft_labels_BxC: jax.Array | None = None) -> jax.Array:
-  """Weighted cross-entropy on logits (never on probabilities) with label smoothing."""
+            label_smoothing: float, soft_labels_BxC: jax.Array | None = None, *,
+            example_weights_B: jax.Array | None = None) -> jax.Array:
+  """Weighted cross-entropy on logits (never on probabilities) with label smoothing.
+
+  Each example weighs its class's weight, or ``example_weights_B`` where given
+  (mixed faces weigh the mix of their two classes' weights).
+  """
   c = logits_BxC.shape[-1]
   targets = (jax.nn.one_hot(labels_B, c) if soft_labels_BxC is None else soft_labels_BxC)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   per_example = optax.softmax_cross_entropy(logits_BxC, targets)
-  w = weights_C[labels_B]
+  w = weights_C[labels_B] if example_weights_B is None else example_weights_B
   return jnp.sum(w * per_example) / jnp.sum(w)
 
 
@@ -154,11 +159,18 @@ class Trainer:
     aug_key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step))
     nnx.reseed(model, dropout=dropout_key)
     x = augment(aug_key, preprocess(batch["image"]), config.augment)
+    targets, example_weights = batch.get("soft_label"), None
+    if config.augment.mixes:  # Its own key: runs without mixing draw as they always did.
+      if targets is None:
+        targets = jax.nn.one_hot(batch["label"], self._weights.shape[0])
+      x, targets, example_weights = mix_batch(
+          jax.random.fold_in(aug_key, 1), x, targets, self._weights[batch["label"]],
+          config.augment)
 
     def loss_of(model):
       logits = model(x)
       return loss_fn(logits, batch["label"], self._weights, config.label_smoothing,
-                     batch.get("soft_label")), logits
+                     targets, example_weights_B=example_weights), logits
 
     (loss, logits), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
     optimizer.update(model, grads)

@@ -92,6 +92,11 @@ def test_train_flags_change_only_what_they_name():
   assert config.weight_decay == default.weight_decay
   with pytest.raises(ConfigError, match="--augment: unknown option.s. spin"):
     train_config("dnn", augment_options=["spin=3"])
+  # Two options in one flag (it is repeatable, not a list) come back as one bad value.
+  with pytest.raises(ConfigError, match="cutmix_alpha='1.0,mixup_alpha=0.2': must be a number"):
+    train_config("dnn", augment_options=["cutmix_alpha=1.0,mixup_alpha=0.2"])
+  mixing = train_config("dnn", augment_options=["cutmix_alpha=1", "mixup_alpha=0.2"])
+  assert mixing.augment.mixes and (mixing.augment.cutmix_alpha, mixing.augment.mixup_alpha) == (1, 0.2)
 
 
 @pytest.mark.parametrize("args,code,message", [

@@ -9,6 +9,7 @@ import pytest
 
 from ferjax import augment as aug
 from ferjax.evaluate import tta_views
+from ferjax.errors import ConfigError
 from ferjax.input_pipeline import TrainBatches, eval_batches
 from ferjax.preprocess import PIXEL_MEAN, PIXEL_STD, preprocess
 
@@ -129,3 +130,55 @@ def test_ten_crop_views_are_the_five_44px_crops_scaled_to_48():
     assert len(matches) == 1, (r0, c0)
     found += matches
   assert found[0] == 0 and sorted(found) == [0, 2, 4, 6, 8]  # Centre first, each corner once.
+
+
+def _mix_inputs(b=32):
+  x = jax.random.normal(jax.random.key(0), (b, 48, 48, 1))
+  labels = jnp.arange(b) % 7
+  return x, jax.nn.one_hot(labels, 7), 1.0 + labels.astype(jnp.float32)  # Distinct weights.
+
+
+def test_mixup_blends_images_targets_and_weights_in_the_same_proportion():
+  x, t, w = _mix_inputs()
+  config = aug.AugmentConfig(mixup_alpha=0.4)
+  xo, to, wo = jax.jit(aug.mix_batch, static_argnums=4)(jax.random.key(1), x, t, w, config)
+  partner = np.roll(np.arange(32), 1)  # Each face mixes with the one before it.
+  lam = np.asarray(to)[np.arange(32), np.asarray(t).argmax(1)]  # Share of its own class.
+  assert ((lam > 0.0) & (lam < 1.0)).all() and lam.std() > 0.1  # Beta draws, one per face.
+  np.testing.assert_allclose(xo, lam[:, None, None, None] * x
+                             + (1 - lam[:, None, None, None]) * x[partner], atol=1e-5)
+  np.testing.assert_allclose(to, lam[:, None] * t + (1 - lam[:, None]) * t[partner], atol=1e-6)
+  np.testing.assert_allclose(wo, lam * w + (1 - lam) * w[partner], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(to).sum(1), 1.0, rtol=1e-6)
+
+
+def test_cutmix_pastes_one_rectangle_and_mixes_targets_by_its_area():
+  x, t, w = _mix_inputs()
+  xo, to, _ = aug.mix_batch(jax.random.key(2), x, t, w, aug.AugmentConfig(cutmix_alpha=1.0))
+  xo, x, partner = np.asarray(xo), np.asarray(x), np.roll(np.asarray(x), 1, axis=0)
+  pasted = (xo == partner) & (xo != x)
+  assert ((xo == x) | pasted).all()  # Every pixel is its own or the partner's.
+  pasted = pasted[..., 0]
+  rows, cols = pasted.any(axis=2), pasted.any(axis=1)
+  assert (pasted.sum(axis=(1, 2)) == rows.sum(1) * cols.sum(1)).all()  # One filled rectangle.
+  own = np.asarray(to)[np.arange(32), np.asarray(t).argmax(1)]
+  np.testing.assert_allclose(own, 1 - pasted.mean(axis=(1, 2)), atol=1e-6)
+  assert 0.2 < pasted.mean() < 0.8
+
+
+def test_mixing_is_off_by_default_and_mix_prob_picks_faces():
+  x, t, w = _mix_inputs()
+  assert not aug.AugmentConfig().mixes and not aug.AugmentConfig(mixup_alpha=1.0, mix_prob=0).mixes
+  both = aug.AugmentConfig(mixup_alpha=1.0, cutmix_alpha=1.0, mix_prob=0.5)
+  xo, to, wo = aug.mix_batch(jax.random.key(3), x, t, w, both)
+  untouched = np.asarray(to).max(1) == 1.0
+  assert 4 <= untouched.sum() <= 28  # About half of the faces are not mixed...
+  np.testing.assert_array_equal(np.asarray(xo)[untouched], np.asarray(x)[untouched])  # ...exactly.
+  np.testing.assert_array_equal(np.asarray(wo)[untouched], np.asarray(w)[untouched])
+
+
+@pytest.mark.parametrize("option,value", [("mix_prob", 1.5), ("mixup_alpha", -1.0),
+                                          ("erase_prob", -0.1)])
+def test_bad_augment_options_are_refused(option, value):
+  with pytest.raises(ConfigError, match=f"augment option {option}="):
+    aug.AugmentConfig(**{option: value})
