@@ -63,7 +63,7 @@ class AugmentConfig:
 
   @property
   def mixes(self) -> bool:
-    """Whether :func:`mix_batch` changes anything (it needs the targets, so the train step calls it)."""
+    """Whether :func:`mix_batch` changes anything (the train step calls it: it needs the targets)."""
     return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
   @property
@@ -166,7 +166,7 @@ def _random_erase(key, x_BxHxWxC, config: AugmentConfig):
 
 
 def mix_batch(key: jax.Array, x_BxHxWxC: jax.Array, targets_BxC: jax.Array, weights_B: jax.Array,
-        config: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+              config: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mixup and CutMix: mixes each face with the one before it in the batch.
 
   The batch is already shuffled, so the face before is a random partner (the
@@ -191,34 +191,34 @@ def mix_batch(key: jax.Array, x_BxHxWxC: jax.Array, targets_BxC: jax.Array, weig
   partner_x = jnp.roll(x_BxHxWxC, 1, axis=0)
   apply_B = jax.random.bernoulli(k_apply, config.mix_prob, (b,))
   if config.mixup_alpha > 0 and config.cutmix_alpha > 0:
-    cut_B = jax.random.bernoulli(k_kind, 0.5, (b,))
+    cut_B = apply_B & jax.random.bernoulli(k_kind, 0.5, (b,))
   else:
-    cut_B = jnp.full((b,), config.cutmix_alpha > 0)
-  mixup_alpha = config.mixup_alpha or 1.0  # Unused draws need a valid parameter.
-  cutmix_alpha = config.cutmix_alpha or 1.0
-  lam_mix_B = jax.random.beta(k_mix, mixup_alpha, mixup_alpha, (b,))
-  lam_cut_B = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha, (b,))
-  # CutMix's rectangle: (1 - lam) of the area around a uniform centre, clipped to
-  # the image; lam is then recomputed from the pixels actually pasted.
-  half_h_B = 0.5 * h * jnp.sqrt(1.0 - lam_cut_B)
-  half_w_B = 0.5 * w * jnp.sqrt(1.0 - lam_cut_B)
-  cy_B = jax.random.uniform(k_y, (b,)) * h
-  cx_B = jax.random.uniform(k_x, (b,)) * w
-  y0_B = jnp.clip(jnp.round(cy_B - half_h_B), 0, h)
-  y1_B = jnp.clip(jnp.round(cy_B + half_h_B), 0, h)
-  x0_B = jnp.clip(jnp.round(cx_B - half_w_B), 0, w)
-  x1_B = jnp.clip(jnp.round(cx_B + half_w_B), 0, w)
-  ys = jnp.arange(h, dtype=jnp.float32)[None, :, None]
-  xs = jnp.arange(w, dtype=jnp.float32)[None, None, :]
-  paste_BxHxW = ((ys >= y0_B[:, None, None]) & (ys < y1_B[:, None, None])
-                 & (xs >= x0_B[:, None, None]) & (xs < x1_B[:, None, None]))
-  paste_BxHxW &= (apply_B & cut_B)[:, None, None]
-  lam_cut_B = 1.0 - paste_BxHxW.mean(axis=(1, 2))
-  lam_B = jnp.where(apply_B, jnp.where(cut_B, lam_cut_B, lam_mix_B), 1.0)
-
-  blend_B = jnp.where(cut_B, 1.0, lam_B)[:, None, None, None]
-  mixed = blend_B * x_BxHxWxC + (1.0 - blend_B) * partner_x
-  mixed = jnp.where(paste_BxHxW[..., None], partner_x, mixed)
+    cut_B = apply_B & (config.cutmix_alpha > 0)
+  lam_B = jnp.ones((b,), jnp.float32)
+  mixed = x_BxHxWxC
+  if config.mixup_alpha > 0:
+    a = config.mixup_alpha
+    lam_B = jnp.where(apply_B & ~cut_B, jax.random.beta(k_mix, a, a, (b,)), lam_B)
+    blend_B = lam_B[:, None, None, None]
+    mixed = blend_B * x_BxHxWxC + (1.0 - blend_B) * partner_x
+  if config.cutmix_alpha > 0:
+    # The rectangle: (1 - lam) of the area around a uniform centre, clipped to the
+    # image; lam is then recomputed from the pixels actually pasted.
+    a = config.cutmix_alpha
+    side_B = jnp.sqrt(1.0 - jax.random.beta(k_cut, a, a, (b,)))
+    cy_B = jax.random.uniform(k_y, (b,)) * h
+    cx_B = jax.random.uniform(k_x, (b,)) * w
+    y0_B = jnp.clip(jnp.round(cy_B - 0.5 * h * side_B), 0, h)
+    y1_B = jnp.clip(jnp.round(cy_B + 0.5 * h * side_B), 0, h)
+    x0_B = jnp.clip(jnp.round(cx_B - 0.5 * w * side_B), 0, w)
+    x1_B = jnp.clip(jnp.round(cx_B + 0.5 * w * side_B), 0, w)
+    ys = jnp.arange(h, dtype=jnp.float32)[None, :, None]
+    xs = jnp.arange(w, dtype=jnp.float32)[None, None, :]
+    paste_BxHxW = ((ys >= y0_B[:, None, None]) & (ys < y1_B[:, None, None])
+                   & (xs >= x0_B[:, None, None]) & (xs < x1_B[:, None, None])
+                   & cut_B[:, None, None])
+    lam_B = jnp.where(cut_B, 1.0 - paste_BxHxW.mean(axis=(1, 2)), lam_B)
+    mixed = jnp.where(paste_BxHxW[..., None], partner_x, mixed)
   targets = lam_B[:, None] * targets_BxC + (1.0 - lam_B[:, None]) * jnp.roll(targets_BxC, 1, 0)
   weights = lam_B * weights_B + (1.0 - lam_B) * jnp.roll(weights_B, 1, 0)
   return mixed.astype(x_BxHxWxC.dtype), targets.astype(targets_BxC.dtype), weights
