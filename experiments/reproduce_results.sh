@@ -110,3 +110,13 @@ run acnn_alstm-distilled-vgg120-batch32-seed1 --model=acnn_alstm --epochs=40 --b
 # (alpha 0.2) and CutMix (alpha 1.0) on every face.
 run acnn_alstm-mixup0.2 --model=acnn_alstm --epochs=40 --augment=mixup_alpha=0.2
 run acnn_alstm-cutmix1.0 --model=acnn_alstm --epochs=40 --augment=cutmix_alpha=1.0
+# GPU (lent H100, 2026-11-27), against vgg_alstm's overfitting on 60 epochs: mixup, and
+# distillation from the 120-epoch vgg_alstm and the shipped default weights (on the GPU
+# the same teachers went as their saved predictions, teacher_predictions.npz).
+run vgg_alstm-60epochs-mixup0.2 --model=vgg_alstm --epochs=60 --augment=mixup_alpha=0.2
+run vgg_alstm-distilled-vgg120 --model=vgg_alstm --epochs=60 \
+  --distill_from=runs/vgg_alstm-120epochs,ferjax/weights/default
+# acnn_alstm at batch 32 distilled from the strongest teachers at hand: the three GPU
+# vgg_alstm runs above and the shipped default weights.
+run acnn_alstm-distilled-vgg3-batch32 --model=acnn_alstm --epochs=40 --batch_size=32 \
+  --distill_from=runs/vgg_alstm-distilled-vgg120,runs/vgg_alstm-120epochs,runs/vgg_alstm-60epochs-mixup0.2,ferjax/weights/default
