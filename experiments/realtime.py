@@ -35,7 +35,7 @@ _JSON = flags.DEFINE_string("json", None, "Write per-frame results and the run s
 _NO_DISPLAY = flags.DEFINE_bool("no_display", False, "Run without a window (automatic when "
                                 "there is no display).")
 _MAX_FACES = flags.DEFINE_integer("max_faces", 8, "Faces per frame (largest first); also the "
-                                  "model's fixed batch size.", lower_bound=1)
+                                  "largest batch the model is compiled for.", lower_bound=1)
 _EVERY = flags.DEFINE_integer("every", 1, "Detect and classify every N-th frame; reuse the "
                               "results in between.", lower_bound=1)
 _REDETECT = flags.DEFINE_integer("redetect_every", 5, "Search the whole frame for faces every "
@@ -48,7 +48,9 @@ _SCALE = flags.DEFINE_float("scale_factor", 1.2, "Haar cascade: step between sea
                             "(smaller finds a few more faces, slower).")
 _NEIGHBORS = flags.DEFINE_integer("min_neighbors", 5, "Haar cascade: hits a face needs; higher "
                                   "means fewer false faces.", lower_bound=0)
-_MIN_SIZE = flags.DEFINE_integer("min_size", 48, "Smallest face side in frame pixels.",
+_MIN_SIZE = flags.DEFINE_integer("min_size", 48, "Smallest face side in frame pixels; the "
+                                "detector's 24-px window makes 24 x --downscale the least that "
+                                "takes effect (lower --downscale for smaller faces).",
                                 lower_bound=1)
 _MARGIN = flags.DEFINE_float("margin", 0.1, "Fraction of the face box added on every side of "
                              "the crop.", lower_bound=0)
@@ -63,13 +65,23 @@ def main(argv):
   hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
   cli.enable_compilation_cache()
+  from ferjax.sources import open_source
+  from ferjax.video import check_outputs
+
+  # The source and the outputs first: a wrong --source, or an output that cannot or must
+  # not be written, fails at once, before the model loads.
+  outputs = dict(output=_OUTPUT.value, csv=_CSV.value, json=_JSON.value)
+  check_outputs(_SOURCE.value, **outputs)
+  with open_source(_SOURCE.value) as source:
+    check_outputs(source, **outputs)
+    _run(source)
+
+
+def _run(source):
   from ferjax.faces import FaceDetector
   from ferjax.inference import Predictor
-  from ferjax.sources import open_source
   from ferjax.video import format_summary, run_pipeline
 
-  # The source first: a wrong --source fails at once, before the model loads.
-  source = open_source(_SOURCE.value)
   detector = FaceDetector(scale_factor=_SCALE.value, min_neighbors=_NEIGHBORS.value,
                           min_size=_MIN_SIZE.value, margin=_MARGIN.value,
                           max_faces=_MAX_FACES.value, downscale=_DOWNSCALE.value)

@@ -7,6 +7,7 @@ frame; the writers save annotated frames and per-face rows; and
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -23,6 +24,8 @@ if TYPE_CHECKING:  # Annotations only: ferjax.video imports this module.
 
 # Both encoders are built into opencv-python-headless's FFmpeg (checked headless, OpenCV 4.14).
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
+# Image formats OpenCV writes in grey only: their annotated copies are written grey.
+GREY_ONLY_EXTENSIONS = (".pgm",)
 
 
 class OutputError(FerjaxError):
@@ -117,10 +120,15 @@ def _finish(partial: str, path: str, commit: bool) -> None:
   """
   if not os.path.exists(partial):
     return
-  if commit:
-    os.replace(partial, path)
-  else:
+  if not commit:
     os.remove(partial)
+    return
+  try:
+    os.replace(partial, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(partial)
+    raise OutputError(f"{path}: cannot write ({e.strerror})") from None
 
 
 class AnnotatedVideoWriter:
@@ -183,6 +191,8 @@ class AnnotatedImageWriter:
     path = self.path if self.single_file else os.path.join(self.path, name)
     _make_parent(path)
     partial = _partial_path(path)
+    if path.lower().endswith(GREY_ONLY_EXTENSIONS) and frame_bgr.ndim == 3:
+      frame_bgr = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)  # OpenCV writes PGM grey only.
     if not cv2.imwrite(partial, frame_bgr):
       raise OutputError(f"{path}: OpenCV cannot write this image")
     self._pending.append((partial, path))
@@ -257,6 +267,8 @@ def write_json(path: str, data: dict) -> None:
       json.dump(data, f, indent=1)
     os.replace(partial, path)
   except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(partial)
     raise OutputError(f"{path}: cannot write ({e.strerror})") from None
 
 

@@ -96,7 +96,9 @@ def expand_box(box: Box, margin: float, frame_hw: tuple[int, int]) -> Box:
   """
   height, width = frame_hw
   dx, dy = int(round(box.w * margin)), int(round(box.h * margin))
-  x0, y0 = max(0, box.x - dx), max(0, box.y - dy)
+  # A box from an earlier, larger frame may lie beyond this one: clip its corner too.
+  x0 = min(max(0, box.x - dx), width - 1)
+  y0 = min(max(0, box.y - dy), height - 1)
   x1, y1 = min(width, box.x + box.w + dx), min(height, box.y + box.h + dy)
   return Box(x0, y0, max(1, x1 - x0), max(1, y1 - y0))
 

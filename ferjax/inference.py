@@ -48,8 +48,10 @@ class Predictor:
   The model's state is split out once and passed to a ``jax.jit``-compiled pure
   function (cheaper per call than ``nnx.jit`` for a model this small). Crops
   are zero-padded to one of a few fixed batch sizes, (1, 2, 4, 8) by default,
-  each compiled once by :meth:`warmup`: the number of faces in a frame never
-  causes a compile, and one face does not pay for eight (the model's cost
+  each compiled once by :meth:`warmup` (which :func:`ferjax.video.analyze_video`
+  and :func:`ferjax.video.run_pipeline` call; call it before your own loop of
+  :meth:`predict_faces` or :func:`ferjax.video.analyze_frame`): after it the
+  number of faces in a frame never causes a compile, and one face does not pay for eight (the model's cost
   grows about linearly with the batch; see BUILD_NOTES.md). ``batch_sizes=
   (max_faces,)`` gives a single compiled shape. Crops go through
   :func:`ferjax.preprocess.preprocess`, as in training.
@@ -173,6 +175,8 @@ class Predictor:
       ValueError: crops of another shape or dtype.
     """
     crops_Nx48x48 = np.asarray(crops)
+    if crops_Nx48x48.shape == (0,):  # An empty list: a frame without faces.
+      crops_Nx48x48 = np.zeros((0, FACE_SIZE, FACE_SIZE), np.uint8)
     if crops_Nx48x48.ndim == 2:
       crops_Nx48x48 = crops_Nx48x48[None]
     if crops_Nx48x48.ndim == 4 and crops_Nx48x48.shape[-1] == 1:

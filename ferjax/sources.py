@@ -84,22 +84,22 @@ class FrameSource:
       yield from self._iter_capture()
 
   def _iter_images(self):
-    import cv2
-
+    first, self._first = self._first, None  # A lone image, decoded by open_source.
+    decoded = 0
     for path in self._images:
-      # Colour (grey images come as BGR), any depth, turned upright as the EXIF
-      # orientation says (IMREAD_UNCHANGED would ignore it: phone photos would lie on
-      # their side, where the frontal face detector finds nothing).
-      frame = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-      if frame is not None and frame.dtype != np.uint8:  # 16-bit PNG/TIFF.
-        frame = cv2.convertScaleAbs(frame, alpha=255.0 / max(1, int(frame.max())))
+      frame = first if first is not None else read_image(path)
+      first = None
       if frame is None:
         if len(self._images) == 1:
           raise SourceError(f"{path}: cannot decode this image")
         log.warning("%s: cannot decode this image; skipped", path)
         self.skipped.append(path)
         continue
+      decoded += 1
       yield frame, None, os.path.basename(path)
+    if not decoded:
+      raise SourceError(f"{self.description}: none of its {len(self._images)} image files "
+                        "could be decoded")
 
   def _iter_capture(self):
     start = time.perf_counter()
@@ -131,6 +131,19 @@ class FrameSource:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def read_image(path: str) -> np.ndarray | None:
+  """An image file as a uint8 BGR frame, upright; None when OpenCV cannot decode it."""
+  import cv2
+
+  # Colour (grey images come as BGR), any depth, turned upright as the EXIF orientation
+  # says (IMREAD_UNCHANGED would ignore it: phone photos would lie on their side, where
+  # the frontal face detector finds nothing).
+  frame = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+  if frame is not None and frame.dtype != np.uint8:  # 16-bit PNG/TIFF.
+    frame = cv2.convertScaleAbs(frame, alpha=255.0 / max(1, int(frame.max())))
+  return frame
 
 
 # A short real-face clip shipped with the package (Intel IoT DevKit sample
@@ -198,7 +211,10 @@ def open_source(source: int | str | os.PathLike | FrameSource) -> FrameSource:
     src.skipped.extend(others)
     return src
   if path.lower().endswith(IMAGE_EXTENSIONS):
-    return FrameSource("images", path, images=[path])
+    first = read_image(path)  # Decoded now, so a broken image fails before the model loads.
+    if first is None:
+      raise SourceError(f"{path}: cannot decode this image")
+    return FrameSource("images", path, images=[path], first=first)
   return _open_video(path)
 
 

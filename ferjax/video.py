@@ -27,7 +27,7 @@ from ferjax.annotate import (AnnotatedImageWriter, AnnotatedVideoWriter, Results
                              display_available, draw_results, write_json)
 from ferjax.errors import ConfigError
 from ferjax.faces import Box, FaceDetector, should_track, to_gray
-from ferjax.sources import IMAGE_EXTENSIONS, FrameSource, open_source
+from ferjax.sources import DEMO_CLIP, IMAGE_EXTENSIONS, FrameSource, open_source
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,13 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
   detector = detector or FaceDetector(max_faces=predictor.max_faces)
   owned = not isinstance(source, FrameSource)
   src = open_source(source)
+  if hasattr(predictor, "warmup"):
+    try:
+      predictor.warmup()  # Every batch size compiled now, not on the first frames with faces.
+    except BaseException:
+      if owned:
+        src.close()
+      raise
   return _analyze(src, owned, predictor, detector, every, redetect_every, max_frames, stats)
 
 
@@ -295,27 +302,57 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
 # ----------------------------------------------------------------------------
 
 
-def _refuse_outputs_over_source(source, **outputs: str | None) -> None:
-  """An output may not replace the input it is made from.
+def check_outputs(source, **outputs: str | None) -> None:
+  """Refuses, before anything is written, outputs that cannot or must not be written.
 
-  Raises ConfigError, naming the flag, when an output file is the source file,
-  or the annotated-image folder is the source folder (its images would be
-  replaced by their annotated copies).
+  ``outputs`` maps each flag name (``output``, ``csv``, ``json``) to its path
+  or None. Raises ConfigError, naming the flag, when an output file is the
+  source file, the annotated-image folder is the source folder (its images
+  would be replaced by their annotated copies), or a file output names an
+  existing folder. ``source`` is what :func:`ferjax.sources.open_source` takes
+  or an opened :class:`ferjax.sources.FrameSource`.
   """
-  if not isinstance(source, (str, os.PathLike)) or not os.path.exists(source):
-    return  # A camera, an opened FrameSource, or a missing path (open_source says so).
-  is_folder = os.path.isdir(source)
+  path_of_source, kind = _source_path(source)
+  is_folder = bool(path_of_source) and os.path.isdir(path_of_source)
   for flag, path in outputs.items():
-    if not path or not os.path.exists(path):
+    if not path:
+      continue
+    # Where the output is a file: --csv and --json always; --output for video and
+    # cameras, and for a lone input image when it names an image file.
+    file_output = flag != "output" or kind in ("video", "camera") or (
+        kind == "images" and not is_folder and path.lower().endswith(IMAGE_EXTENSIONS))
+    if file_output and os.path.isdir(path):
+      raise ConfigError(f"--{flag}={path} is a folder; give a file name")
+    if not path_of_source or not os.path.exists(path):
       continue
     if flag == "output" and not is_folder and os.path.isdir(path):
-      path = os.path.join(path, os.path.basename(source))  # Where one image's copy goes.
+      path = os.path.join(path, os.path.basename(path_of_source))  # Where one image's copy goes.
       if not os.path.exists(path):
         continue
-    if os.path.samefile(path, source):
+    if os.path.samefile(path, path_of_source):
       what = "the source folder: its images would be replaced by the annotated copies" \
           if is_folder else "the source itself: it would be overwritten"
       raise ConfigError(f"--{flag}={path} is {what}; choose another path")
+
+
+def _source_path(source) -> tuple[str | None, str | None]:
+  """The file or folder a source reads (None for a camera or a stream) and its kind if known."""
+  if isinstance(source, FrameSource):
+    if source.kind == "camera" or not os.path.exists(source.description):
+      return None, source.kind
+    return source.description, source.kind
+  if not isinstance(source, (str, os.PathLike)):
+    return None, "camera"  # A camera index.
+  path = os.fspath(source)
+  if path == "demo":
+    return DEMO_CLIP, "video"
+  if path.strip().isdigit():
+    return None, "camera"
+  if not os.path.exists(path):
+    return None, None  # A stream URL or a missing path (open_source says which).
+  if os.path.isdir(path) or path.lower().endswith(IMAGE_EXTENSIONS):
+    return path, "images"
+  return path, "video"
 
 
 def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
@@ -358,7 +395,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
   """
   import cv2
 
-  _refuse_outputs_over_source(source, output=output, csv=csv_path, json=json_path)
+  check_outputs(source, output=output, csv=csv_path, json=json_path)
   src = open_source(source)
   writer = table = None
   finished = False  # Outputs replace earlier files only when the run ends normally.
@@ -422,6 +459,11 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
             log.info("quit from the keyboard")
             break
     except KeyboardInterrupt:
+      if src.kind != "camera":
+        # A file or folder cut short: its outputs are incomplete, so they are dropped
+        # and files of the same names from an earlier run stay as they were.
+        log.warning("interrupted after %d frames: outputs discarded", stats.frames)
+        raise
       # Ctrl-C is how a headless camera run ends: finish the outputs and report as usual.
       log.info("interrupted: stopping after %d frames", stats.frames)
     finally:
@@ -429,18 +471,20 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
       frames.close()
     finished = True
   finally:
-    if writer is not None:
-      writer.close(commit=finished)
-    if table is not None:
-      table.close(commit=finished)
-    if display:
-      cv2.destroyAllWindows()
-    src.close()
+    # Each step runs even if an earlier one fails. After a normal run the first failure
+    # is raised once all have run; while another error is on its way, they are logged.
+    _run_all(raise_first=finished, steps=[
+        (lambda: writer.close(commit=finished)) if writer is not None else None,
+        (lambda: table.close(commit=finished)) if table is not None else None,
+        cv2.destroyAllWindows if display else None,
+        src.close,
+    ])
   summary = stats.summary()
   summary.update(compile_seconds=round(compile_seconds, 3),
                  batch_sizes=list(getattr(predictor, "batch_sizes", ())), source=src.description,
                  displayed=bool(display), skipped=list(src.skipped))
-  files = [p for p in (output, csv_path) if p]
+  # An annotated output that got no frame (e.g. a source that ended at once) was not written.
+  files = [p for p in (output if writer is not None and writer.frames else None, csv_path) if p]
   if records is not None:
     write_json(json_path, {"source": src.description, "class_names": list(predictor.class_names),
                            "checkpoint": getattr(predictor, "checkpoint", None), "every": every,
@@ -449,6 +493,26 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     files.append(json_path)
   summary["files"] = files
   return summary
+
+
+def _run_all(steps, raise_first: bool) -> None:
+  """Calls each of ``steps`` (None entries skipped), whatever the others do.
+
+  With ``raise_first`` the first error is raised after the last step; without,
+  errors are logged.
+  """
+  error = None
+  for step in steps:
+    if step is None:
+      continue
+    try:
+      step()
+    except Exception as e:  # noqa: BLE001 - raised or logged below, after the other steps.
+      if not raise_first:
+        log.warning("while cleaning up: %s", e)
+      error = error or e
+  if error is not None and raise_first:
+    raise error
 
 
 def _frame_record(result: FrameResult, class_names: Sequence[str]) -> dict:

@@ -247,6 +247,9 @@ def test_predictor_refuses_wrong_crops(tiny_run):
     predictor.predict_faces(np.zeros((2, 48, 48), np.float32))
   with pytest.raises(ValueError, match="48"):
     predictor.predict_faces(np.zeros((2, 64, 64), np.uint8))
+  # No faces, as an empty list from a faceless frame: empty results, not an error.
+  probs, weights = predictor.predict_faces([], attention=True)
+  assert probs.shape == (0, 7) and weights["alpha"].shape == (0, 36)
 
 
 def test_missing_default_weights_or_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):

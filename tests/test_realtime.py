@@ -487,3 +487,134 @@ def test_an_image_stays_in_the_window_until_a_key(monkeypatch, predictor, clip_f
   monkeypatch.setattr(cv2, "destroyAllWindows", lambda: None)
   summary = video.run_pipeline(str(tmp_path), predictor, display=True)
   assert summary["frames"] == 3 and waits == [0, 0, 0]
+
+
+def test_the_script_refuses_outputs_over_its_source_before_the_model_loads(tmp_path, clip_frames):
+  import shutil
+  clip = tmp_path / "clip.mkv"
+  shutil.copy(CLIP, clip)
+  photos = _image_folder(tmp_path / "photos", clip_frames, n=2)
+  before = {p.name: p.read_bytes() for p in photos.iterdir()}
+  # --workdir names no checkpoint: reaching the model would fail with another message.
+  missing = str(tmp_path / "no-run")
+  for args, message in [
+      ((f"--source={clip}", f"--output={clip}"), f"--output={clip} is the source itself"),
+      ((f"--source={clip}", f"--csv={clip}"), f"--csv={clip} is the source itself"),
+      ((f"--source={photos}", f"--output={photos}"), f"--output={photos} is the source folder"),
+      (("--source=demo", f"--json={sources.DEMO_CLIP}"), "is the source itself"),
+      (("--source=demo", f"--csv={tmp_path}"), f"--csv={tmp_path} is a folder; give a file name"),
+      ((f"--source={clip}", f"--output={photos}"), f"--output={photos} is a folder")]:
+    result = _script(*args, f"--workdir={missing}", "--no_display")
+    assert result.returncode == 2, (args, result.stderr[-1000:])
+    assert message in result.stderr.strip().splitlines()[-1], (args, result.stderr[-1000:])
+  assert clip.read_bytes() == open(CLIP, "rb").read()
+  assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+
+def test_an_opened_source_is_checked_like_a_path(predictor, tmp_path):
+  import shutil
+  clip = tmp_path / "clip.mkv"
+  shutil.copy(CLIP, clip)
+  with sources.open_source(str(clip)) as src:
+    with pytest.raises(ConfigError, match="is the source itself"):
+      video.run_pipeline(src, predictor, output=str(clip))
+  with pytest.raises(ConfigError, match="is the source itself"):
+    video.check_outputs("demo", output=sources.DEMO_CLIP)
+  assert clip.read_bytes() == open(CLIP, "rb").read()
+
+
+def test_an_interrupted_video_run_keeps_earlier_outputs(predictor, tmp_path):
+  out, table = tmp_path / "out.mp4", tmp_path / "faces.csv"
+  out.write_bytes(b"previous video")
+  table.write_text("previous csv")
+
+  def interrupt(result):
+    if result.index == 3:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    video.run_pipeline(CLIP, predictor, output=str(out), csv_path=str(table), on_result=interrupt)
+  assert out.read_bytes() == b"previous video" and table.read_text() == "previous csv"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.csv", "out.mp4"]
+
+
+def test_an_interrupted_camera_run_ends_normally_and_keeps_its_outputs(monkeypatch, predictor,
+                                                                       clip_frames, tmp_path):
+  _patch_camera(monkeypatch, _FakeCamera(clip_frames[:10]))
+  table = tmp_path / "faces.csv"
+
+  def interrupt(result):
+    if result.index == 3:
+      raise KeyboardInterrupt  # Ctrl-C: how a headless camera run is stopped.
+
+  summary = video.run_pipeline(0, predictor, csv_path=str(table), on_result=interrupt)
+  assert summary["frames"] == 4 and summary["files"] == [str(table)]
+  with open(table, newline="") as f:
+    # Frame 3 was interrupted before its row was written.
+    assert [row["frame"] for row in csv.DictReader(f)] == ["0", "1", "2"]
+
+
+def test_pgm_images_get_grey_annotated_copies(predictor, tmp_path, clip_frames):
+  import cv2
+  folder = tmp_path / "pgm"
+  folder.mkdir()
+  for i in range(2):
+    assert cv2.imwrite(str(folder / f"face{i}.pgm"), cv2.cvtColor(clip_frames[i * 10],
+                                                                  cv2.COLOR_BGR2GRAY))
+  out = tmp_path / "out"
+  summary = video.run_pipeline(str(folder), predictor, output=str(out))
+  assert summary["faces"] == 2 and summary["files"] == [str(out)]
+  copy = cv2.imread(str(out / "face0.pgm"), cv2.IMREAD_UNCHANGED)
+  original = cv2.imread(str(folder / "face0.pgm"), cv2.IMREAD_UNCHANGED)
+  assert copy.shape == original.shape and not np.array_equal(copy, original)  # Marked.
+
+
+def test_a_folder_with_no_decodable_image_is_an_error(predictor, tmp_path):
+  folder = tmp_path / "broken"
+  folder.mkdir()
+  (folder / "a.png").write_bytes(b"not a png")
+  (folder / "b.jpg").write_bytes(b"not a jpeg")
+  out = tmp_path / "out"
+  with pytest.raises(sources.SourceError, match="none of its 2 image files could be decoded"):
+    video.run_pipeline(str(folder), predictor, output=str(out), csv_path=str(tmp_path / "f.csv"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # Nothing written.
+
+
+def test_a_broken_single_image_fails_when_opened(tmp_path):
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(b"not a png")
+  with pytest.raises(sources.SourceError, match="bad.png: cannot decode this image"):
+    sources.open_source(str(bad))
+
+
+def test_a_csv_that_cannot_be_moved_into_place_leaves_nothing_behind(predictor, tmp_path,
+                                                                     monkeypatch):
+  real_replace = os.replace
+
+  def replace(src, dst):
+    if str(dst).endswith(".csv"):
+      raise IsADirectoryError(21, "Is a directory")
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(annotate.os, "replace", replace)
+  out, table = tmp_path / "out.mp4", tmp_path / "faces.csv"
+  with pytest.raises(annotate.OutputError, match="faces.csv: cannot write"):
+    video.run_pipeline(CLIP, predictor, output=str(out), csv_path=str(table), max_frames=3)
+  # The video, closed before the table, is in place; no partial file is left.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+def test_tracking_survives_a_frame_that_shrank(predictor, clip_frames):
+  import cv2
+  detector = FaceDetector()
+  faces = video.analyze_frame(clip_frames[0], predictor, detector)
+  assert faces and faces[0].box.x > 200  # The demo face lies right of a 160-px frame.
+  small = cv2.resize(clip_frames[0], (160, 120))
+  assert video.analyze_frame(small, predictor, detector, near=[f.box for f in faces]) == []
+
+
+def test_analyze_video_compiles_every_batch_size_before_the_first_frame(tiny_run):
+  fresh = Predictor(tiny_run[0], max_faces=4)
+  frames = video.analyze_video(CLIP, fresh, max_frames=2)
+  assert fresh.compile_seconds is not None and fresh.trace_count == 3  # Sizes 1, 2 and 4.
+  assert len(list(frames)) == 2 and fresh.trace_count == 3
