@@ -69,8 +69,15 @@ _TEST_SPLIT = flags.DEFINE_string("test_split", None, "Split to report. Default:
                                   "(test for image folders).")
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False,
                               "Drop malformed data rows (and report them) instead of failing.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() for a multi-host run.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-host run through jax.distributed.initialize(); the "
+    "three flags below default to what a cluster (SLURM, Open MPI, Kubernetes, TPU) provides.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "With --distributed: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "With --distributed: how many processes.", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "With --distributed: this process's index.", lower_bound=0)
 
 
 @cli.exit_on_errors
@@ -82,7 +89,13 @@ def main(argv):
   cli.enable_compilation_cache()
   if _DISTRIBUTED.value:
     import jax
-    jax.distributed.initialize()
+    # Collectives between CPU devices of different processes (the CPU back-end has none
+    # across hosts otherwise); a GPU or TPU run uses its own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
+                         "--distributed")
   from ferjax.train import train_and_evaluate  # After flags: keeps --help fast.
 
   changes = {name: flag.value for name, flag in (

@@ -15,6 +15,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ferjax.errors import ConfigError
 
 
+def is_primary() -> bool:
+  """Whether this process writes the run's files: always on one host, process 0 of many."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process of a multi-host run gets here (nothing on one host)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh named ``data`` over ``devices`` (default: all devices)."""
   devices = jax.devices() if devices is None else devices

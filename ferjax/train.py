@@ -140,7 +140,10 @@ class Trainer:
                                 parallel.replicated(mesh))
     self._weights = jnp.asarray(weights)
     self._train_step_jit = jax.jit(self._train_step, donate_argnums=1)
-    self._predict = jax.jit(self._predict_impl, static_argnames="tta")
+    # Replicated out: in a multi-host run every process reads all of a batch's predictions
+    # (sharded, they would span other processes' devices and could not be fetched).
+    self._predict = jax.jit(self._predict_impl, static_argnames="tta",
+                            out_shardings=parallel.replicated(mesh))
 
   def train_step(self, state, metrics: Metrics, batch: Batch, step: jax.Array):
     """One optimiser step; returns the new state and the updated metric sums."""
@@ -245,8 +248,10 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData
   """
   have = data.split_names
   fallback = {"Training": "train", "PublicTest": HELD_OUT_SPLIT, "PrivateTest": "test"}
-  if config.eval_split not in have and fallback.get(config.eval_split) == HELD_OUT_SPLIT \
-      and "train" in have:
+  # The held-out tenth is made again (the same faces: a fixed seed) for a config that
+  # already names it, as a checkpoint's saved config does.
+  if config.eval_split not in have and HELD_OUT_SPLIT in (
+      config.eval_split, fallback.get(config.eval_split)) and "train" in have:
     data = data.with_held_out("train", HELD_OUT_SPLIT, HELD_OUT_FRACTION)
     have = data.split_names
   changes = {}
@@ -272,10 +277,11 @@ def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool) -> None:
   config_file = os.path.join(workdir, "config.json")
   has_run = os.path.exists(config_file) or os.path.isdir(os.path.join(workdir, "checkpoints"))
   if has_run and fresh:
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    aside = f"{workdir.rstrip(os.sep)}.old-{stamp}"
-    shutil.move(workdir, aside)
-    log.warning("--fresh: moved the previous run in %s to %s", workdir, aside)
+    if parallel.is_primary():  # In a multi-host run the other processes leave it to process 0.
+      stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+      aside = f"{workdir.rstrip(os.sep)}.old-{stamp}"
+      shutil.move(workdir, aside)
+      log.warning("--fresh: moved the previous run in %s to %s", workdir, aside)
     has_run = False
   if has_run:
     if not os.path.exists(config_file):
@@ -325,6 +331,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   _check_before_writing(config, data.num_classes, len(train))
   teachers = _load_teachers(config, data.class_names, workdir, train)
   prepare_workdir(workdir, config, fresh=fresh)
+  # Every process has read the workdir (and process 0 moved an old run aside) before any
+  # file is written; from here only process 0 writes the run's files (checkpoints: all).
+  parallel.barrier("prepare_workdir")
 
   batches = TrainBatches(train.images, train.labels, config.batch_size, config.seed,
                          soft_labels=_training_targets(config, train, data.class_names, teachers,
@@ -340,8 +349,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   meta = {"config": config.to_dict(), "model": config.model, "labels": config.labels,
           "class_names": list(data.class_names), "num_classes": data.num_classes,
           "ferjax_version": __version__}
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(meta, f, indent=2)
+  if parallel.is_primary():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(meta, f, indent=2)
 
   step = 0
   best_accuracy = -1.0
@@ -541,7 +551,7 @@ def _teacher_predictions(teachers: list, train: data_lib.FerData, class_names: S
                                           train.images, batch_size,
                                           progress=f"distilling from {source}")
   probs = (probs / len(teachers)).astype(np.float32)
-  if path:
+  if path and parallel.is_primary():
     tmp = path + ".tmp.npz"
     try:  # Only a saving: a failed write costs a resume the predictions, not the run.
       np.savez(tmp, probs=probs, sources=np.array(sources), steps=np.array(steps),
@@ -635,8 +645,9 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
     results[f"test_tta_{tta}"] = m
     log.info("%s", evaluate_lib.format_metrics(
         m, f"{config.test_split} (checkpoint step {best}, tta={tta})"))
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  if parallel.is_primary():
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
   return results
 
 
@@ -660,6 +671,8 @@ def _best_accuracy(workdir: str, best_step: int) -> float:
 
 
 def _write_record(workdir: str, record: dict, writer) -> None:
+  if not parallel.is_primary():
+    return
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps(record) + "\n")
   plots.plot_training_curves(_read_records(workdir), os.path.join(workdir, "curves.png"))
@@ -671,6 +684,8 @@ def _write_record(workdir: str, record: dict, writer) -> None:
 
 
 def _summary_writer(workdir: str):
+  if not parallel.is_primary():
+    return None
   try:
     from tensorboardX import SummaryWriter  # Optional dependency.
   except ImportError:

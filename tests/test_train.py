@@ -249,6 +249,20 @@ def test_image_folder_data_selects_on_held_out_train_not_on_test(tiny_data):
   val, train, test = (data.split(s) for s in ("validation", "train", "test"))
   assert len(val) + len(train) == 64 and len(test) == 41
   assert not set(val.rows) & set(test.rows) and not set(val.rows) & set(train.rows)
+  # A checkpoint saves the resolved config; evaluating it resolves again, on fresh folder data.
+  again, again_data = train_lib.resolve_splits(resolved, folder)
+  assert again == resolved
+  np.testing.assert_array_equal(again_data.splits, data.splits)
+
+
+def test_a_run_on_image_folder_data_can_be_evaluated(tmp_path, tiny_data):
+  splits = np.where(tiny_data.splits == "Training", "train", "test")
+  folder = dataclasses.replace(tiny_data, splits=splits)
+  workdir = str(tmp_path / "run")
+  results = train_lib.train_and_evaluate(tiny_config(epochs=1), workdir, data=folder)
+  metrics = evaluate_checkpoint(workdir, data=folder, output_dir=str(tmp_path / "eval"))
+  assert metrics["split"] == "test" and metrics["num_examples"] == 41
+  assert metrics["accuracy"] == pytest.approx(results["test_tta_none"]["accuracy"])
 
 
 def test_checkpoint_keeps_latest_and_best(tmp_path):
@@ -369,6 +383,54 @@ def test_two_devices_match_one(tmp_path, tiny_csv):
   assert "devices 1" in r1.stdout and "devices 2" in r2.stdout
   for a, b in zip(_final(one), _final(two), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_a_two_process_distributed_run_matches_one_process_with_two_devices(tmp_path, tiny_csv):
+  args = [sys.executable, "-m", "experiments.train", "--model=acnn_alstm",
+          "--model_option=widths=(4,4,8,8)", "--model_option=lstm_hidden=8",
+          "--model_option=attention_size=8", "--epochs=2", "--batch_size=16",
+          "--eval_batch_size=16", f"--data={tiny_csv}"]
+  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  port = _free_port()
+  procs = [subprocess.Popen([*args, f"--workdir={multi}", "--distributed",
+                             f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+    assert "2 devices (cpu)" in err and "PrivateTest accuracy" in out
+  two = subprocess.run([*args, f"--workdir={single}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, check=False,
+                       env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert two.returncode == 0, two.stderr[-3000:]
+  # One record per evaluation (process 0 writes the files), the same numbers as one process
+  # feeding two devices: each process contributed its half of every global batch.
+  records = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+             for name in ("multi", "single")}
+  assert [r["step"] for r in records["multi"]] == [r["step"] for r in records["single"]] == [4, 8]
+  for a, b in zip(records["multi"], records["single"]):
+    for key in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy"):
+      assert a[key] == pytest.approx(b[key], rel=1e-5), key
+  results = {name: json.load(open(tmp_path / name / "results.json")) for name in records}
+  assert results["multi"]["test_tta_ten_crop"]["loss"] == pytest.approx(
+      results["single"]["test_tta_ten_crop"]["loss"], rel=1e-5)
+  assert results["multi"]["test_tta_ten_crop"]["num_examples"] == 21
+
+
+def test_distributed_settings_need_distributed():
+  r = subprocess.run([sys.executable, "-m", "experiments.train", "--num_processes=2"], cwd=ROOT,
+                     env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                     timeout=120, check=False)
+  assert r.returncode != 0 and "need --distributed" in r.stderr
 
 
 def test_ema_follows_its_update_rule_and_is_what_evaluation_uses(tiny_data):
