@@ -165,16 +165,25 @@ def _random_erase(key, x_BxHxWxC, config: AugmentConfig):
   return jnp.where(erase_BxHxW[..., None], 0.0, x_BxHxWxC)
 
 
+def mix_partners(key: jax.Array, b: int) -> jax.Array:
+  """Each of ``b`` faces' partner index: one random cycle through all ``b`` (none its own)."""
+  order_B = jax.random.permutation(key, b)
+  return jnp.zeros((b,), jnp.int32).at[order_B].set(jnp.roll(order_B, -1).astype(jnp.int32))
+
+
 def mix_batch(key: jax.Array, x_BxHxWxC: jax.Array, targets_BxC: jax.Array, weights_B: jax.Array,
               config: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Mixup and CutMix: mixes each face with the one before it in the batch.
+  """Mixup and CutMix: mixes each face with a random partner from the same batch.
 
-  The batch is already shuffled, so the face before is a random partner (the
-  first face's partner is the last). Each face ``i`` keeps a share ``lam_i``
-  of itself: its image is ``lam_i * x_i + (1 - lam_i) * x_(i-1)`` (mixup) or
-  ``x_i`` with a rectangle of ``x_(i-1)`` pasted in, covering ``1 - lam_i``
-  of the image (CutMix); its target and its loss weight mix with the same
-  shares. Faces not drawn (``mix_prob``) come back unchanged.
+  The partners, :func:`mix_partners` of ``fold_in(key, 1)``, follow one random
+  cycle through the batch: no face is its own partner, and the pairing does
+  not depend on the batch's order (which need not be random: the input
+  pipeline sorts each batch's indices, and an image folder stores its faces
+  class by class). Each face ``i`` keeps a share ``lam_i`` of itself: its
+  image is ``lam_i * x_i + (1 - lam_i) * x_p(i)`` (mixup) or ``x_i`` with a
+  rectangle of ``x_p(i)`` pasted in, covering ``1 - lam_i`` of the image
+  (CutMix); its target and its loss weight mix with the same shares. Faces
+  not drawn (``mix_prob``) come back unchanged.
 
   Args:
     key: PRNG key; the same key gives the same result.
@@ -188,7 +197,8 @@ def mix_batch(key: jax.Array, x_BxHxWxC: jax.Array, targets_BxC: jax.Array, weig
   """
   b, h, w, _ = x_BxHxWxC.shape
   k_apply, k_kind, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
-  partner_x = jnp.roll(x_BxHxWxC, 1, axis=0)
+  partner_B = mix_partners(jax.random.fold_in(key, 1), b)
+  partner_x = x_BxHxWxC[partner_B]
   apply_B = jax.random.bernoulli(k_apply, config.mix_prob, (b,))
   if config.mixup_alpha > 0 and config.cutmix_alpha > 0:
     cut_B = apply_B & jax.random.bernoulli(k_kind, 0.5, (b,))
@@ -219,6 +229,6 @@ def mix_batch(key: jax.Array, x_BxHxWxC: jax.Array, targets_BxC: jax.Array, weig
                    & cut_B[:, None, None])
     lam_B = jnp.where(cut_B, 1.0 - paste_BxHxW.mean(axis=(1, 2)), lam_B)
     mixed = jnp.where(paste_BxHxW[..., None], partner_x, mixed)
-  targets = lam_B[:, None] * targets_BxC + (1.0 - lam_B[:, None]) * jnp.roll(targets_BxC, 1, 0)
-  weights = lam_B * weights_B + (1.0 - lam_B) * jnp.roll(weights_B, 1, 0)
+  targets = lam_B[:, None] * targets_BxC + (1.0 - lam_B[:, None]) * targets_BxC[partner_B]
+  weights = lam_B * weights_B + (1.0 - lam_B) * weights_B[partner_B]
   return mixed.astype(x_BxHxWxC.dtype), targets.astype(targets_BxC.dtype), weights

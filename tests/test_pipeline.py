@@ -134,15 +134,15 @@ def test_ten_crop_views_are_the_five_44px_crops_scaled_to_48():
 
 def _mix_inputs(b=32):
   x = jax.random.normal(jax.random.key(0), (b, 48, 48, 1))
-  labels = jnp.arange(b) % 7
-  return x, jax.nn.one_hot(labels, 7), 1.0 + labels.astype(jnp.float32)  # Distinct weights.
+  labels = jnp.arange(b)  # A class per face, so each target tells whose share it holds.
+  return x, jax.nn.one_hot(labels, b), 1.0 + labels.astype(jnp.float32)  # Distinct weights.
 
 
 def test_mixup_blends_images_targets_and_weights_in_the_same_proportion():
   x, t, w = _mix_inputs()
   config = aug.AugmentConfig(mixup_alpha=0.4)
   xo, to, wo = jax.jit(aug.mix_batch, static_argnums=4)(jax.random.key(1), x, t, w, config)
-  partner = np.roll(np.arange(32), 1)  # Each face mixes with the one before it.
+  partner = np.asarray(aug.mix_partners(jax.random.fold_in(jax.random.key(1), 1), 32))
   lam = np.asarray(to)[np.arange(32), np.asarray(t).argmax(1)]  # Share of its own class.
   assert ((lam > 0.0) & (lam < 1.0)).all() and lam.std() > 0.1  # Beta draws, one per face.
   np.testing.assert_allclose(xo, lam[:, None, None, None] * x
@@ -155,7 +155,9 @@ def test_mixup_blends_images_targets_and_weights_in_the_same_proportion():
 def test_cutmix_pastes_one_rectangle_and_mixes_targets_by_its_area():
   x, t, w = _mix_inputs()
   xo, to, _ = aug.mix_batch(jax.random.key(2), x, t, w, aug.AugmentConfig(cutmix_alpha=1.0))
-  xo, x, partner = np.asarray(xo), np.asarray(x), np.roll(np.asarray(x), 1, axis=0)
+  partner_B = np.asarray(aug.mix_partners(jax.random.fold_in(jax.random.key(2), 1), 32))
+  xo, x = np.asarray(xo), np.asarray(x)
+  partner = x[partner_B]
   pasted = (xo == partner) & (xo != x)
   assert ((xo == x) | pasted).all()  # Every pixel is its own or the partner's.
   pasted = pasted[..., 0]
@@ -164,6 +166,24 @@ def test_cutmix_pastes_one_rectangle_and_mixes_targets_by_its_area():
   own = np.asarray(to)[np.arange(32), np.asarray(t).argmax(1)]
   np.testing.assert_allclose(own, 1 - pasted.mean(axis=(1, 2)), atol=1e-6)
   assert 0.2 < pasted.mean() < 0.8
+
+
+def test_mix_partners_ignore_the_batch_order():
+  # One cycle through the batch: every face is some face's partner, none its own.
+  for seed in range(5):
+    partner = np.asarray(aug.mix_partners(jax.random.key(seed), 64))
+    assert sorted(partner) == list(range(64)) and (partner != np.arange(64)).all()
+    seen, i = set(), 0
+    while i not in seen:
+      seen.add(i)
+      i = partner[i]
+    assert len(seen) == 64
+  # A batch sorted by class (as the pipeline's sorted gathers give for an image folder,
+  # stored class by class) still mixes across classes about as often as chance.
+  labels = np.repeat(np.arange(7), 10)[:64]
+  same = np.mean([(labels[np.asarray(aug.mix_partners(jax.random.key(s), 64))] == labels).mean()
+                  for s in range(50)])
+  assert same < 0.25  # Chance: about 0.14; pairing each face with the one before: 0.89.
 
 
 def test_mixing_is_off_by_default_and_mix_prob_picks_faces():
