@@ -49,6 +49,18 @@ class AugmentConfig:
   mix_prob: float = 1.0
 
   def __post_init__(self):
+    if not isinstance(self.flip, bool):
+      raise ConfigError(f"augment option flip={self.flip!r}: must be true or false")
+    for name, top in (("erase_area", 1.0), ("erase_aspect", None)):
+      value = getattr(self, name)
+      pair = tuple(value) if isinstance(value, (tuple, list)) else None
+      if (pair is None or len(pair) != 2
+          or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in pair)
+          or not 0 < pair[0] <= pair[1] or (top is not None and pair[1] > top)):
+        bound = f" <= {top:g}" if top is not None else ""
+        raise ConfigError(f"augment option {name}={value!r}: must be a range (low, high) with "
+                          f"0 < low <= high{bound}")
+      object.__setattr__(self, name, tuple(float(v) for v in pair))  # A list from JSON, too.
     for name in ("max_shift", "max_rotation", "max_scale", "erase_prob", "mixup_alpha",
                  "cutmix_alpha", "mix_prob"):
       value = getattr(self, name)

@@ -63,6 +63,11 @@ class TrainConfig:
     if unknown:
       raise ConfigError(f"model {self.model!r} has no option {', '.join(unknown)}; its options: "
                         f"{', '.join(sorted(model_options(self.model)))}")
+    defaults = model_options(self.model)
+    for key, value in self.model_overrides.items():
+      # A switch takes true or false only: any other text (e.g. "no") would read as on.
+      if isinstance(defaults[key], bool) and not isinstance(value, bool):
+        raise ConfigError(f"model option {key}={value!r}: must be true or false")
     _choice("optimizer", self.optimizer, OPTIMIZERS)
     _choice("labels", self.labels, LABEL_SETS)
     _choice("class_weighting", self.class_weighting, CLASS_WEIGHTING)

@@ -58,7 +58,7 @@ _EMOTION_CODES = {str(i).encode(): i for i in range(len(FER2013_CLASSES))}
 _USAGE_CODES = {name.encode(): i for i, name in enumerate(CSV_SPLITS)}
 _CHUNK_ROWS = 2048
 # Bump when parsing changes what a source file loads as, so old caches retire.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: csv_rows.
 _FINGERPRINT_BYTES = 1 << 20
 
 
@@ -73,6 +73,8 @@ class FerData:
       ``PublicTest``, ``PrivateTest``; ``train``/``test`` for image folders).
     rows: int32 ``(N,)``, 0-based data row in ``fer2013.csv`` (the key FER+
       joins on), or the position in the folder listing for image folders.
+    csv_rows: whether ``rows`` are ``fer2013.csv`` data rows (False for image
+      folders, even those whose file names carry the CSV's split names).
     class_names: names of the label indices.
     source: where the data came from.
     soft_labels: float32 ``(N, C)`` vote distributions (FER+ only) or None.
@@ -88,6 +90,7 @@ class FerData:
   source: str = ""
   soft_labels: np.ndarray | None = None
   skipped: tuple[DataError, ...] = ()
+  csv_rows: bool = True
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -417,7 +420,7 @@ def with_ferplus_labels(data: FerData, ferplus: FerPlusLabels) -> FerData:
   Returns:
     The kept examples with 8-class labels and soft vote distributions.
   """
-  if data.splits.size and not np.isin(data.splits, CSV_SPLITS).all():
+  if not data.csv_rows or (data.splits.size and not np.isin(data.splits, CSV_SPLITS).all()):
     raise DataError("FER+ labels join on fer2013.csv row order; load the CSV form of "
                     "FER2013, not an image folder", path=data.source)
   if len(data) and data.rows.max() >= len(ferplus.labels):
@@ -554,6 +557,7 @@ def _load_folder(root: str, on_error: str) -> FerData:
       rows=np.arange(len(images), dtype=np.int32),
       source=root,
       skipped=tuple(skipped),
+      csv_rows=False,
   )
 
 
@@ -634,7 +638,7 @@ def _read_cache(cache_file: str, source: str) -> FerData | None:
       meta = json.loads(str(z["meta"]))
       data = FerData(
           images=z["images"], labels=z["labels"], splits=z["splits"], rows=z["rows"],
-          class_names=tuple(meta["class_names"]), source=source,
+          class_names=tuple(meta["class_names"]), source=source, csv_rows=meta["csv_rows"],
           skipped=tuple(DataError(reason, path=p, line=line) for p, line, reason in meta["skipped"]))
     n = len(data.labels)
     if (meta.get("version") != _CACHE_VERSION or data.images.shape != (n, 48, 48, 1)
@@ -648,7 +652,8 @@ def _read_cache(cache_file: str, source: str) -> FerData | None:
 
 def _write_cache(cache_file: str, data: FerData) -> None:
   meta = {"version": _CACHE_VERSION, "class_names": list(data.class_names),
-          "skipped": [[e.path, e.line, e.reason] for e in data.skipped], "source": data.source}
+          "skipped": [[e.path, e.line, e.reason] for e in data.skipped], "source": data.source,
+          "csv_rows": data.csv_rows}
   try:
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_file), suffix=".tmp")

@@ -105,6 +105,11 @@ def test_train_flags_change_only_what_they_name():
     (["--data=/no/such/file.csv"], 2, "error: /no/such/file.csv: no such file or directory"),
     (["--model_option=hidden=3"], 2, "error: model 'acnn_alstm' has no option hidden"),
     (["--epochs=0"], 2, "error: epochs must be at least 1"),
+    # A switch spelled other than true/false would otherwise read as on.
+    (["--model_option=bidirectional=no"], 2, "error: model option bidirectional='no': must be "
+     "true or false"),
+    (["--augment=flip=off"], 2, "error: augment option flip='off': must be true or false"),
+    (["--augment=erase_area=0.1"], 2, "error: augment option erase_area=0.1: must be a range"),
 ])
 def test_train_errors_are_one_line(tmp_path, args, code, message):
   r = run("experiments.train", f"--workdir={tmp_path / 'w'}", *args, env={"FER2013_PATH": ""})

@@ -114,6 +114,12 @@ def test_image_folder_keeps_split_from_msambare_names(tmp_path, cache_dir):
     cv2.imwrite(str(folder / name), img)
   d = data_lib.load_fer2013(tmp_path, cache=False)
   assert sorted(d.split_names) == ["PrivateTest", "PublicTest", "Training"]
+  # The CSV's split names, but not its rows: FER+ labels cannot be joined on, even cached.
+  fp_path = _ferplus_csv(tmp_path.parent / f"{tmp_path.name}-fp.csv", ["Training,a.png,0,10,0,0,0,0,0,0,0,0"] * 3)
+  for data in (d, data_lib.load_fer2013(tmp_path), data_lib.load_fer2013(tmp_path)):
+    assert not data.csv_rows
+    with pytest.raises(DataError, match="load the CSV form of FER2013, not an image folder"):
+      data_lib.with_ferplus_labels(data.split("Training"), data_lib.load_ferplus(fp_path))
 
 
 def test_image_folder_errors(tmp_path, cache_dir):

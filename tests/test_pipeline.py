@@ -197,8 +197,10 @@ def test_mixing_is_off_by_default_and_mix_prob_picks_faces():
   np.testing.assert_array_equal(np.asarray(wo)[untouched], np.asarray(w)[untouched])
 
 
-@pytest.mark.parametrize("option,value", [("mix_prob", 1.5), ("mixup_alpha", -1.0),
-                                          ("erase_prob", -0.1)])
+@pytest.mark.parametrize("option,value", [
+    ("mix_prob", 1.5), ("mixup_alpha", -1.0), ("erase_prob", -0.1), ("flip", "no"),
+    ("erase_area", 0.1), ("erase_area", (0.3, 0.1)), ("erase_area", (0.1, 1.5)),
+    ("erase_aspect", (0, 3)), ("erase_aspect", (1, 2, 3))])
 def test_bad_augment_options_are_refused(option, value):
   with pytest.raises(ConfigError, match=f"augment option {option}="):
     aug.AugmentConfig(**{option: value})
