@@ -356,12 +356,20 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   step = 0
   best_accuracy = -1.0
   elapsed_before = 0.0  # Training time of earlier sessions of this run (resumes).
+  metrics = trainer.zero_metrics()  # Sums since the last evaluation.
   if store.latest_step() is not None:
     step = store.latest_step()
-    elapsed_before = _last_record(workdir).get("elapsed_seconds", 0.0)
+    saved = store.read_meta(step)
+    # A checkpoint between evaluations (--checkpoint_every) carries its own clock and the
+    # metric sums since the last evaluation; one at an evaluation matches its record.
+    elapsed_before = saved.get("elapsed_seconds",
+                               _last_record(workdir).get("elapsed_seconds", 0.0))
     restored = store.restore(step, **{k: v for k, v in trainer.abstract_state().items()
                                       if v is not None})
     trainer.state = {**trainer.state, **restored}
+    if "train_sums" in saved:
+      resumed_sums = {k: jnp.asarray(saved["train_sums"][k], jnp.float32) for k in metrics}
+      metrics = jax.device_put(resumed_sums, parallel.replicated(mesh))
     best = store.best_step()
     if best is not None:
       best_accuracy = _best_accuracy(workdir, best)
@@ -370,7 +378,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
 
   writer = _summary_writer(workdir)
   progress = _Progress(steps_per_epoch, config.batch_size)
-  metrics = trainer.zero_metrics()
   previous = None
   run_start = time.time()
   while step < stop_step:
@@ -406,7 +413,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
       previous = None
     else:
       store.save(step, model=trainer.state["model"], optimizer=trainer.state["optimizer"],
-                 ema=trainer.state["ema"], meta={**meta, "step": step})
+                 ema=trainer.state["ema"],
+                 meta={**meta, "step": step,
+                       "elapsed_seconds": elapsed_before + time.time() - run_start,
+                       "train_sums": {k: float(v) for k, v in train_metrics.items()}})
   progress.close()
   if writer is not None:
     writer.close()

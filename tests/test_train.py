@@ -373,6 +373,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_csv):
   assert "resuming" in resumed.stderr
   for a, b in zip(_final(straight), _final(killed), strict=True):
     np.testing.assert_array_equal(a, b)
+  # The logged training metrics too: the record at step 8 counts steps 5-8, two of them
+  # before the checkpoint at step 6 that the run resumed from.
+  records = {run: {r["step"]: r for r in map(json.loads, open(run / "metrics.jsonl"))}
+             for run in (straight, killed)}
+  assert sorted(records[killed]) == sorted(records[straight]) == [4, 8, 12]
+  for step in (4, 8, 12):
+    for key in ("train_loss", "train_accuracy", "eval_loss"):
+      assert records[killed][step][key] == pytest.approx(records[straight][step][key]), (step, key)
 
 
 def test_two_devices_match_one(tmp_path, tiny_csv):
