@@ -1,5 +1,6 @@
 """What every benchmark records beside its figures: when, where, under what load, which versions."""
 
+import contextlib
 import os
 import platform
 import time
@@ -43,3 +44,30 @@ def write_results(results: dict, path: str) -> None:
     json.dump(results, f, indent=2)
   print(f"load average {results['load_average'][0]:.2f} before, "
         f"{results['load_average_after'][0]:.2f} after; wrote {path}")
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+  """Makes every ``lax.scan`` traced inside fully unrolled.
+
+  XLA's cost analysis counts a while loop's body once, not once per
+  iteration (checked on jax 0.10.2: a 10-step scan of a matmul reports the
+  FLOPs of one matmul), so the LSTM's 36 steps would count as 1. ferjax's
+  layers look ``jax.lax.scan`` up at call time, so this reaches them. The
+  unroll is forced over any the caller passes (the LSTM's forward loop passes
+  its own ``unroll=1``; a default in a ``functools.partial`` would lose to it
+  and leave that loop counted once, as `benchmarks.train_throughput` did until
+  2026-11-27).
+  """
+  import jax
+
+  original = jax.lax.scan
+
+  def unrolled(*args, **kwargs):
+    return original(*args, **{**kwargs, "unroll": True})
+
+  jax.lax.scan = unrolled
+  try:
+    yield
+  finally:
+    jax.lax.scan = original

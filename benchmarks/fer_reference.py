@@ -1,6 +1,6 @@
 r"""Frames per second of the ``fer`` package (Haar mode) on a video, as JSON on stdout.
 
-  /tmp/fervenv/bin/python benchmarks/fer_reference.py --source=tests/data/asl_gestures_yes.mkv
+  /tmp/fervenv/bin/python benchmarks/fer_reference.py --source=ferjax/assets/demo_face_clip.mkv
 
 The comparison side of benchmarks/realtime_fps.py, run in a separate
 interpreter that has ``fer`` and TensorFlow (see benchmarks/README.md for the

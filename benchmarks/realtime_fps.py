@@ -24,6 +24,7 @@ versions.
 import json
 import os
 import subprocess
+import sys
 import time
 
 import cv2
@@ -179,7 +180,10 @@ def main(argv):
           f"   ({fer['ms_per_frame']:.2f} ms/frame, {fer['frames_with_face']} of "
           f"{fer['frames']} frames with a face)")
   elif "fer" in results:
+    # The comparison was asked for and is missing: keep the earlier results file, fail.
     print(f"fer reference failed: {results['fer']['error']}\n{results['fer']['stderr_tail']}")
+    sys.exit(f"not written: {_OUT.value} (the fer comparison failed; fix --fer_python or "
+             "leave it out)")
   else:
     print("no fer comparison: pass --fer_python=PATH (a venv with fer==25.10.3; see "
           "benchmarks/README.md)")

@@ -49,6 +49,10 @@ def _start(cache_dir: str, cache_on: bool) -> dict:
 def main(argv):
   del argv
   results = {"command": " ".join(_COMMAND[1:]), **environment(), "runs": []}
+  # The timed command keeps freed memory itself (ferjax/hostmem.py) unless this opts out;
+  # this process's own setting, which environment() records, says nothing about it.
+  results["retain_freed_memory"] = (not os.environ.get("FERJAX_KEEP_MALLOC")
+                                    and sys.platform.startswith("linux"))
   ways = ("cache off", "empty cache", "filled cache")
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(_REPEATS.value):

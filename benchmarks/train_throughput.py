@@ -13,7 +13,6 @@ benchmarks/results/train_throughput.json and prints a table.
 
 import contextlib
 import datetime
-import functools
 import gc
 import json
 import math
@@ -32,7 +31,7 @@ import torch
 from absl import app, flags
 from flax import nnx
 
-from benchmarks import torch_models
+from benchmarks import common, torch_models
 from ferjax import hostmem
 from ferjax import parallel
 from ferjax.augment import AugmentConfig
@@ -83,27 +82,15 @@ def _cost_flops(stage) -> float:
   return float(cost["flops"])
 
 
-@contextlib.contextmanager
-def _unrolled_scans():
-  """Makes every ``lax.scan`` traced inside fully unrolled.
-
-  XLA's cost analysis counts a while loop's body once, not once per
-  iteration (checked on jax 0.10.2: a 10-step scan of a matmul reports the
-  FLOPs of one matmul), so the LSTM's 36 steps would count as 1. ferjax's
-  layers look ``jax.lax.scan`` up at call time, so this reaches them.
-  """
-  original = jax.lax.scan
-  jax.lax.scan = functools.partial(original, unroll=True)
-  try:
-    yield
-  finally:
-    jax.lax.scan = original
-
-
 def _cpu_info() -> dict:
-  """Model name (lscpu), cores, and the clock /proc/cpuinfo reports."""
-  info = {"model_name": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-  with contextlib.suppress(OSError, subprocess.SubprocessError):
+  """Model name (lscpu), physical cores, logical CPUs, and the clock /proc/cpuinfo reports.
+
+  ``cores`` counts physical cores (lscpu's threads per core divided out), since
+  SMT siblings share one core's FMA pipes; without lscpu it is the logical count.
+  """
+  info = {"model_name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+          "logical_cpus": os.cpu_count()}
+  with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     for line in lscpu.splitlines():
       key, _, value = line.partition(":")
@@ -111,6 +98,8 @@ def _cpu_info() -> dict:
         info["model_name"] = value.strip()
       elif key.strip() == "CPU max MHz":
         info["lscpu_max_mhz"] = float(value)
+      elif key.strip() == "Thread(s) per core":
+        info["cores"] = max(1, (os.cpu_count() or 1) // int(value))
   with contextlib.suppress(OSError):
     with open("/proc/cpuinfo") as f:
       mhz = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
@@ -174,7 +163,7 @@ class _JaxRunner:
     compile_s = time.perf_counter() - t
     # Before XLA's optimisations both counts see the same program but for the
     # unrolling; their difference is the loop iterations the compiled count misses.
-    with _unrolled_scans():
+    with common.unrolled_scans():
       unrolled = jax.jit(lambda *a: trainer._train_step(*a)).lower(*args)
     missed = _cost_flops(unrolled) - _cost_flops(lowered)
     xla = _cost_flops(compiled)
@@ -294,6 +283,8 @@ def main(argv):
       "machine": {**cpu, "platform": platform.platform()},
       "versions": _versions(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      # ferjax's malloc settings (ferjax/hostmem.py), which apply to both frameworks here.
+      "retain_freed_memory": hostmem.retaining(),
       # A start load well above 0 means other processes were using the CPU: loaded figures.
       "load_average_at_start": load_start,
       "load_average_at_end": os.getloadavg(),

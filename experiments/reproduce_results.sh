@@ -120,3 +120,7 @@ run vgg_alstm-distilled-vgg120 --model=vgg_alstm --epochs=60 \
 # vgg_alstm runs above and the shipped default weights.
 run acnn_alstm-distilled-vgg3-batch32 --model=acnn_alstm --epochs=40 --batch_size=32 \
   --distill_from=runs/vgg_alstm-distilled-vgg120,runs/vgg_alstm-120epochs,runs/vgg_alstm-60epochs-mixup0.2,ferjax/weights/default
+# The same teachers (their saved predictions) on 60 epochs: the 40-epoch run above was
+# still improving on PublicTest at its last epoch.
+run acnn_alstm-distilled-vgg3-batch32-60epochs --model=acnn_alstm --epochs=60 --batch_size=32 \
+  --distill_from=runs/acnn_alstm-distilled-vgg3-batch32/teacher_predictions.npz

@@ -118,6 +118,23 @@ def _on_accelerator(result: dict) -> str:
   return f" on {'' if count == 1 else f'{count} x '}{device.get('kind', device['platform'])}"
 
 
+_RUN_KEYS = ("config", "model", "labels", "test_tta_none", "test_tta_flip")
+
+
+def _read_run(path: str) -> dict:
+  """A training run's ``results.json``; a ConfigError naming the file for anything else."""
+  try:
+    with open(path) as f:
+      run = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: cannot read it as JSON ({e})") from None
+  missing = [k for k in _RUN_KEYS if not isinstance(run, dict) or k not in run]
+  if missing:
+    raise ConfigError(f"{path}: not a training run's results.json (no {', '.join(missing)}); "
+                      "keep other JSON (evaluations, ensembles) in a subfolder")
+  return run
+
+
 @cli.exit_on_errors
 def main(argv):
   if len(argv) > 1:
@@ -127,7 +144,7 @@ def main(argv):
 
   commands = _commands(_SCRIPT.value)
   paths = {os.path.basename(p)[:-5]: p for p in glob.glob(os.path.join(_RESULTS.value, "*.json"))}
-  runs = {name: json.load(open(paths[name])) for name in sorted(paths)}  # NAME before NAME-seed1.
+  runs = {name: _read_run(paths[name]) for name in sorted(paths)}  # NAME before NAME-seed1.
   if not runs:
     raise ConfigError(f"--results={_RESULTS.value}: no <run>.json files there")
   readme = _read_readme(_README.value) if _README.value else None  # Fail before the work.

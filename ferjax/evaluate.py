@@ -257,6 +257,8 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
     if subset is None:
       first = meta
       subset, split = _test_subset(meta, split, data, data_path, ferplus_path, on_error)
+      _refuse_other_ensemble(os.path.join(output_dir, f"eval-ensemble-{split}-tta_{tta}.json"),
+                             workdirs)
     elif (meta["labels"], list(meta["class_names"])) != (first["labels"],
                                                         list(first["class_names"])):
       raise ConfigError(f"{workdir}: its model predicts {meta['labels']} classes "
@@ -275,6 +277,29 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
   _write_report(metrics, output_dir, f"eval-ensemble-{split}-tta_{tta}",
                 f"ensemble of {len(members)} ({name}) {split} (tta={tta})")
   return metrics
+
+
+def _refuse_other_ensemble(report: str, workdirs: Sequence[str]) -> None:
+  """An ensemble's report may replace one of the same members only (re-evaluated)."""
+  import json
+  import os
+
+  from ferjax.errors import ConfigError
+
+  if not os.path.exists(report):
+    return
+  try:
+    with open(report) as f:
+      theirs = [m["workdir"] for m in json.load(f)["members"]]
+  except (OSError, ValueError, KeyError, TypeError):
+    theirs = None
+  same = theirs is not None and sorted(map(os.path.abspath, theirs)) == sorted(
+      map(os.path.abspath, workdirs))
+  if not same:
+    raise ConfigError(f"--output_dir={os.path.dirname(report)} already holds "
+                      f"{os.path.basename(report)} for another ensemble"
+                      + (f" ({', '.join(theirs)})" if theirs else "")
+                      + "; give this one its own --output_dir")
 
 
 def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, on_error="raise"):

@@ -244,3 +244,11 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   assert r.returncode == 2 and "nothing.md: No such file or directory" in r.stderr
   r = run("experiments.results_table", f"--results={tmp_path / 'empty'}")
   assert r.returncode == 2 and "empty: no <run>.json files there" in r.stderr
+  os.remove(results / "short-acnn-seed1.json")
+  # Another kind of JSON among the runs (an evaluation's report), or a broken file: named.
+  json.dump({"num_examples": 9, "accuracy": 0.5}, open(results / "eval-report.json", "w"))
+  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  assert r.returncode == 2 and "eval-report.json: not a training run's results.json" in r.stderr
+  (results / "eval-report.json").write_text('{"config": ')
+  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  assert r.returncode == 2 and "eval-report.json: cannot read it as JSON" in r.stderr

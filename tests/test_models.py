@@ -274,3 +274,24 @@ def test_lstm_gradients_match_autodiff_of_a_plain_scan(reverse):
   np.testing.assert_allclose(ours[0]["input_proj"]["bias"][...], ref[1], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ours[0]["hidden_proj"]["kernel"][...], ref[2], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ours[1], ref[3], rtol=1e-4, atol=1e-5)
+
+
+def test_the_benchmarks_flop_count_unrolls_both_lstm_loops():
+  # XLA's cost analysis counts a loop body once; the training benchmark unrolls every scan
+  # to count each step. The LSTM's forward loop passes its own unroll, which must not win.
+  from benchmarks.common import unrolled_scans
+
+  model = models.create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), widths=(4, 4, 8, 8),
+                              lstm_hidden=8, attention_size=8)
+  model.eval()  # No BatchNorm statistics to update inside the traced loss.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, x):
+    return nnx.merge(graphdef, params, rest)(x).sum()
+
+  x = jnp.zeros((2, 48, 48, 1))
+  grad = jax.jit(jax.grad(loss))
+  assert grad.lower(params, x).as_text().count("stablehlo.while") == 2  # Forward and backward.
+  with unrolled_scans():
+    unrolled = jax.jit(jax.grad(loss)).lower(params, x)
+  assert "stablehlo.while" not in unrolled.as_text()

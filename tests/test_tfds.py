@@ -100,6 +100,20 @@ def test_build_reuses_existing(built, tmp_path):
   assert builder.is_prepared()
 
 
+def test_a_bad_source_does_not_destroy_a_built_dataset(tmp_path):
+  good, bad, data_dir = tmp_path / "good", tmp_path / "bad", tmp_path / "data"
+  good.mkdir()
+  bad.mkdir()
+  write_csv(good / "fer2013.csv", fer_rows(NUM_ROWS))
+  rows = fer_rows(NUM_ROWS)
+  rows[5] = "3,1 2 3,Training"  # Three pixels instead of 2304.
+  write_csv(bad / "fer2013.csv", rows)
+  tfds_fer2013.build(good, data_dir)
+  with pytest.raises(DataError, match="fer2013.csv:7"):
+    tfds_fer2013.build(bad, data_dir, overwrite=True)
+  _assert_matches_csv(tfds_fer2013.load("test", data_dir), "test")  # Still there.
+
+
 @pytest.mark.parametrize("form", ["fer2013.tar.gz", "fer2013.csv.gz", "fer2013/fer2013.csv"])
 def test_other_manual_forms(tmp_path, form):
   csv = write_csv(tmp_path / "fer2013.csv", fer_rows(NUM_ROWS))

@@ -304,6 +304,16 @@ def test_ensemble_averages_the_members_probabilities(tmp_path, tiny_data, monkey
     evaluate_ensemble(dirs[:1], output_dir=str(out), data=tiny_data)
   with pytest.raises(ConfigError, match="is the workdir of member"):
     evaluate_ensemble(dirs, output_dir=dirs[1], data=tiny_data)
+  # The same members again replace their report; another member set may not.
+  again = evaluate_ensemble(dirs[::-1], output_dir=str(out), tta="flip", data=tiny_data,
+                            batch_size=16)
+  assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+  before = (out / "eval-ensemble-PrivateTest-tta_flip.json").read_text()
+  with pytest.raises(ConfigError, match="already holds eval-ensemble-PrivateTest-tta_flip.json "
+                     "for another ensemble"):
+    evaluate_ensemble([dirs[0], dirs[0]], output_dir=str(out), tta="flip", data=tiny_data,
+                      batch_size=16)
+  assert (out / "eval-ensemble-PrivateTest-tta_flip.json").read_text() == before
   real_load = checkpoint_lib.load_model
 
   def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.

@@ -12,6 +12,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from ferjax import data as data_lib
 from ferjax.errors import DataError
 from ferjax.tfds_fer2013.fer2013 import SOURCE_NAMES, SPLITS, Fer2013, find_source
 
@@ -44,7 +45,11 @@ def build(
   # Checked here too so a missing file reads as ours, not TFDS's "empty dir"
   # assertion, which fires first when the directory is missing or empty.
   manual_dir = os.path.abspath(_expand(manual_dir))
-  find_source(manual_dir)
+  source = find_source(manual_dir)
+  if builder.is_prepared():
+    # TFDS deletes the built dataset before it reads the source: a bad file would leave
+    # nothing. Parse it first, so a malformed source fails with the old dataset intact.
+    data_lib.load_fer2013(source, cache=False)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
