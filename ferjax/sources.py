@@ -73,6 +73,11 @@ class FrameSource:
     return self.kind == "images"
 
   @property
+  def is_live(self) -> bool:
+    """A camera or a network stream: it has no end of its own (Ctrl-C ends it)."""
+    return self.kind == "camera" or "://" in self.description
+
+  @property
   def num_images(self) -> int:
     """How many image files an image source lists (0 for video and cameras)."""
     return len(self._images)

@@ -459,12 +459,12 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
             log.info("quit from the keyboard")
             break
     except KeyboardInterrupt:
-      if src.kind != "camera":
+      if not src.is_live:
         # A file or folder cut short: its outputs are incomplete, so they are dropped
         # and files of the same names from an earlier run stay as they were.
         log.warning("interrupted after %d frames: outputs discarded", stats.frames)
         raise
-      # Ctrl-C is how a headless camera run ends: finish the outputs and report as usual.
+      # Ctrl-C is how a headless camera (or stream) run ends: finish the outputs as usual.
       log.info("interrupted: stopping after %d frames", stats.frames)
     finally:
       stats.stop()
