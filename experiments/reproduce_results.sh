@@ -26,6 +26,14 @@ run() {  # run NAME ARGS...: train into runs/NAME, keep its results.json
 }
 
 ONLY="${*:-}"
+# A name that is no row here would run nothing and "succeed": refuse it up front.
+known=" $(grep -oE '^run [^ ]+' experiments/reproduce_results.sh | cut -d' ' -f2 | tr '\n' ' ')"
+for name in "$@"; do
+  if [[ "$known" != *" $name "* ]]; then
+    echo "reproduce_results.sh: no row named '$name'; rows:$known" >&2
+    exit 2
+  fi
+done
 # The models, each with its registry defaults (ferjax/config.py; --epochs repeats them).
 run acnn_alstm --model=acnn_alstm --epochs=40
 run vgg_alstm --model=vgg_alstm
@@ -99,27 +107,36 @@ run acnn_alstm-distilled-strong-wd0.05 --model=acnn_alstm --epochs=40 --weight_d
 # The same recipe at batch 32: twice the updates per epoch, the same images per second here.
 run acnn_alstm-distilled-strong-batch32 --model=acnn_alstm --epochs=40 --batch_size=32 \
   --distill_from=runs/acnn_alstm-distilled-strong/teacher_predictions.npz
+# Until 2026-11-27 ferjax/weights/default held acnn_alstm-distilled-ensemble-55epochs, a
+# teacher of the four rows below that name runs/default-55epochs (their results JSON still
+# say ferjax/weights/default, the path they ran with). It comes back from git history:
+if [ ! -d runs/default-55epochs ]; then
+  mkdir -p runs/default-55epochs
+  git archive 900a26a ferjax/weights/default | tar -x --strip-components=3 -C runs/default-55epochs \
+    || { rm -rf runs/default-55epochs; echo "warning: runs/default-55epochs not restored (needs" \
+         "a git clone); the four rows that name it cannot run" >&2; }
+fi
 # batch 32 again, with the teachers at hand after the runs above were lost with their machine:
 # the 120-epoch vgg_alstm (GPU) and the shipped default weights (the 55-epoch distilled
 # acnn_alstm, GPU). Two seeds.
 run acnn_alstm-distilled-vgg120-batch32 --model=acnn_alstm --epochs=40 --batch_size=32 \
-  --distill_from=runs/vgg_alstm-120epochs,ferjax/weights/default
+  --distill_from=runs/vgg_alstm-120epochs,runs/default-55epochs
 run acnn_alstm-distilled-vgg120-batch32-seed1 --model=acnn_alstm --epochs=40 --batch_size=32 --seed=1 \
-  --distill_from=runs/vgg_alstm-120epochs,ferjax/weights/default
+  --distill_from=runs/vgg_alstm-120epochs,runs/default-55epochs
 # Mixing against overfitting, on the plain acnn_alstm row's command (no teachers): mixup
 # (alpha 0.2) and CutMix (alpha 1.0) on every face.
 run acnn_alstm-mixup0.2 --model=acnn_alstm --epochs=40 --augment=mixup_alpha=0.2
 run acnn_alstm-cutmix1.0 --model=acnn_alstm --epochs=40 --augment=cutmix_alpha=1.0
 # GPU (lent H100, 2026-11-27), against vgg_alstm's overfitting on 60 epochs: mixup, and
-# distillation from the 120-epoch vgg_alstm and the shipped default weights (on the GPU
+# distillation from the 120-epoch vgg_alstm and the then shipped default weights (on the GPU
 # the same teachers went as their saved predictions, teacher_predictions.npz).
 run vgg_alstm-60epochs-mixup0.2 --model=vgg_alstm --epochs=60 --augment=mixup_alpha=0.2
 run vgg_alstm-distilled-vgg120 --model=vgg_alstm --epochs=60 \
-  --distill_from=runs/vgg_alstm-120epochs,ferjax/weights/default
+  --distill_from=runs/vgg_alstm-120epochs,runs/default-55epochs
 # acnn_alstm at batch 32 distilled from the strongest teachers at hand: the three GPU
-# vgg_alstm runs above and the shipped default weights.
+# vgg_alstm runs above and the then shipped default weights.
 run acnn_alstm-distilled-vgg3-batch32 --model=acnn_alstm --epochs=40 --batch_size=32 \
-  --distill_from=runs/vgg_alstm-distilled-vgg120,runs/vgg_alstm-120epochs,runs/vgg_alstm-60epochs-mixup0.2,ferjax/weights/default
+  --distill_from=runs/vgg_alstm-distilled-vgg120,runs/vgg_alstm-120epochs,runs/vgg_alstm-60epochs-mixup0.2,runs/default-55epochs
 # The same teachers (their saved predictions) on 60 epochs: the 40-epoch run above was
 # still improving on PublicTest at its last epoch.
 run acnn_alstm-distilled-vgg3-batch32-60epochs --model=acnn_alstm --epochs=60 --batch_size=32 \
