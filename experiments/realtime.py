@@ -70,10 +70,8 @@ def main(argv):
 
   # The source and the outputs first: a wrong --source, or an output that cannot or must
   # not be written, fails at once, before the model loads.
-  outputs = dict(output=_OUTPUT.value, csv=_CSV.value, json=_JSON.value)
-  check_outputs(_SOURCE.value, **outputs)
   with open_source(_SOURCE.value) as source:
-    check_outputs(source, **outputs)
+    check_outputs(source, output=_OUTPUT.value, csv=_CSV.value, json=_JSON.value)
     _run(source)
 
 
