@@ -51,8 +51,9 @@ class Predictor:
   each compiled once by :meth:`warmup` (which :func:`ferjax.video.analyze_video`
   and :func:`ferjax.video.run_pipeline` call; call it before your own loop of
   :meth:`predict_faces` or :func:`ferjax.video.analyze_frame`): after it the
-  number of faces in a frame never causes a compile, and one face does not pay for eight (the model's cost
-  grows about linearly with the batch; see BUILD_NOTES.md). ``batch_sizes=
+  number of faces in a frame never causes a compile, and one face does not pay
+  for eight (the model's cost grows about linearly with the batch; see
+  BUILD_NOTES.md). ``batch_sizes=
   (max_faces,)`` gives a single compiled shape. Crops go through
   :func:`ferjax.preprocess.preprocess`, as in training.
 
