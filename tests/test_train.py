@@ -494,6 +494,40 @@ def test_default_configs_are_valid():
     default_config("dnn", soft_targets=True)
 
 
+def test_class_weights_follow_the_class_frequencies_with_mean_one():
+  labels = np.array([0] * 6 + [1] * 3 + [2])  # Class 3 is absent.
+  for mode in ("none", "balanced", "sqrt"):
+    w = train_lib.class_weights(labels, 4, mode)
+    assert w.shape == (4,) and np.isfinite(w).all()
+    assert w[labels].mean() == pytest.approx(1.0, rel=1e-6), mode  # The loss keeps its scale.
+  np.testing.assert_array_equal(train_lib.class_weights(labels, 4, "none"), np.ones(4))
+  # balanced: 1/frequency, so every present class carries the same total weight.
+  balanced = train_lib.class_weights(labels, 4, "balanced")
+  np.testing.assert_allclose(np.bincount(labels, weights=balanced[labels]), [10 / 3] * 3,
+                             rtol=1e-6)
+  # sqrt: 1/sqrt(frequency); 6 examples against 1 weigh sqrt(6) times less.
+  sqrt = train_lib.class_weights(labels, 4, "sqrt")
+  assert sqrt[2] / sqrt[0] == pytest.approx(np.sqrt(6), rel=1e-6)
+  assert sqrt[2] / sqrt[1] == pytest.approx(np.sqrt(3), rel=1e-6)
+
+
+def test_the_loss_is_the_class_weighted_mean_cross_entropy():
+  logits = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+  labels = np.array([0, 1, 2, 0])
+  weights = np.array([1.0, 2.0, 3.0], np.float32)
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  nll = -log_p[np.arange(4), labels]
+  w = weights[labels]
+  got = train_lib.loss_fn(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights), 0.0)
+  assert float(got) == pytest.approx(float((w * nll).sum() / w.sum()), rel=1e-5)
+  assert float(got) != pytest.approx(float(nll.mean()), rel=1e-3)  # The weights matter here.
+  # Per-example weights (mixed faces) replace the class weights.
+  ex = np.array([0.5, 1.0, 1.5, 2.0], np.float32)
+  got = train_lib.loss_fn(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(weights), 0.0,
+                          example_weights_B=jnp.asarray(ex))
+  assert float(got) == pytest.approx(float((ex * nll).sum() / ex.sum()), rel=1e-5)
+
+
 def test_soft_targets_change_the_loss():
   logits = jnp.asarray([[2.0, 0.0, -1.0]])
   hard = train_lib.loss_fn(logits, jnp.asarray([0]), jnp.ones(3), 0.0)
