@@ -528,6 +528,36 @@ def test_the_loss_is_the_class_weighted_mean_cross_entropy():
   assert float(got) == pytest.approx(float((ex * nll).sum() / ex.sum()), rel=1e-5)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_the_optimizer_decays_kernels_only_warms_up_and_clips(optimizer):
+  import optax
+  params = {"kernel": jnp.ones((3, 2)), "bias": jnp.ones((2,)), "query": jnp.ones((4,))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  # Zero gradients: whatever moves is weight decay, which spares biases, norms and queries.
+  tx = train_lib.make_optimizer(tiny_config(optimizer=optimizer, weight_decay=0.1,
+                                            learning_rate=0.5, warmup_epochs=0), 100, 10)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert (np.asarray(updates["kernel"]) < 0).all()  # Pulled towards zero.
+  np.testing.assert_array_equal(updates["bias"], 0)
+  np.testing.assert_array_equal(updates["query"], 0)
+  # Warm-up from a learning rate of 0: the first step changes nothing, the next one does.
+  tx = train_lib.make_optimizer(tiny_config(optimizer=optimizer, weight_decay=0.1,
+                                            learning_rate=0.5, warmup_epochs=1), 100, 10)
+  state = tx.init(params)
+  first, state = tx.update(zeros, state, params)
+  second, _ = tx.update(zeros, state, params)
+  np.testing.assert_array_equal(first["kernel"], 0)
+  assert (np.asarray(second["kernel"]) < 0).all()
+  if optimizer == "sgd":  # Plain SGD: the step is lr times the (clipped) gradient.
+    big = {**zeros, "kernel": jnp.full((3, 2), 100.0)}
+    for clip, norm in ((1.0, 0.5), (0.0, 0.5 * 100 * np.sqrt(6))):
+      tx = train_lib.make_optimizer(tiny_config(optimizer="sgd", weight_decay=0.0, momentum=0.0,
+                                                learning_rate=0.5, warmup_epochs=0,
+                                                grad_clip=clip), 100, 10)
+      updates, _ = tx.update(big, tx.init(params), params)
+      assert float(optax.global_norm(updates)) == pytest.approx(norm, rel=1e-3), clip
+
+
 def test_soft_targets_change_the_loss():
   logits = jnp.asarray([[2.0, 0.0, -1.0]])
   hard = train_lib.loss_fn(logits, jnp.asarray([0]), jnp.ones(3), 0.0)
