@@ -123,6 +123,17 @@ def test_metrics_by_hand():
   assert m["per_class"]["c"]["precision"] == pytest.approx(2 / 3)
   assert m["per_class"]["c"]["recall"] == pytest.approx(2 / 3)
   assert m["macro_f1"] == pytest.approx(np.mean([2 / 3, 2 / 3, 2 / 3]))
+  # The loss is the NLL of the true class: 0.9 + 0.1/3 for the 4 right, 0.1/3 for the 2 wrong.
+  assert m["loss"] == pytest.approx(-(4 * np.log(0.9 + 0.1 / 3) + 2 * np.log(0.1 / 3)) / 6)
+  # Above, macro-F1 equals the accuracy; here it does not. Class d is predicted once but
+  # never true: its F1 (0) is left out of the macro average, which is over a, b and c.
+  labels = np.array([0, 0, 0, 1, 2, 2])
+  m = classification_metrics(np.eye(4)[[0, 0, 3, 1, 1, 2]], labels, ["a", "b", "c", "d"])
+  assert m["accuracy"] == pytest.approx(4 / 6)
+  assert m["per_class"]["a"]["f1"] == pytest.approx(0.8)  # Precision 1, recall 2/3.
+  assert m["per_class"]["b"]["precision"] == pytest.approx(0.5)
+  assert m["per_class"]["d"]["support"] == 0 and m["per_class"]["d"]["f1"] == 0
+  assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3) / 3)
 
 
 def test_loss_falls_when_overfitting_one_batch(tiny_data):
