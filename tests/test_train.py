@@ -593,6 +593,17 @@ def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
   original, _ = _params(workdir, "best")  # load_model folds the EMA in.
   exported, _ = _params(out)
   jax.tree.map(np.testing.assert_array_equal, original, exported)
+  # The fold-in itself: the loaded parameters are the checkpoint's EMA item, not its raw ones
+  # (after 2 steps with decay 0.5 the two differ).
+  model, _ = checkpoint_lib.load_model(workdir, "best")
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"), read_only=True)
+  saved = store.restore(2, model=abstract(nnx.state(model, nnx.Not(nnx.RngState))),
+                        ema=abstract(nnx.state(model, nnx.Param)))
+  store.close()
+  jax.tree.map(np.testing.assert_array_equal, original, jax.tree.map(np.asarray, saved["ema"]))
+  raw = jax.tree.leaves(jax.tree.map(np.asarray, saved["model"].filter(nnx.Param)))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(original), raw, strict=True))
   assert not any("optimizer" in str(p) for p in out.rglob("*"))
   with pytest.raises(CheckpointError, match="already exists"):
     checkpoint_lib.export_model(workdir, out)
