@@ -88,6 +88,23 @@ def test_warp_flip_and_integer_shift_are_exact():
   np.testing.assert_allclose(moved[:, 2:, :-3], x[:, :-2, 3:], atol=1e-5)
 
 
+def test_warp_rotates_about_the_centre():
+  # Rotation was checked only against the PyTorch twin (skipped without torch). A half or a
+  # quarter turn about the centre of the 48x48 grid maps pixels onto pixels: exact references.
+  x = np.asarray(preprocess(_data(2)[0]))
+  b = x.shape[0]
+
+  def turned(degrees):
+    return np.asarray(aug.affine_warp(jnp.asarray(x), jnp.full(b, np.radians(degrees)),
+                                      jnp.ones(b), jnp.zeros((b, 2)), jnp.zeros(b, bool)))
+
+  np.testing.assert_allclose(turned(180), x[:, ::-1, ::-1], atol=1e-4)
+  quarter_turns = [np.rot90(x, k, axes=(1, 2)) for k in (1, -1)]
+  plus = [np.allclose(turned(90), t, atol=1e-4) for t in quarter_turns]
+  minus = [np.allclose(turned(-90), t, atol=1e-4) for t in quarter_turns]
+  assert sorted(plus) == [False, True] and minus == plus[::-1]  # Opposite ways round.
+
+
 def test_random_erasing_sets_a_rectangle_to_the_mean():
   x = jnp.ones((64, 48, 48, 1))
   out = aug.augment(jax.random.key(0), x, aug.AugmentConfig(
