@@ -123,6 +123,19 @@ def test_bidirectional_multilayer_lstm_options():
   assert model.lstm.output_size == 16 and len(model.lstm.forward_layers) == 2
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lstm_final_state_has_read_the_whole_sequence_in_each_direction(bidirectional):
+  # cnn_lstm classifies from final_state: step T of the forward direction, step 1 of the
+  # backward one. Read at the wrong end, a direction's state has seen only one input step.
+  # (Otherwise checked only in test_torch_reference.py, which is skipped without torch.)
+  lstm = layers.StackedLSTM(3, 4, bidirectional=bidirectional, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 5, 3)), jnp.float32)
+  jac = jax.jacobian(lambda x: lstm.final_state(lstm(x))[0])(x)
+  assert jac.shape == (lstm.output_size, 1, 5, 3)
+  per_step = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # (output unit, input step)
+  assert (per_step > 1e-6).all()
+
+
 def _lstm_reference(x, w_ih, b, w_hh, reverse=False):
   """A plain per-step LSTM in numpy, gates (i, f, g, o)."""
   sig = lambda v: 1 / (1 + np.exp(-v))
