@@ -161,6 +161,15 @@ def test_crop_is_48x48_uint8_and_clipped_at_the_frame_edge():
   assert crop.shape == (48, 48) and crop.dtype == np.uint8
   assert expand_box(Box(100, 80, 40, 40), 0.25, (100, 120)) == Box(90, 70, 30, 30)
   assert expand_box(Box(10, 10, 20, 20), 0.1, (100, 120)) == Box(8, 8, 24, 24)
+  # The crop's content is the clipped grown box, all of it and nothing else.
+  marked = np.zeros((100, 120), np.uint8)
+  marked[70:, 90:] = 200
+  assert (crop_face(marked, Box(100, 80, 40, 40), margin=0.25) == 200).all()
+  # A grown box of 96x96 shrinks by exactly 2: each crop pixel averages a 2x2 block of it.
+  gray = np.random.default_rng(0).integers(0, 256, (200, 240), dtype=np.uint8)
+  crop = crop_face(gray, Box(60, 40, 80, 80), margin=0.1)  # Grown to (52, 32, 96, 96).
+  blocks = gray[32:128, 52:148].astype(np.float64).reshape(48, 2, 48, 2).mean(axis=(1, 3))
+  assert np.abs(crop - blocks).max() <= 0.5
 
 
 def test_to_gray_accepts_opencv_layouts_and_refuses_others():
