@@ -14,7 +14,7 @@ import pytest
 
 from ferjax import annotate, sources, video
 from ferjax.errors import ConfigError, FerjaxError
-from ferjax.faces import FaceDetector
+from ferjax.faces import FaceDetector, to_gray
 from ferjax.inference import Predictor
 from test_inference import CLIP, read_clip, train_tiny_run
 
@@ -47,6 +47,13 @@ def test_analyze_frame_finds_and_classifies_the_face(predictor, clip_frames):
   assert face.label == predictor.class_names[face.label_index]
   assert face.score == pytest.approx(face.probs.max())
   assert json.loads(json.dumps(face.to_dict(predictor.class_names)))["box"] == list(face.box)
+  # The probabilities are the predictor's for the detector's crop of that box (same margin).
+  detector = FaceDetector()
+  gray = to_gray(clip_frames[0])
+  boxes = detector.detect(gray)
+  assert [face.box] == boxes
+  np.testing.assert_allclose(face.probs, predictor.predict_faces(detector.crops(gray, boxes))[0],
+                             rtol=1e-6)
 
 
 def test_empty_and_faceless_frames_give_no_results(predictor):
