@@ -268,12 +268,17 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData
   return dataclasses.replace(config, **changes), data
 
 
-def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool) -> None:
-  """Refuses to mix runs: a workdir holding another run's config is an error.
+def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool,
+                    data_digest: dict[str, str] | None = None) -> None:
+  """Refuses to mix runs: a workdir holding another run's config, or data, is an error.
 
   With ``fresh`` an existing run is moved aside (never deleted) and a new one
-  starts.
+  starts. ``data_digest`` (split name → digest of its images and labels) is
+  compared with the one the run saved, when both exist: a run resumed on other
+  data would mix two data sets in one set of weights.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file, not a folder; give a folder for the run")
   config_file = os.path.join(workdir, "config.json")
   has_run = os.path.exists(config_file) or os.path.isdir(os.path.join(workdir, "checkpoints"))
   if has_run and fresh:
@@ -287,15 +292,31 @@ def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool) -> None:
     if not os.path.exists(config_file):
       raise ConfigError(f"{workdir} holds checkpoints but no config.json; use another "
                         "--workdir (or --fresh to move it aside)")
-    with open(config_file) as f:
-      saved = json.load(f)
+    try:
+      with open(config_file) as f:
+        saved = json.load(f)
+      theirs = TrainConfig.from_dict(saved["config"]).identity()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      why = e.strerror if isinstance(e, OSError) else (
+          f"no {e} entry" if isinstance(e, KeyError) else str(e))
+      raise ConfigError(f"{config_file}: not a ferjax run's config ({why}); use another "
+                        "--workdir (or --fresh to move it aside)") from None
     ours = config.identity()
-    theirs = TrainConfig.from_dict(saved["config"]).identity()
     diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if diff:
       detail = "; ".join(f"{k}: saved {theirs.get(k)!r}, now {ours.get(k)!r}" for k in diff)
       raise ConfigError(f"{workdir} holds a different run ({detail}). Use another --workdir, "
                         "or --fresh to move the old run aside and start over")
+    saved_digest = saved.get("data_digest")
+    if data_digest and isinstance(saved_digest, dict):
+      changed = [name for name, value in data_digest.items()
+                 if name in saved_digest and saved_digest[name] != value]
+      if changed:
+        raise ConfigError(f"{workdir} holds a run trained on other data: the images or labels "
+                          f"of {', '.join(changed)} differ from the data it started with "
+                          "(another file, or --skip_bad_rows dropping other rows). Resume with "
+                          "the same data, use another --workdir, or --fresh to move the old "
+                          "run aside and start over")
   os.makedirs(workdir, exist_ok=True)
 
 
@@ -330,7 +351,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
   _check_before_writing(config, data.num_classes, len(train))
   teachers = _load_teachers(config, data.class_names, workdir, train)
-  prepare_workdir(workdir, config, fresh=fresh)
+  data_digest = {getattr(config, f): _fingerprint(split) for f, split in
+                 (("train_split", train), ("eval_split", val), ("test_split", test))}
+  prepare_workdir(workdir, config, fresh=fresh, data_digest=data_digest)
   # Every process has read the workdir (and process 0 moved an old run aside) before any
   # file is written; from here only process 0 writes the run's files (checkpoints: all).
   parallel.barrier("prepare_workdir")
@@ -348,7 +371,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
   meta = {"config": config.to_dict(), "model": config.model, "labels": config.labels,
           "class_names": list(data.class_names), "num_classes": data.num_classes,
-          "ferjax_version": __version__}
+          "ferjax_version": __version__, "data_digest": data_digest}
   if parallel.is_primary():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(meta, f, indent=2)

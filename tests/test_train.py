@@ -218,6 +218,43 @@ def test_workdir_with_another_run_is_refused_and_fresh_moves_it_aside(tmp_path, 
   assert os.path.exists(os.path.join(tmp_path, aside[0], "checkpoints"))
 
 
+def test_a_run_is_not_resumed_on_other_data(tmp_path, tiny_data):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(max_steps=2)
+  train_lib.train_and_evaluate(config, workdir, data=tiny_data)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  records = open(os.path.join(workdir, "metrics.jsonl")).read()
+  # The same faces with one Training label changed: the same config, other data.
+  labels = tiny_data.labels.copy()
+  labels[0] = (labels[0] + 1) % 7
+  other = dataclasses.replace(tiny_data, labels=labels)
+  with pytest.raises(ConfigError, match="trained on other data: the images or labels of "
+                     "Training differ"):
+    train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=4), workdir, data=other)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # Untouched.
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == records
+  # The same data resumes.
+  train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=4), workdir, data=tiny_data)
+  assert train_lib.checkpoint_lib.CheckpointStore(
+      os.path.join(workdir, "checkpoints")).latest_step() == 4
+
+
+def test_a_workdir_that_is_a_file_or_holds_a_broken_config_is_refused(tmp_path, tiny_data):
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  with pytest.raises(ConfigError, match="notes.txt is a file, not a folder"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=1), str(a_file), data=tiny_data)
+  assert a_file.read_text() == "mine"
+  for text, why in (("{bad", "Expecting property name"), ('{"a": 1}', "no 'config' entry")):
+    workdir = tmp_path / f"broken{len(text)}"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"config.json: not a ferjax run's config .{why}"):
+      train_lib.train_and_evaluate(tiny_config(max_steps=1), str(workdir), data=tiny_data)
+    assert os.listdir(workdir) == ["config.json"]
+    assert (workdir / "config.json").read_text() == text
+
+
 def _nan_loss(real_loss):
   return lambda *a, **k: real_loss(*a, **k) * jnp.nan
 
