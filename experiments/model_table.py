@@ -12,7 +12,7 @@ from ferjax import cli, models
 
 _MODEL = flags.DEFINE_multi_enum("model", None, models.model_names(),
                                  "Model(s) to summarise. Default: all.")
-_CLASSES = flags.DEFINE_integer("num_classes", 7, "7 for FER2013, 8 for FER+.")
+_CLASSES = flags.DEFINE_integer("num_classes", 7, "7 for FER2013, 8 for FER+.", lower_bound=2)
 _OPTION = flags.DEFINE_multi_string("model_option", [], "Model option key=value (repeatable).")
 
 
@@ -22,11 +22,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.setup_logging()
   cli.enable_compilation_cache()
+  from ferjax.errors import ConfigError
   from ferjax.models.summary import summarize
 
   overrides = cli.parse_options(_OPTION.value, "model_option")
   for name in _MODEL.value or models.model_names():
-    s = summarize(name, _CLASSES.value, **overrides)
+    models.check_options(name, overrides)
+    try:
+      s = summarize(name, _CLASSES.value, **overrides)
+    except (ValueError, TypeError) as e:  # Options that fit one by one but not together.
+      if isinstance(e, ConfigError):
+        raise
+      options = " ".join(f"{k}={v!r}" for k, v in overrides.items())
+      raise ConfigError(f"model {name!r} with options {options}: {e}") from None
     print(f"### `{name}`: {s.params:,} parameters, {s.mflops:.1f} MFLOPs per image\n")
     print(s.markdown() + "\n")
 

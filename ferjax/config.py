@@ -8,7 +8,7 @@ from typing import Any
 
 from ferjax.augment import AugmentConfig
 from ferjax.errors import ConfigError
-from ferjax.models import model_names, model_options
+from ferjax.models import check_options, model_names
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LABEL_SETS = ("fer2013", "ferplus")
@@ -59,15 +59,7 @@ class TrainConfig:
   def __post_init__(self):
     if self.model not in model_names():
       raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(model_names())}")
-    unknown = sorted(set(self.model_overrides) - set(model_options(self.model)))
-    if unknown:
-      raise ConfigError(f"model {self.model!r} has no option {', '.join(unknown)}; its options: "
-                        f"{', '.join(sorted(model_options(self.model)))}")
-    defaults = model_options(self.model)
-    for key, value in self.model_overrides.items():
-      # A switch takes true or false only: any other text (e.g. "no") would read as on.
-      if isinstance(defaults[key], bool) and not isinstance(value, bool):
-        raise ConfigError(f"model option {key}={value!r}: must be true or false")
+    check_options(self.model, self.model_overrides)
     _choice("optimizer", self.optimizer, OPTIMIZERS)
     _choice("labels", self.labels, LABEL_SETS)
     _choice("class_weighting", self.class_weighting, CLASS_WEIGHTING)

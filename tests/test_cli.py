@@ -120,9 +120,24 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
 
 
 @pytest.mark.parametrize("args,message", [
+    (["--model_option=bidirectional=no"], "error: model option bidirectional='no': must be "
+     "true or false"),
+    (["--model_option=lstm_hidden=-1"], "error: model option lstm_hidden=-1: must be a whole "
+     "number of at least 1"),
+    (["--model_option=widths=(8,8)"], "error: model 'acnn_alstm' with options widths=(8, 8): "
+     "pool_after (0, 1, 3) names blocks outside 0..1"),
+])
+def test_model_table_option_errors_are_one_line(args, message):
+  # These gave tracebacks (or, for bidirectional=no, a bidirectional table).
+  r = run("experiments.model_table", "--model=acnn_alstm", *args)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines() == [message]
+
+
+@pytest.mark.parametrize("args,message", [
     (["--batch_size=64"], "error: --batch_size=64 is larger than the 32 examples of Training"),
     (["--batch_size=8", "--model_option=lstm_layers=0"],
-     "error: model 'acnn_alstm' with options lstm_layers=0: num_layers must be >= 1, got 0"),
+     "error: model option lstm_layers=0: must be a whole number of at least 1"),
     (["--batch_size=8", "--model_option=widths=(8,8)"], "error: model 'acnn_alstm' with options widths=(8, 8): "
      "pool_after (0, 1, 3) names blocks outside 0..1"),
 ])

@@ -233,8 +233,34 @@ def test_parameter_counts_match_the_architecture():
 def test_unknown_model_and_option_errors():
   with pytest.raises(ConfigError, match="unknown model 'resnet'.*acnn_alstm"):
     models.create_model("resnet", num_classes=7, rngs=nnx.Rngs(0))
-  with pytest.raises(ConfigError, match="no option 'hidden'.*lstm_hidden"):
+  with pytest.raises(ConfigError, match="no option hidden.*lstm_hidden"):
     models.create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), hidden=3)
+
+
+@pytest.mark.parametrize("name,option,value,need", [
+    ("acnn_alstm", "bidirectional", "no", "true or false"),
+    ("acnn_alstm", "lstm_hidden", 0, "a whole number of at least 1"),
+    ("acnn_alstm", "lstm_layers", 2.5, "a whole number of at least 1"),
+    ("dnn", "width", "abc", "a whole number of at least 1"),
+    ("dnn", "dropout", 2, r"a rate in \[0, 1\)"),
+    ("vgg_alstm", "dropout", True, r"a rate in \[0, 1\)"),
+    ("acnn_alstm", "widths", 8, "a tuple of whole numbers of at least 1"),
+    ("dnn", "fc_sizes", (8, -1), "a tuple of whole numbers of at least 1"),
+    ("cnn_lstm", "pool_after", (0, -1), "a tuple of whole numbers of at least 0"),
+])
+def test_bad_option_values_are_refused_by_name(name, option, value, need):
+  # Before, dropout=2 trained silently and bidirectional="no" built a bidirectional LSTM.
+  with pytest.raises(ConfigError, match=f"model option {option}=.*: must be {need}"):
+    models.create_model(name, num_classes=7, rngs=nnx.Rngs(0), **{option: value})
+  from ferjax.config import TrainConfig
+  with pytest.raises(ConfigError, match=f"model option {option}=.*: must be {need}"):
+    TrainConfig(model=name, model_overrides={option: value})
+
+
+def test_good_option_values_pass_the_check():
+  models.check_options("acnn_alstm", dict(bidirectional=True, lstm_hidden=8, dropout=0.0,
+                                          widths=[4, 4, 8, 8], pool_after=(0, 1, 3)))
+  models.check_options("dnn", dict(fc_sizes=(8, 8), width=4, dropout=0.25))
   assert models.model_options("cnn_lstm")["local_attention"] is False
   assert math.isclose(models.model_options("acnn_alstm")["dropout"], 0.5)
 

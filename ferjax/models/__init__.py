@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Callable
 
 from flax import nnx
@@ -58,11 +59,45 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides) ->
     ConfigError: unknown name or option.
   """
   factory = _factory(name)
-  unknown = sorted(set(overrides) - set(model_options(name)))
-  if unknown:
-    raise ConfigError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; "
-                      f"its options are {', '.join(sorted(model_options(name)))}")
+  check_options(name, overrides)
   return factory(num_classes, rngs=rngs, **overrides)
+
+
+def check_options(name: str, overrides: dict[str, object]) -> None:
+  """Raises ConfigError unless every override is an option of ``name`` with a fitting value.
+
+  A switch takes true or false only (any other text, e.g. "no", would read as
+  on); a size or count a whole number of at least 1; ``dropout`` a rate in
+  [0, 1); a tuple of sizes whole numbers (``pool_after``: block indices from 0).
+  """
+  defaults = model_options(name)
+  unknown = sorted(set(overrides) - set(defaults))
+  if unknown:
+    raise ConfigError(f"model {name!r} has no option {', '.join(unknown)}; "
+                      f"its options are {', '.join(sorted(defaults))}")
+  for key, value in overrides.items():
+    default = defaults[key]
+    if isinstance(default, bool):
+      ok, need = isinstance(value, bool), "true or false"
+    elif isinstance(default, numbers.Integral):
+      ok, need = _whole(value, 1), "a whole number of at least 1"
+    elif key == "dropout":
+      ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and 0 <= value < 1)
+      need = "a rate in [0, 1)"
+    elif isinstance(default, (tuple, list)):
+      least = 0 if key == "pool_after" else 1
+      ok = isinstance(value, (tuple, list)) and all(_whole(v, least) for v in value)
+      need = f"a tuple of whole numbers of at least {least}, e.g. {key}={tuple(default)}"
+    else:
+      continue
+    if not ok:
+      raise ConfigError(f"model option {key}={value!r}: must be {need}")
+
+
+def _whole(value: object, least: int) -> bool:
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and value >= least)
 
 
 def _factory(name: str):
