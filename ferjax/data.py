@@ -195,24 +195,24 @@ def load_fer2013(
   if not os.path.exists(path):
     raise DataError("no such file or directory", path=path)
   key = _fingerprint(path, on_error) if cache else None
-  cache_file = None
+  cache_file = data = None
   if key is not None:
     cache_file = os.path.join(os.fspath(cache_dir or default_cache_dir()), f"fer2013-{key}.npz")
-    cached = _read_cache(cache_file, path)
-    if cached is not None:
-      return cached
-  if os.path.isdir(path):
-    data = _load_folder(path, on_error)
-  elif _is_tar(path):
-    data = _load_tar(path, on_error)
-  else:
-    data = parse_fer2013_csv(_read_maybe_gzip(path), where=path, on_error=on_error)
-  if data.skipped:
+    data = _read_cache(cache_file, path)
+  parsed = data is None
+  if parsed:
+    if os.path.isdir(path):
+      data = _load_folder(path, on_error)
+    elif _is_tar(path):
+      data = _load_tar(path, on_error)
+    else:
+      data = parse_fer2013_csv(_read_maybe_gzip(path), where=path, on_error=on_error)
+  if data.skipped:  # Reported on every load, the cached ones too: the rows are still missing.
     where = ", ".join(str(e.line) if e.line else e.path for e in data.skipped[:20])
     more = ", …" if len(data.skipped) > 20 else ""
     log.warning("%s: skipped %d bad rows (lines %s%s); first: %s", path,
                 len(data.skipped), where, more, data.skipped[0])
-  if cache_file is not None:
+  if cache_file is not None and parsed:
     _write_cache(cache_file, data)
   return data
 

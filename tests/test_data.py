@@ -176,6 +176,13 @@ def test_skip_mode_drops_and_reports_bad_rows(tmp_path, cache_dir, caplog):
   np.testing.assert_array_equal(d.rows, [0, 2, 3, 4, 5, 7])
   np.testing.assert_array_equal(d.images, _expected_images(8)[[0, 2, 3, 4, 5, 7]])
   assert "skipped 2 bad rows (lines 3, 8)" in caplog.text
+  # The second load reads the cache; it reports the skipped rows all the same.
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    again = data_lib.load_fer2013(path, on_error="skip")
+  assert any(f.startswith("fer2013-") for f in os.listdir(cache_dir))
+  assert [e.line for e in again.skipped] == [3, 8]
+  assert "skipped 2 bad rows (lines 3, 8)" in caplog.text
 
 
 def test_bad_files(tmp_path, cache_dir):
