@@ -55,7 +55,8 @@ _CKPT_EVERY = flags.DEFINE_integer("checkpoint_every", None, "Also checkpoint ev
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", None, "Evaluation batch size (256).")
 _MODEL_OPTION = flags.DEFINE_multi_string(
     "model_option", [], "Model option as key=value, repeatable, e.g. --model_option=lstm_hidden=256"
-    " --model_option=bidirectional=true --model_option=widths=(32,64,128,128).")
+    " --model_option=bidirectional=true --model_option='widths=(32,64,128,128)' (quoted for "
+    "the shell).")
 _AUGMENT = flags.DEFINE_multi_string(
     "augment", [], "Augmentation option as key=value, repeatable: max_shift, flip, max_rotation, "
     "max_scale, erase_prob, erase_area, erase_aspect, mixup_alpha, cutmix_alpha, mix_prob "
