@@ -11,6 +11,7 @@ do.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -96,8 +97,12 @@ class CheckpointStore:
     return step
 
   def read_meta(self, step: int) -> dict:
-    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(restored["meta"])
+    try:
+      restored = self._manager.restore(step,
+                                       args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      return dict(restored["meta"])
+    except Exception as e:  # Orbax's errors for missing or damaged files have no common type.
+      raise _unreadable(self.directory, step, e) from None
 
   def restore(self, step: int, **abstract: Any) -> dict[str, Any]:
     """Restores the named items (``model=``, ``optimizer=``, ``ema=``) at ``step``.
@@ -110,13 +115,23 @@ class CheckpointStore:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
+      if re.match(r"[A-Z_]+: ", str(e)):  # A TensorStore status (NOT_FOUND: ...): a file is bad.
+        raise _unreadable(self.directory, step, e) from None
       raise CheckpointError(
           f"{self.directory}/{step}: the checkpoint does not match the model it is loaded "
           f"into ({str(e).splitlines()[0][:300]})") from None
+    except Exception as e:  # Orbax/TensorStore: a file of the checkpoint missing or damaged.
+      raise _unreadable(self.directory, step, e) from None
     return {name: restored[name] for name in abstract}
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _unreadable(directory: str, step: int, e: Exception) -> CheckpointError:
+  first = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0][:300]
+  return CheckpointError(f"{directory}/{step}: cannot read the checkpoint; is it damaged or "
+                         f"incomplete? ({type(e).__name__}: {first})")
 
 
 def _with_shardings(tree: Any) -> Any:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -323,6 +324,27 @@ def test_checkpoint_keeps_latest_and_best(tmp_path):
   assert sorted(store.all_steps()) == [2, 5]
   with pytest.raises(CheckpointError, match="no checkpoint at step 3"):
     store.resolve(3)
+
+
+def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
+  # Orbax reports a missing or damaged file with a bare Exception; it was a traceback.
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt")
+  tree = {"w": jnp.arange(3.0)}
+  store.save(1, model=tree, optimizer=tree, ema=None, meta={"step": 1}, eval_accuracy=0.5)
+  store.close()
+  data_files = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "ckpt" / "1" / "model")
+                for f in files if os.path.basename(d) == "d"]
+  assert data_files
+  for f in data_files:
+    os.remove(f)
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt", read_only=True)
+  abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with pytest.raises(CheckpointError, match=r"ckpt/1: cannot read the checkpoint; is it damaged "
+                     r"or incomplete\? \("):
+    store.restore(1, model=abstract)
+  shutil.rmtree(tmp_path / "ckpt" / "1" / "meta")
+  with pytest.raises(CheckpointError, match="ckpt/1: cannot read the checkpoint"):
+    store.read_meta(1)
 
 
 def test_ensemble_averages_the_members_probabilities(tmp_path, tiny_data, monkeypatch):
