@@ -23,7 +23,7 @@ class AugmentConfig:
     max_shift: largest translation in pixels, along each axis.
     flip: mirror half of the faces horizontally.
     max_rotation: largest rotation in degrees, either way.
-    max_scale: scale drawn from ``[1 - max_scale, 1 + max_scale]``.
+    max_scale: scale drawn from ``[1 - max_scale, 1 + max_scale]``; below 1.
     erase_prob: probability of random erasing (a rectangle set to the mean).
     erase_area: range of the erased fraction of the image.
     erase_aspect: range of the erased rectangle's aspect ratio (log-uniform).
@@ -69,6 +69,8 @@ class AugmentConfig:
     for name in ("erase_prob", "mix_prob"):
       if not 0 <= getattr(self, name) <= 1:
         raise ConfigError(f"augment option {name}={getattr(self, name)}: must be in [0, 1]")
+    if not self.max_scale < 1:  # The scale is drawn from 1 ± max_scale; 0 or less breaks the warp.
+      raise ConfigError(f"augment option max_scale={self.max_scale}: must be below 1")
     for name in ("max_shift", "max_rotation", "max_scale", "mixup_alpha", "cutmix_alpha"):
       if getattr(self, name) < 0:
         raise ConfigError(f"augment option {name}={getattr(self, name)}: must not be negative")

@@ -217,7 +217,9 @@ def test_mixing_is_off_by_default_and_mix_prob_picks_faces():
 @pytest.mark.parametrize("option,value", [
     ("mix_prob", 1.5), ("mixup_alpha", -1.0), ("erase_prob", -0.1), ("flip", "no"),
     ("erase_area", 0.1), ("erase_area", (0.3, 0.1)), ("erase_area", (0.1, 1.5)),
-    ("erase_aspect", (0, 3)), ("erase_aspect", (1, 2, 3))])
+    ("erase_aspect", (0, 3)), ("erase_aspect", (1, 2, 3)),
+    # A scale drawn from 1 ± 1.5 can be 0 or negative: the warp divides by it.
+    ("max_scale", 1.0), ("max_scale", 1.5)])
 def test_bad_augment_options_are_refused(option, value):
   with pytest.raises(ConfigError, match=f"augment option {option}="):
     aug.AugmentConfig(**{option: value})
