@@ -342,12 +342,14 @@ class FerPlusLabels:
       ``FERPLUS_CLASSES`` order, after FER+'s single-vote outlier removal
       (zeros where ``labels`` is -1).
     usage: ``(N,)`` str, the Usage column.
+    source: the file they were read from.
   """
 
   votes: np.ndarray
   labels: np.ndarray
   soft_labels: np.ndarray
   usage: np.ndarray
+  source: str = ""
 
 
 def load_ferplus(path: str | os.PathLike) -> FerPlusLabels:
@@ -407,7 +409,8 @@ def load_ferplus(path: str | os.PathLike) -> FerPlusLabels:
   soft = np.zeros((n, 8), np.float32)
   soft[:, _FERPLUS_TO_FERJAX] = emotions / np.maximum(emotions.sum(axis=1, keepdims=True), 1)
   soft[~valid] = 0
-  return FerPlusLabels(votes=votes, labels=labels, soft_labels=soft, usage=usage.astype(str))
+  return FerPlusLabels(votes=votes, labels=labels, soft_labels=soft, usage=usage.astype(str),
+                       source=path)
 
 
 def with_ferplus_labels(data: FerData, ferplus: FerPlusLabels) -> FerData:
@@ -423,14 +426,17 @@ def with_ferplus_labels(data: FerData, ferplus: FerPlusLabels) -> FerData:
   if not data.csv_rows or (data.splits.size and not np.isin(data.splits, CSV_SPLITS).all()):
     raise DataError("FER+ labels join on fer2013.csv row order; load the CSV form of "
                     "FER2013, not an image folder", path=data.source)
+  ferplus_file = ferplus.source or "the FER+ labels"
   if len(data) and data.rows.max() >= len(ferplus.labels):
-    raise DataError(f"FER+ has {len(ferplus.labels)} rows but the data has row "
-                    f"{int(data.rows.max())}; are these the same release?", path=data.source)
+    raise DataError(f"{ferplus_file} has {len(ferplus.labels)} data rows, but this file has "
+                    f"data row {int(data.rows.max())}; are these the same release?",
+                    path=data.source, line=int(data.rows.max()) + 2)
   mismatch = ferplus.usage[data.rows] != data.splits
   if mismatch.any():
     row = int(data.rows[np.argmax(mismatch)])
-    raise DataError(f"FER+ Usage differs from FER2013 at data row {row}; the files are "
-                    "not row-aligned", path=data.source, line=row + 2)
+    raise DataError(f"Usage {str(data.splits[np.argmax(mismatch)])!r} here but "
+                    f"{str(ferplus.usage[row])!r} on line {row + 2} of {ferplus_file}; the files "
+                    "are not row-aligned", path=data.source, line=row + 2)
   labels = ferplus.labels[data.rows]
   keep = labels >= 0
   out = data.select(keep)

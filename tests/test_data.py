@@ -294,8 +294,20 @@ def test_ferplus_misaligned_usage_is_an_error(tmp_path, cache_dir):
   csv_path = write_csv(tmp_path / "f.csv", fer_rows(2, usages=("Training",)))
   fp_path = _ferplus_csv(tmp_path / "fp.csv", ["Training,a.png,10,0,0,0,0,0,0,0,0,0",
                                                "PublicTest,b.png,10,0,0,0,0,0,0,0,0,0"])
-  with pytest.raises(DataError, match="not row-aligned"):
+  with pytest.raises(DataError, match="not row-aligned") as e:
     data_lib.with_ferplus_labels(data_lib.load_fer2013(csv_path), data_lib.load_ferplus(fp_path))
+  # Both files are named, each with the line that disagrees (row 1 is line 3 in both).
+  assert e.value.path == csv_path and e.value.line == 3
+  assert f"'Training' here but 'PublicTest' on line 3 of {fp_path}" in e.value.reason
+
+
+def test_a_short_ferplus_file_is_named_as_the_short_one(tmp_path, cache_dir):
+  csv_path = write_csv(tmp_path / "f.csv", fer_rows(3, usages=("Training",)))
+  fp_path = _ferplus_csv(tmp_path / "fp.csv", ["Training,a.png,10,0,0,0,0,0,0,0,0,0"] * 2)
+  with pytest.raises(DataError) as e:
+    data_lib.with_ferplus_labels(data_lib.load_fer2013(csv_path), data_lib.load_ferplus(fp_path))
+  assert e.value.path == csv_path and e.value.line == 4  # Data row 2, the first FER+ lacks.
+  assert e.value.reason.startswith(f"{fp_path} has 2 data rows")
 
 
 def test_real_fer2013_counts(fer2013_path):
