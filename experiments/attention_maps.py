@@ -21,7 +21,7 @@ _SPLIT = flags.DEFINE_string("split", "PrivateTest", "Split to take faces from."
 _NUM = flags.DEFINE_integer("num", 32, "How many faces (the first of the split).",
                             lower_bound=1)
 _COLUMNS = flags.DEFINE_integer("columns", 8, "Faces per row.", lower_bound=1)
-_OUTPUT = flags.DEFINE_string("output", "attention_maps.png", "The PNG to write.")
+_OUTPUT = flags.DEFINE_string("output", "attention_maps.png", "The PNG to write (.png).")
 _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows (and report "
                               "them) instead of failing, as training's flag.")
 

@@ -225,7 +225,7 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
   label, the predicted label and that prediction's probability.
 
   Args:
-    path: the PNG to write.
+    path: the PNG to write (a name ending in .png).
     checkpoint: a training run's workdir; None uses the shipped default weights.
     which: ``best``, ``latest`` or a step number.
     data: a loaded :class:`ferjax.data.FerData` (else read from ``data_path``).
@@ -248,6 +248,8 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
 
   if num < 1:
     raise ConfigError(f"--num must be at least 1, got {num}")
+  if not os.fspath(path).lower().endswith(".png"):  # Checked before the model loads.
+    raise ConfigError(f"--output={path}: the figure is a PNG; give a name ending in .png")
   predictor = Predictor(checkpoint, which)
   if not predictor.has_local_attention:
     raise ConfigError(

@@ -276,6 +276,11 @@ def test_attention_maps_png(tiny_run, tmp_path):
                                            split="PrivateTest", num=10, columns=5)
   assert out.exists() and out.stat().st_size > 1000
   assert result["num"] == 10 and result["model"] == "acnn_alstm"
+  # A PNG written under another name would mislead: refused, and nothing is written.
+  with pytest.raises(ConfigError, match=r"--output=.*maps\.txt: the figure is a PNG"):
+    inference.render_attention_maps(str(tmp_path / "maps.txt"), checkpoint=workdir,
+                                    data_path=csv_path)
+  assert not (tmp_path / "maps.txt").exists()
 
 
 def test_attention_maps_refuse_a_model_without_local_attention(tmp_path):
