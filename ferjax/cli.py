@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -73,12 +74,31 @@ def exit_on_errors(main: Callable[..., Any]) -> Callable[..., Any]:
       return main(*args, **kwargs)
     except FerjaxError as e:
       print(f"error: {e}", file=sys.stderr)
+      _drop_abandoned_coroutines()
       sys.exit(2)
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
       sys.exit(130)
 
   return wrapper
+
+
+def _drop_abandoned_coroutines() -> None:
+  """Keeps the one-line error the last thing printed.
+
+  When one array of a damaged checkpoint fails to read, Orbax leaves its other
+  reads' coroutines pending; finalised at exit, each raises again and Python
+  prints it as "Exception ignored in: <coroutine ...>" with a page of
+  TensorStore spec under the error already reported. Other unraisable
+  exceptions still reach the previous hook.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not inspect.iscoroutine(unraisable.object):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def parse_options(items: Sequence[str] | None, flag: str) -> dict[str, Any]:

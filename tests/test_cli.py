@@ -267,3 +267,47 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   (results / "eval-report.json").write_text('{"config": ')
   r = run("experiments.results_table", f"--results={results}", f"--script={script}")
   assert r.returncode == 2 and "eval-report.json: cannot read it as JSON" in r.stderr
+
+
+def test_after_a_reported_error_abandoned_coroutines_print_nothing(monkeypatch):
+  # A damaged checkpoint: Orbax's other reads are left pending and, finalised at exit, each
+  # printed a traceback under the one-line error. Other unraisable exceptions still show.
+  import gc
+
+  from ferjax import cli
+  from ferjax.errors import CheckpointError
+
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+
+  @cli.exit_on_errors
+  def main():
+    raise CheckpointError("damaged")
+
+  with pytest.raises(SystemExit) as exit_info:
+    main()
+  assert exit_info.value.code == 2
+
+  class Pause:
+    def __await__(self):
+      yield
+
+  async def pending_read():
+    try:
+      await Pause()
+    finally:
+      raise RuntimeError("read failed")  # Raised again when the coroutine is finalised.
+
+  coroutine = pending_read()
+  coroutine.send(None)
+  del coroutine
+  gc.collect()
+  assert seen == []
+
+  class BadDel:
+    def __del__(self):
+      raise RuntimeError("not a coroutine")
+
+  BadDel()
+  gc.collect()
+  assert len(seen) == 1 and "not a coroutine" in str(seen[0].exc_value)
