@@ -30,9 +30,9 @@ def main(argv):
     models.check_options(name, overrides)
     try:
       s = summarize(name, _CLASSES.value, **overrides)
+    except ConfigError:
+      raise
     except (ValueError, TypeError) as e:  # Options that fit one by one but not together.
-      if isinstance(e, ConfigError):
-        raise
       options = " ".join(f"{k}={v!r}" for k, v in overrides.items())
       raise ConfigError(f"model {name!r} with options {options}: {e}") from None
     print(f"### `{name}`: {s.params:,} parameters, {s.mflops:.1f} MFLOPs per image\n")

@@ -47,8 +47,8 @@ class Predictor:
 
   The model's state is split out once, flattened to a list of arrays, and
   passed to a ``jax.jit``-compiled pure function (cheaper per call than
-  ``nnx.jit`` for a model this small). Crops
-  are zero-padded to one of a few fixed batch sizes, (1, 2, 4, 8) by default,
+  ``nnx.jit`` for a model this small). Crops are zero-padded to one of a few fixed
+  batch sizes, (1, 2, 4, 8) by default,
   each compiled once by :meth:`warmup` (which :func:`ferjax.video.analyze_video`
   and :func:`ferjax.video.run_pipeline` call; call it before your own loop of
   :meth:`predict_faces` or :func:`ferjax.video.analyze_frame`): after it the
@@ -108,8 +108,8 @@ class Predictor:
     model.eval()  # Dropout off, BatchNorm on its running statistics.
     graphdef, state = nnx.split(model)
     # The state goes to the jitted function as a flat list of arrays: jit flattens a list in
-    # C++, while an nnx.State is flattened in Python on every call (about 30 us, a few % of
-    # a one-face predict).
+    # C++, while an nnx.State is flattened in Python on every call (a one-face call takes
+    # about 80 us less this way, some 6 %; BUILD_NOTES.md, Speed).
     self._state_leaves, state_def = jax.tree.flatten(state)
     self.class_names = tuple(class_names)
     self.meta = dict(meta)
