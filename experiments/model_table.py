@@ -27,8 +27,7 @@ def main(argv):
 
   overrides = cli.parse_options(_OPTION.value, "model_option")
   for name in _MODEL.value or models.model_names():
-    models.check_options(name, overrides)
-    try:
+    try:  # create_model checks each option by name (ConfigError).
       s = summarize(name, _CLASSES.value, **overrides)
     except ConfigError:
       raise
