@@ -14,6 +14,7 @@ import time
 
 from absl import app, flags
 
+from ferjax import cli
 from ferjax import data as data_lib
 from ferjax.input_pipeline import TrainBatches
 
@@ -22,6 +23,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reporte
 _OUT = flags.DEFINE_string("out", "benchmarks/results/data_loading.json", "JSON output.")
 
 
+@cli.exit_on_errors
 def main(argv):
   del argv
   if not _DATA.value:

@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from ferjax import cli
 from ferjax import hostmem
 from ferjax.augment import augment
 from ferjax.config import default_config
@@ -98,6 +99,7 @@ def _time_model(name, rng):
   return row
 
 
+@cli.exit_on_errors
 def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   del argv

@@ -28,6 +28,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from benchmarks.common import environment, write_results
+from ferjax import cli
 from ferjax import hostmem
 from ferjax import checkpoint as checkpoint_lib
 from ferjax.data import FER2013_CLASSES
@@ -115,6 +116,7 @@ def _fresh(names):
     yield f"{name} (fresh init)", model, FER2013_CLASSES
 
 
+@cli.exit_on_errors
 def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   if len(argv) > 1:

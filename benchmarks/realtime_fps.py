@@ -32,6 +32,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from benchmarks.common import environment, write_results
+from ferjax import cli
 from ferjax import hostmem
 from ferjax.data import FER2013_CLASSES
 from ferjax.faces import FaceDetector
@@ -137,6 +138,7 @@ def run_fer(python: str, clip_frames: int) -> dict:
   return result
 
 
+@cli.exit_on_errors
 def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   if len(argv) > 1:

@@ -24,6 +24,7 @@ import time
 from absl import app, flags
 
 from benchmarks.common import environment, write_results
+from ferjax import cli
 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Rounds of the three ways.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/startup.json", "JSON output.")
@@ -46,6 +47,7 @@ def _start(cache_dir: str, cache_on: bool) -> dict:
   return {"wall_s": round(wall, 3), "compile_s": float(compiled.group(1)) if compiled else None}
 
 
+@cli.exit_on_errors
 def main(argv):
   del argv
   results = {"command": " ".join(_COMMAND[1:]), **environment(), "runs": []}

@@ -19,6 +19,7 @@ import time
 from absl import app, flags, logging
 
 from benchmarks.common import environment, write_results
+from ferjax import cli
 from ferjax.faces import FaceDetector, iou, should_track, to_gray
 from ferjax.sources import open_source
 
@@ -56,6 +57,7 @@ def run(grays, detector: FaceDetector, redetect_every: int):
   return boxes, seconds
 
 
+@cli.exit_on_errors
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

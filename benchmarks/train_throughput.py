@@ -32,6 +32,7 @@ from absl import app, flags
 from flax import nnx
 
 from benchmarks import common, torch_models
+from ferjax import cli
 from ferjax import hostmem
 from ferjax import parallel
 from ferjax.augment import AugmentConfig
@@ -253,6 +254,7 @@ def _versions() -> dict:
           "torch_mkldnn": torch.backends.mkldnn.is_available()}
 
 
+@cli.exit_on_errors
 def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   del argv

@@ -66,12 +66,21 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str 
 
 
 def exit_on_errors(main: Callable[..., Any]) -> Callable[..., Any]:
-  """Turns ferjax's errors into one line on stderr and exit status 2."""
+  """Turns ferjax's errors into one line on stderr and exit status 2.
+
+  A usage error (``absl.app.UsageError``: a stray argument, flags that do not go
+  together) becomes one line too, with exit status 1 as for a bad flag value;
+  absl itself would print the whole flag list above it.
+  """
+  from absl import app
 
   @functools.wraps(main)
   def wrapper(*args, **kwargs):
     try:
       return main(*args, **kwargs)
+    except app.UsageError as e:
+      print(f"error: {e} (--helpshort lists the flags)", file=sys.stderr)
+      sys.exit(e.exitcode)
     except FerjaxError as e:
       print(f"error: {e}", file=sys.stderr)
       _drop_abandoned_coroutines()

@@ -119,6 +119,19 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
 
 
+@pytest.mark.parametrize("module,args,message", [
+    ("experiments.train", ["stray"], "error: unexpected arguments: stray"),
+    ("experiments.evaluate", ["--workdir=a,a", "--output_dir=unused"],
+     "error: --workdir names a run twice: a,a"),
+    ("benchmarks.predict_latency", ["stray", "more"], "error: unexpected arguments: stray more"),
+])
+def test_usage_errors_are_one_line(module, args, message):
+  # absl alone prints the whole flag list (about 90 lines for train) above the message.
+  r = run(module, *args)
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines() == [f"{message} (--helpshort lists the flags)"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model_option=bidirectional=no"], "error: model option bidirectional='no': must be "
      "true or false"),
