@@ -117,6 +117,12 @@ class CheckpointStore:
     except (ValueError, KeyError, TypeError) as e:
       if re.match(r"[A-Z_]+: ", str(e)):  # A TensorStore status (NOT_FOUND: ...): a file is bad.
         raise _unreadable(self.directory, step, e) from None
+      missing = re.search(r'Item "(\w+)" was not found in the checkpoint', str(e))
+      if missing:  # A folder of the checkpoint removed, or an inference-only export resumed.
+        held = sorted(name for name in os.listdir(os.path.join(self.directory, str(step)))
+                      if os.path.isdir(os.path.join(self.directory, str(step), name)))
+        raise CheckpointError(f"{self.directory}/{step}: has no {missing.group(1)!r} item "
+                              f"(it holds {', '.join(held)})") from None
       raise CheckpointError(
           f"{self.directory}/{step}: the checkpoint does not match the model it is loaded "
           f"into ({str(e).splitlines()[0][:300]})") from None

@@ -347,6 +347,22 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
     store.read_meta(1)
 
 
+def test_a_missing_checkpoint_item_is_named(tmp_path):
+  # It read as "the checkpoint does not match the model", which sends the user to the model.
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt")
+  tree = {"w": jnp.arange(3.0)}
+  store.save(1, model=tree, optimizer=None, ema=None, meta={"step": 1}, eval_accuracy=0.5)
+  store.close()
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt", read_only=True)
+  abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with pytest.raises(CheckpointError, match=r"ckpt/1: has no 'optimizer' item \(it holds meta, "
+                     r"metrics, model\)$"):
+    store.restore(1, model=abstract, optimizer=abstract)
+  # A tree of another shape is still a mismatch with the model.
+  with pytest.raises(CheckpointError, match="ckpt/1: the checkpoint does not match the model"):
+    store.restore(1, model={"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+
+
 def test_ensemble_averages_the_members_probabilities(tmp_path, tiny_data, monkeypatch):
   dirs = [str(tmp_path / name) for name in ("a", "b")]
   for seed, workdir in enumerate(dirs):
