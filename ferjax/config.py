@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any
 
 from ferjax.augment import AugmentConfig
@@ -57,6 +59,25 @@ class TrainConfig:
   eval_batch_size: int = 256
 
   def __post_init__(self):
+    # Types first: a float batch size or a dict for augment would otherwise pass the checks
+    # below and fail deep inside training, after the workdir is written.
+    for name in ("epochs", "batch_size", "eval_batch_size", "seed", "max_steps", "eval_every",
+                 "checkpoint_every"):
+      value = getattr(self, name)
+      if not (value is None and name in _OPTIONAL_INT_FIELDS or _is_int(value)):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    for name in ("distill_weight", "learning_rate", "weight_decay", "momentum", "warmup_epochs",
+                 "grad_clip", "label_smoothing", "ema_decay"):
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+          or not math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if not isinstance(self.model_overrides, dict):
+      raise ConfigError(f"model_overrides must be a dict of model options, got "
+                        f"{self.model_overrides!r}")
+    if not isinstance(self.augment, AugmentConfig):
+      raise ConfigError(f"augment must be a ferjax.augment.AugmentConfig, e.g. "
+                        f"AugmentConfig(mixup_alpha=0.2), got {self.augment!r}")
     if self.model not in model_names():
       raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(model_names())}")
     check_options(self.model, self.model_overrides)
@@ -82,6 +103,8 @@ class TrainConfig:
       raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
     if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_epochs < 0:
       raise ConfigError("weight_decay, grad_clip and warmup_epochs must not be negative")
+    if not 0 <= self.momentum < 1:
+      raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -97,6 +120,9 @@ class TrainConfig:
     unknown = sorted(set(d) - known)
     if unknown:
       raise ConfigError(f"unknown config fields {unknown}")
+    unknown = sorted(set(augment) - {f.name for f in dataclasses.fields(AugmentConfig)})
+    if unknown:
+      raise ConfigError(f"unknown augment fields {unknown}")
     return cls(**d, augment=AugmentConfig(**augment))
 
   def identity(self) -> dict[str, Any]:
@@ -108,6 +134,7 @@ class TrainConfig:
 
 
 RUN_CONTROL_FIELDS = ("max_steps", "eval_every", "checkpoint_every", "eval_batch_size")
+_OPTIONAL_INT_FIELDS = ("max_steps", "eval_every", "checkpoint_every")
 
 # Each model's defaults: the settings of its full-schedule run in the README's
 # results table (experiments/reproduce_results.sh), so that the plain command
@@ -127,6 +154,10 @@ def default_config(model: str, **changes) -> TrainConfig:
   if model not in model_names():
     raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(model_names())}")
   return TrainConfig(model=model, **{**MODEL_DEFAULTS.get(model, {}), **changes})
+
+
+def _is_int(value: object) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -580,6 +580,31 @@ def test_default_configs_are_valid():
     default_config("dnn", soft_targets=True)
 
 
+@pytest.mark.parametrize("changes, message", [
+    (dict(batch_size=16.0), "batch_size must be a whole number, got 16.0"),
+    (dict(epochs="2"), "epochs must be a whole number, got '2'"),
+    (dict(seed=True), "seed must be a whole number, got True"),
+    (dict(max_steps=2.5), "max_steps must be a whole number, got 2.5"),
+    (dict(learning_rate="1e-3"), "learning_rate must be a finite number, got '1e-3'"),
+    (dict(learning_rate=float("inf")), "learning_rate must be a finite number, got inf"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number, got nan"),
+    (dict(grad_clip=float("nan")), "grad_clip must be a finite number, got nan"),
+    (dict(momentum=1.5), r"momentum must be in \[0, 1\), got 1.5"),
+    (dict(model_overrides=None), "model_overrides must be a dict of model options, got None"),
+    (dict(augment={"mixup_alpha": 0.2}), "augment must be a ferjax.augment.AugmentConfig"),
+])
+def test_a_config_field_of_the_wrong_type_or_value_is_a_config_error(changes, message):
+  # Each of these used to pass and fail later inside training (numpy's "seed must be
+  # integer", a dict without .warps), after the workdir was written, or trained on NaN.
+  with pytest.raises(ConfigError, match=message):
+    tiny_config(**changes)
+  with pytest.raises(ConfigError, match="unknown augment fields .'mixup'."):
+    TrainConfig.from_dict({"augment": {"mixup": 0.2}})
+  # Integers where floats are expected, and numpy scalars, are fine.
+  c = tiny_config(learning_rate=1, weight_decay=np.float32(0), epochs=np.int64(2))
+  assert c.learning_rate == 1 and c.epochs == 2
+
+
 def test_class_weights_follow_the_class_frequencies_with_mean_one():
   labels = np.array([0] * 6 + [1] * 3 + [2])  # Class 3 is absent.
   for mode in ("none", "balanced", "sqrt"):
