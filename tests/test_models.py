@@ -237,6 +237,15 @@ def test_unknown_model_and_option_errors():
     models.create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), hidden=3)
 
 
+@pytest.mark.parametrize("num_classes", [0, 1, "7", 7.0, True])
+def test_a_bad_number_of_classes_is_a_config_error(num_classes):
+  # Before: 0 raised ZeroDivisionError from the initialiser and "7" a TypeError from JAX.
+  for name in ("dnn", "acnn_alstm"):
+    with pytest.raises(ConfigError, match=f"num_classes must be a whole number of at least 2, "
+                                          f"got {num_classes!r}"):
+      models.create_model(name, num_classes=num_classes, rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("name,option,value,need", [
     ("acnn_alstm", "bidirectional", "no", "true or false"),
     ("acnn_alstm", "lstm_hidden", 0, "a whole number of at least 1"),

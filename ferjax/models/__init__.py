@@ -56,9 +56,13 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides) ->
     The model; it maps float ``(B, 48, 48, 1)`` from ``preprocess`` to logits.
 
   Raises:
-    ConfigError: unknown name or option.
+    ConfigError: unknown name or option, or ``num_classes`` not a whole number
+      of at least 2.
   """
   factory = _factory(name)
+  # Checked here: 0 classes fails in the initialiser (ZeroDivisionError), "7" in JAX.
+  if not _whole(num_classes, 2):
+    raise ConfigError(f"num_classes must be a whole number of at least 2, got {num_classes!r}")
   check_options(name, overrides)
   return factory(num_classes, rngs=rngs, **overrides)
 
