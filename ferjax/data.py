@@ -366,10 +366,15 @@ def load_ferplus(path: str | os.PathLike) -> FerPlusLabels:
 
   Returns:
     The labels, row-aligned with ``fer2013.csv`` (match by row, never by name).
+
+  Raises:
+    DataError: the path is missing or a folder, or the file is malformed.
   """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise DataError("no such file", path=path)
+  if os.path.isdir(path):  # open() would raise a bare IsADirectoryError.
+    raise DataError("is a folder; give the fer2013new.csv file inside it", path=path)
   with open(path, "rb") as f:
     lines = f.read().replace(b"\r\n", b"\n").split(b"\n")
   if lines and lines[-1] == b"":
@@ -422,7 +427,16 @@ def with_ferplus_labels(data: FerData, ferplus: FerPlusLabels) -> FerData:
 
   Returns:
     The kept examples with 8-class labels and soft vote distributions.
+
+  Raises:
+    TypeError: the arguments are not a FerData and FerPlusLabels (e.g. a path).
+    DataError: the data is not from the CSV, or the files are not row-aligned.
   """
+  # A path for ferplus (or swapped arguments) would fail below as an AttributeError.
+  if not isinstance(data, FerData) or not isinstance(ferplus, FerPlusLabels):
+    raise TypeError(f"with_ferplus_labels(data, ferplus) takes a FerData from load_fer2013 and "
+                    f"the FerPlusLabels from load_ferplus, got {type(data).__name__} and "
+                    f"{type(ferplus).__name__}")
   if not data.csv_rows or (data.splits.size and not np.isin(data.splits, CSV_SPLITS).all()):
     raise DataError("FER+ labels join on fer2013.csv row order; load the CSV form of "
                     "FER2013, not an image folder", path=data.source)

@@ -310,6 +310,23 @@ def test_a_short_ferplus_file_is_named_as_the_short_one(tmp_path, cache_dir):
   assert e.value.reason.startswith(f"{fp_path} has 2 data rows")
 
 
+def test_ferplus_api_mistakes_are_named(tmp_path, cache_dir):
+  # Before: a folder raised a bare IsADirectoryError, a path for the labels an AttributeError.
+  folder = tmp_path / "FERPlus"
+  folder.mkdir()
+  with pytest.raises(DataError, match="is a folder; give the fer2013new.csv file inside it") as e:
+    data_lib.load_ferplus(folder)
+  assert e.value.path == str(folder)
+  csv_path = write_csv(tmp_path / "f.csv", fer_rows(2, usages=("Training",)))
+  fp_path = _ferplus_csv(tmp_path / "fp.csv", ["Training,a.png,10,0,0,0,0,0,0,0,0,0"] * 2)
+  data, fp = data_lib.load_fer2013(csv_path), data_lib.load_ferplus(fp_path)
+  with pytest.raises(TypeError, match="got FerData and str"):
+    data_lib.with_ferplus_labels(data, str(fp_path))
+  with pytest.raises(TypeError, match="got FerPlusLabels and FerData"):
+    data_lib.with_ferplus_labels(fp, data)
+  assert data_lib.with_ferplus_labels(data, fp).labels.tolist() == [6, 6]
+
+
 def test_real_fer2013_counts(fer2013_path):
   d = data_lib.load_fer2013(fer2013_path)
   assert d.images.shape == (35887, 48, 48, 1)
