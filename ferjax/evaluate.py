@@ -200,11 +200,18 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
 
   Returns:
     The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added.
+
+  Raises:
+    ConfigError: a bad ``tta`` or ``batch_size``, or data whose label set is
+      not the checkpoint's.
+    CheckpointError: no such checkpoint, or not of ``expect_model``.
+    DataError: the data cannot be read, or has no such split.
   """
   import os
 
   from ferjax import checkpoint as checkpoint_lib
 
+  _check_eval_args(tta, batch_size)
   model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
   subset, split = _test_subset(meta, split, data, data_path, ferplus_path, on_error)
   probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size,
@@ -245,6 +252,7 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
 
   if len(workdirs) < 2:
     raise ConfigError(f"an ensemble needs at least two runs, got {list(workdirs)}")
+  _check_eval_args(tta, batch_size)
   for workdir in workdirs:
     if os.path.exists(output_dir) and os.path.exists(workdir) and \
         os.path.samefile(output_dir, workdir):
@@ -279,6 +287,17 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
   return metrics
 
 
+def _check_eval_args(tta: str, batch_size: int) -> None:
+  """Checked before the model and the data load (seconds) rather than after."""
+  from ferjax.errors import ConfigError
+
+  if tta not in TTA_MODES:
+    raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+  whole = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
+  if not whole or batch_size < 1:
+    raise ConfigError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+
+
 def _refuse_other_ensemble(report: str, workdirs: Sequence[str]) -> None:
   """An ensemble's report may replace one of the same members only (re-evaluated)."""
   import json
@@ -305,13 +324,23 @@ def _refuse_other_ensemble(report: str, workdirs: Sequence[str]) -> None:
 def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, on_error="raise"):
   """The split a checkpoint is evaluated on, loaded as its config says: ``(subset, split)``."""
   from ferjax.config import TrainConfig
+  from ferjax.data import FerData
+  from ferjax.errors import ConfigError
   from ferjax.train import load_training_data, resolve_splits
 
   config = TrainConfig.from_dict(meta["config"])
   if data is None:
     data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
-  elif config.labels == "ferplus" and data.num_classes != meta["num_classes"]:
-    raise ValueError("this checkpoint was trained on FER+ labels; pass FER+-labelled data")
+  elif not isinstance(data, FerData):
+    raise TypeError(f"data must be a FerData (from ferjax.data.load_fer2013), got "
+                    f"{type(data).__name__}; pass a file as data_path")
+  elif tuple(data.class_names) != tuple(meta["class_names"]):
+    # Labels of another set would index past the model's classes (an IndexError in the
+    # metrics) or be scored against the wrong names.
+    raise ConfigError(f"the checkpoint predicts {meta['labels']} classes "
+                      f"{list(meta['class_names'])}, the data has {list(data.class_names)}; "
+                      "pass data with the checkpoint's labels (ferjax.data.with_ferplus_labels "
+                      "for FER+)")
   config, data = resolve_splits(config, data)
   split = split or config.test_split
   return data.split(split), split

@@ -425,6 +425,26 @@ def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path, tiny_data):
     checkpoint_lib.load_model(tmp_path / "empty")
 
 
+def test_evaluate_checks_its_arguments_and_the_datas_label_set(tmp_path, tiny_data):
+  from ferjax.data import FERPLUS_CLASSES
+  from ferjax.inference import default_weights_dir
+  weights, out = default_weights_dir(), str(tmp_path / "out")  # A FER2013 (7-class) model.
+  # Before: FER+ data (label 7) raised an IndexError from the metrics.
+  ferplus = dataclasses.replace(tiny_data, labels=np.full(len(tiny_data), 7, np.int32),
+                                class_names=FERPLUS_CLASSES)
+  with pytest.raises(ConfigError, match="predicts fer2013 classes .* the data has .*contempt"):
+    evaluate_checkpoint(weights, data=ferplus, output_dir=out)
+  # Before: an AttributeError ('str' object has no attribute 'split_names').
+  with pytest.raises(TypeError, match="data must be a FerData .* got str; pass a file as data_"):
+    evaluate_checkpoint(weights, data=tiny_data.source, output_dir=out)
+  # Before: range() arg 3 must not be zero, after the model and data had loaded.
+  with pytest.raises(ConfigError, match="batch_size must be a whole number of at least 1, got 0"):
+    evaluate_checkpoint(weights, data=tiny_data, batch_size=0, output_dir=out)
+  with pytest.raises(ConfigError, match="tta must be one of none, flip, ten_crop, got 'flop'"):
+    evaluate_ensemble([weights, weights], data=tiny_data, tta="flop", output_dir=out)
+  assert not os.path.exists(out)
+
+
 _RUNNER = textwrap.dedent("""
     import os, signal, sys, json
     import numpy as np, jax
