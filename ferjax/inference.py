@@ -100,9 +100,15 @@ class Predictor:
 
   def _setup(self, model: nnx.Module, class_names: Sequence[str], max_faces: int,
              batch_sizes: Sequence[int] | None, meta: dict) -> None:
-    if max_faces < 1:
-      raise ConfigError(f"max_faces must be at least 1, got {max_faces}")
+    # Whole numbers checked here: a float would fail later, inside warmup or the first
+    # predict_faces, as a TypeError from numpy.
+    if not _is_int(max_faces) or max_faces < 1:
+      raise ConfigError(f"max_faces must be a whole number of at least 1, got {max_faces!r}")
+    max_faces = int(max_faces)
+    if batch_sizes is not None and not all(_is_int(size) for size in batch_sizes):
+      raise ConfigError(f"batch_sizes must be whole numbers, got {batch_sizes!r}")
     sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(max_faces)) | {max_faces}))
+    sizes = tuple(int(size) for size in sizes)
     if sizes[0] < 1 or sizes[-1] != max_faces:
       raise ConfigError(f"batch_sizes must lie in 1..max_faces={max_faces}, got {batch_sizes}")
     model.eval()  # Dropout off, BatchNorm on its running statistics.
@@ -213,6 +219,10 @@ class Predictor:
                          (0, *self._aux_tail[k])) for k in self.attention_keys}
       return _concat(probs, (0, self.num_classes)), weights
     return _concat([p[:c] for p, c in zip(fetched, counts)], (0, self.num_classes))
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:

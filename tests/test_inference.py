@@ -261,6 +261,26 @@ def test_predictor_refuses_wrong_crops(tiny_run):
   assert probs.shape == (0, 7) and weights["alpha"].shape == (0, 36)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_faces=2.5), "max_faces must be a whole number of at least 1, got 2.5"),
+    (dict(max_faces=True), "max_faces must be a whole number of at least 1, got True"),
+    (dict(batch_sizes=(2.0, 8)), r"batch_sizes must be whole numbers, got \(2.0, 8\)"),
+])
+def test_predictor_refuses_batch_sizes_that_are_not_whole_numbers(kwargs, message):
+  # Before: max_faces=2.5 raised an AttributeError (no bit_length), and batch_sizes=(2.0, 8)
+  # was accepted, to fail at the first predict_faces with a TypeError from numpy.
+  from flax import nnx
+
+  from ferjax.models import create_model
+  model = create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), **TINY_MODEL)
+  names = [str(i) for i in range(7)]
+  with pytest.raises(ConfigError, match=message):
+    Predictor.from_model(model, names, **kwargs)
+  predictor = Predictor.from_model(model, names, max_faces=np.int64(4), batch_sizes=[np.int64(2)])
+  assert predictor.batch_sizes == (2, 4)
+  assert predictor.predict_faces(np.zeros((3, 48, 48), np.uint8)).shape == (3, 7)
+
+
 def test_missing_default_weights_or_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):
   monkeypatch.setattr(inference, "DEFAULT_WEIGHTS", str(tmp_path / "weights" / "default"))
   with pytest.raises(CheckpointError, match="no default weights"):
