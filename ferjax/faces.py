@@ -62,6 +62,11 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
                    f"{frame.shape}")
 
 
+def is_whole(value: object) -> bool:
+  """Whether ``value`` is an integer (numpy's too), not a float or a bool."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def iou(a: Box, b: Box) -> float:
   """Intersection over union of two boxes (0 when they do not overlap)."""
   w = min(a.x + a.w, b.x + b.w) - max(a.x, b.x)
@@ -159,8 +164,13 @@ class FaceDetector:
       raise ConfigError(f"scale_factor must be above 1, got {scale_factor}")
     if downscale < 1.0:
       raise ConfigError(f"downscale must be at least 1, got {downscale}")
-    if max_faces < 1:
-      raise ConfigError(f"max_faces must be at least 1, got {max_faces}")
+    # Counts are checked as whole numbers here: OpenCV and the slice to max_faces would
+    # otherwise fail on the first detect(), and a negative min_neighbors turns grouping off.
+    if not is_whole(max_faces) or max_faces < 1:
+      raise ConfigError(f"max_faces must be a whole number of at least 1, got {max_faces!r}")
+    if not is_whole(min_neighbors) or min_neighbors < 0:
+      raise ConfigError(f"min_neighbors must be a whole number of at least 0, got "
+                        f"{min_neighbors!r}")
     if margin < 0:
       raise ConfigError(f"margin must not be negative, got {margin}")
     if track_margin < 0:

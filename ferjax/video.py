@@ -26,7 +26,7 @@ import numpy as np
 from ferjax.annotate import (AnnotatedImageWriter, AnnotatedVideoWriter, ResultsCSV,
                              display_available, draw_results, write_json)
 from ferjax.errors import ConfigError
-from ferjax.faces import Box, FaceDetector, should_track, to_gray
+from ferjax.faces import Box, FaceDetector, is_whole, should_track, to_gray
 from ferjax.sources import DEMO_CLIP, IMAGE_EXTENSIONS, FrameSource, open_source
 
 log = logging.getLogger(__name__)
@@ -247,10 +247,14 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
   """
-  if every < 1:
-    raise ConfigError(f"every must be at least 1, got {every}")
-  if redetect_every < 1:
-    raise ConfigError(f"redetect_every must be at least 1, got {redetect_every}")
+  # Whole numbers: every=1.5 would analyse every third frame (index % 1.5 == 0) silently.
+  if not is_whole(every) or every < 1:
+    raise ConfigError(f"every must be a whole number of at least 1, got {every!r}")
+  if not is_whole(redetect_every) or redetect_every < 1:
+    raise ConfigError(f"redetect_every must be a whole number of at least 1, got "
+                      f"{redetect_every!r}")
+  if max_frames is not None and not is_whole(max_frames):
+    raise ConfigError(f"max_frames must be a whole number, got {max_frames!r}")
   detector = detector or FaceDetector(max_faces=predictor.max_faces)
   owned = not isinstance(source, FrameSource)
   src = open_source(source)

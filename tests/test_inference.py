@@ -151,6 +151,31 @@ def test_bad_tracking_settings_are_refused():
     FaceDetector(track_scale=0.9)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_faces=2.5), "max_faces must be a whole number of at least 1, got 2.5"),
+    (dict(min_neighbors=2.5), "min_neighbors must be a whole number of at least 0, got 2.5"),
+    (dict(min_neighbors=-1), "min_neighbors must be a whole number of at least 0, got -1"),
+])
+def test_detector_counts_must_be_whole_numbers(kwargs, message):
+  # Before: max_faces=2.5 and min_neighbors=2.5 failed at the first detect() (a slice
+  # TypeError, an OpenCV overload error); min_neighbors=-1 returned every raw hit.
+  with pytest.raises(ConfigError, match=message):
+    FaceDetector(**kwargs)
+  assert FaceDetector(max_faces=np.int64(2), min_neighbors=0).max_faces == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(every=1.5), "every must be a whole number of at least 1, got 1.5"),
+    (dict(redetect_every=2.0), "redetect_every must be a whole number of at least 1, got 2.0"),
+    (dict(max_frames=2.5), "max_frames must be a whole number, got 2.5"),
+])
+def test_analyze_video_counts_must_be_whole_numbers(kwargs, message):
+  # Before: every=1.5 analysed every third frame (index % 1.5 == 0) without a word.
+  from ferjax.video import analyze_video
+  with pytest.raises(ConfigError, match=message):
+    analyze_video(CLIP, None, FaceDetector(), **kwargs)
+
+
 def test_no_face_gives_no_boxes():
   assert FaceDetector().detect(np.full((480, 640), 127, np.uint8)) == []
 
