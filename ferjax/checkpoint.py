@@ -88,7 +88,7 @@ class CheckpointStore:
       return self.latest_step() if step is None else step
     try:
       step = int(which)
-    except ValueError:
+    except (TypeError, ValueError):  # TypeError: None or a list, as from a library call.
       raise CheckpointError(f"which checkpoint (--which): expected best, latest or a step "
                             f"number, got {which!r}") from None
     if step not in steps:

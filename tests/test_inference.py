@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 
 import jax
 import numpy as np
@@ -304,6 +305,15 @@ def test_predictor_refuses_batch_sizes_that_are_not_whole_numbers(kwargs, messag
   predictor = Predictor.from_model(model, names, max_faces=np.int64(4), batch_sizes=[np.int64(2)])
   assert predictor.batch_sizes == (2, 4)
   assert predictor.predict_faces(np.zeros((3, 48, 48), np.uint8)).shape == (3, 7)
+
+
+def test_a_which_that_is_not_a_step_names_the_argument():
+  # Before: which=None raised a bare TypeError from int().
+  from ferjax.inference import default_weights_dir
+  for which in (None, [1]):
+    message = f"expected best, latest or a step number, got {re.escape(repr(which))}"
+    with pytest.raises(CheckpointError, match=r"which checkpoint \(--which\): " + message):
+      checkpoint_lib.load_model(default_weights_dir(), which)
 
 
 def test_missing_default_weights_or_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):
