@@ -9,7 +9,7 @@ import numbers
 from typing import Any
 
 from ferjax.augment import AugmentConfig
-from ferjax.errors import ConfigError
+from ferjax.errors import ConfigError, is_whole
 from ferjax.models import check_options, model_names
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -64,7 +64,7 @@ class TrainConfig:
     for name in ("epochs", "batch_size", "eval_batch_size", "seed", "max_steps", "eval_every",
                  "checkpoint_every"):
       value = getattr(self, name)
-      if not (value is None and name in _OPTIONAL_INT_FIELDS or _is_int(value)):
+      if not (value is None and name in _OPTIONAL_INT_FIELDS or is_whole(value)):
         raise ConfigError(f"{name} must be a whole number, got {value!r}")
     for name in ("distill_weight", "learning_rate", "weight_decay", "momentum", "warmup_epochs",
                  "grad_clip", "label_smoothing", "ema_decay"):
@@ -154,10 +154,6 @@ def default_config(model: str, **changes) -> TrainConfig:
   if model not in model_names():
     raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(model_names())}")
   return TrainConfig(model=model, **{**MODEL_DEFAULTS.get(model, {}), **changes})
-
-
-def _is_int(value: object) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -30,6 +30,18 @@ class DataError(FerjaxError):
     super().__init__(f"{where}: {reason}")
 
 
+def is_whole(value: object, least: int | None = None) -> bool:
+  """Whether ``value`` is an integer (numpy's too; not a float or a bool), and at least ``least``.
+
+  Counts from library callers are checked with this before use: a float count
+  would pass ``< 1`` checks and fail later, deep inside numpy, OpenCV or JAX.
+  """
+  import numbers
+
+  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+          and (least is None or value >= least))
+
+
 class ConfigError(FerjaxError, ValueError):
   """A flag, config value or workdir does not fit what was asked for.
 

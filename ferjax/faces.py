@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ferjax.errors import ConfigError, FerjaxError
+from ferjax.errors import ConfigError, FerjaxError, is_whole
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 FACE_SIZE = 48  # FER2013's face size: what every model takes.
@@ -60,11 +60,6 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_BGRA2GRAY)
   raise ValueError(f"expected a (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) frame, got shape "
                    f"{frame.shape}")
-
-
-def is_whole(value: object) -> bool:
-  """Whether ``value`` is an integer (numpy's too), not a float or a bool."""
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def iou(a: Box, b: Box) -> float:
@@ -166,9 +161,9 @@ class FaceDetector:
       raise ConfigError(f"downscale must be at least 1, got {downscale}")
     # Counts are checked as whole numbers here: OpenCV and the slice to max_faces would
     # otherwise fail on the first detect(), and a negative min_neighbors turns grouping off.
-    if not is_whole(max_faces) or max_faces < 1:
+    if not is_whole(max_faces, 1):
       raise ConfigError(f"max_faces must be a whole number of at least 1, got {max_faces!r}")
-    if not is_whole(min_neighbors) or min_neighbors < 0:
+    if not is_whole(min_neighbors, 0):
       raise ConfigError(f"min_neighbors must be a whole number of at least 0, got "
                         f"{min_neighbors!r}")
     if margin < 0:

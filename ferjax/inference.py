@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from ferjax import checkpoint as checkpoint_lib
-from ferjax.errors import CheckpointError, ConfigError
+from ferjax.errors import CheckpointError, ConfigError, is_whole
 from ferjax.faces import FACE_SIZE
 from ferjax.preprocess import preprocess
 
@@ -102,10 +102,10 @@ class Predictor:
              batch_sizes: Sequence[int] | None, meta: dict) -> None:
     # Whole numbers checked here: a float would fail later, inside warmup or the first
     # predict_faces, as a TypeError from numpy.
-    if not _is_int(max_faces) or max_faces < 1:
+    if not is_whole(max_faces, 1):
       raise ConfigError(f"max_faces must be a whole number of at least 1, got {max_faces!r}")
     max_faces = int(max_faces)
-    if batch_sizes is not None and not all(_is_int(size) for size in batch_sizes):
+    if batch_sizes is not None and not all(is_whole(size) for size in batch_sizes):
       raise ConfigError(f"batch_sizes must be whole numbers, got {batch_sizes!r}")
     sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(max_faces)) | {max_faces}))
     sizes = tuple(int(size) for size in sizes)
@@ -219,10 +219,6 @@ class Predictor:
                          (0, *self._aux_tail[k])) for k in self.attention_keys}
       return _concat(probs, (0, self.num_classes)), weights
     return _concat([p[:c] for p, c in zip(fetched, counts)], (0, self.num_classes))
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:

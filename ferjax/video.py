@@ -25,8 +25,8 @@ import numpy as np
 
 from ferjax.annotate import (AnnotatedImageWriter, AnnotatedVideoWriter, ResultsCSV,
                              display_available, draw_results, write_json)
-from ferjax.errors import ConfigError
-from ferjax.faces import Box, FaceDetector, is_whole, should_track, to_gray
+from ferjax.errors import ConfigError, is_whole
+from ferjax.faces import Box, FaceDetector, should_track, to_gray
 from ferjax.sources import DEMO_CLIP, IMAGE_EXTENSIONS, FrameSource, open_source
 
 log = logging.getLogger(__name__)
@@ -248,9 +248,9 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
     ferjax.sources.SourceError: the source cannot be opened.
   """
   # Whole numbers: every=1.5 would analyse every third frame (index % 1.5 == 0) silently.
-  if not is_whole(every) or every < 1:
+  if not is_whole(every, 1):
     raise ConfigError(f"every must be a whole number of at least 1, got {every!r}")
-  if not is_whole(redetect_every) or redetect_every < 1:
+  if not is_whole(redetect_every, 1):
     raise ConfigError(f"redetect_every must be a whole number of at least 1, got "
                       f"{redetect_every!r}")
   if max_frames is not None and not is_whole(max_frames):

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from flax import nnx
 
-from ferjax.errors import ConfigError
+from ferjax.errors import ConfigError, is_whole
 from ferjax.models.alstm import AttentionLSTM
 from ferjax.models.dnn import DNN
 
@@ -61,7 +61,7 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides) ->
   """
   factory = _factory(name)
   # Checked here: 0 classes fails in the initialiser (ZeroDivisionError), "7" in JAX.
-  if not _whole(num_classes, 2):
+  if not is_whole(num_classes, 2):
     raise ConfigError(f"num_classes must be a whole number of at least 2, got {num_classes!r}")
   check_options(name, overrides)
   return factory(num_classes, rngs=rngs, **overrides)
@@ -84,24 +84,19 @@ def check_options(name: str, overrides: dict[str, object]) -> None:
     if isinstance(default, bool):
       ok, need = isinstance(value, bool), "true or false"
     elif isinstance(default, numbers.Integral):
-      ok, need = _whole(value, 1), "a whole number of at least 1"
+      ok, need = is_whole(value, 1), "a whole number of at least 1"
     elif key == "dropout":
       ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
             and 0 <= value < 1)
       need = "a rate in [0, 1)"
     elif isinstance(default, (tuple, list)):
       least = 0 if key == "pool_after" else 1
-      ok = isinstance(value, (tuple, list)) and all(_whole(v, least) for v in value)
+      ok = isinstance(value, (tuple, list)) and all(is_whole(v, least) for v in value)
       need = f"a tuple of whole numbers of at least {least}, e.g. {key}={tuple(default)}"
     else:
       continue
     if not ok:
       raise ConfigError(f"model option {key}={value!r}: must be {need}")
-
-
-def _whole(value: object, least: int) -> bool:
-  return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
-          and value >= least)
 
 
 def _factory(name: str):
