@@ -12,6 +12,7 @@ faces found and FPS with the time per stage.
 """
 
 import logging
+import sys
 
 from absl import app, flags
 
@@ -64,6 +65,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
   cli.setup_logging()
+  if hasattr(sys.stdout, "reconfigure"):
+    # Image names that are not UTF-8 are printed escaped, as stderr does, not a crash.
+    sys.stdout.reconfigure(errors="backslashreplace")
   cli.enable_compilation_cache()
   from ferjax.sources import open_source
   from ferjax.video import check_outputs

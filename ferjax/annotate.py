@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ferjax.errors import ConfigError, FerjaxError
+from ferjax.sources import cv_path
 
 if TYPE_CHECKING:  # Annotations only: ferjax.video imports this module.
   from ferjax.video import FaceResult, FrameResult
@@ -156,7 +157,7 @@ class AnnotatedVideoWriter:
     if self._writer is None:
       self._size = (frame_bgr.shape[1], frame_bgr.shape[0])
       _make_parent(self.path)
-      self._writer = cv2.VideoWriter(_partial_path(self.path),
+      self._writer = cv2.VideoWriter(cv_path(_partial_path(self.path)),
                                      cv2.VideoWriter_fourcc(*self._codec), self.fps, self._size)
       if not self._writer.isOpened():
         raise OutputError(f"{self.path}: OpenCV cannot write a {self._codec} video here")
@@ -193,7 +194,7 @@ class AnnotatedImageWriter:
     partial = _partial_path(path)
     if path.lower().endswith(GREY_ONLY_EXTENSIONS) and frame_bgr.ndim == 3:
       frame_bgr = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)  # OpenCV writes PGM grey only.
-    if not cv2.imwrite(partial, frame_bgr):
+    if not cv2.imwrite(cv_path(partial), frame_bgr):
       raise OutputError(f"{path}: OpenCV cannot write this image")
     self._pending.append((partial, path))
     self.frames += 1
@@ -214,7 +215,9 @@ class ResultsCSV:
   def __init__(self, path: str, class_names: Sequence[str]):
     _make_parent(path)
     try:
-      self._file = open(_partial_path(path), "w", newline="")
+      # A file name in another encoding than UTF-8 (Python holds its odd bytes as lone
+      # surrogates) is written escaped, as Python's stderr does: the file stays UTF-8.
+      self._file = open(_partial_path(path), "w", newline="", errors="backslashreplace")
     except OSError as e:
       raise OutputError(f"{path}: cannot write ({e.strerror})") from None
     self.path = path

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ferjax.errors import ConfigError, FerjaxError, is_whole
+from ferjax.sources import cv_path
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 FACE_SIZE = 48  # FER2013's face size: what every model takes.
@@ -178,7 +179,7 @@ class FaceDetector:
       raise DetectorError(f"{cascade_path}: Haar cascade file not found (opencv-python-headless "
                           "4.x ships it under cv2.data.haarcascades)")
     try:
-      self.cascade = cv2.CascadeClassifier(cascade_path)
+      self.cascade = cv2.CascadeClassifier(cv_path(cascade_path))
       loaded = not self.cascade.empty()
     except (cv2.error, SystemError):  # A malformed file fails inside OpenCV's constructor.
       loaded = False

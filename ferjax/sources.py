@@ -138,6 +138,17 @@ class FrameSource:
     self.close()
 
 
+def cv_path(path: str | os.PathLike) -> bytes:
+  """A file name as OpenCV must be given it: the file system's bytes.
+
+  OpenCV crashes the whole process (a segmentation fault, no exception) on a
+  ``str`` that is not valid UTF-8, which is how Python spells a file name in
+  another encoding (e.g. Latin-1 names from an old archive); the bytes Python
+  read from the file system always work.
+  """
+  return os.fsencode(path)
+
+
 def read_image(path: str) -> np.ndarray | None:
   """An image file as a uint8 BGR frame, upright; None when OpenCV cannot decode it."""
   import cv2
@@ -145,7 +156,7 @@ def read_image(path: str) -> np.ndarray | None:
   # Colour (grey images come as BGR), any depth, turned upright as the EXIF orientation
   # says (IMREAD_UNCHANGED would ignore it: phone photos would lie on their side, where
   # the frontal face detector finds nothing).
-  frame = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+  frame = cv2.imread(cv_path(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
   if frame is not None and frame.dtype != np.uint8:  # 16-bit PNG/TIFF.
     frame = cv2.convertScaleAbs(frame, alpha=255.0 / max(1, int(frame.max())))
   return frame
@@ -227,7 +238,7 @@ def _open_video(path: str) -> FrameSource:
   import cv2
 
   with _quiet_opencv():
-    capture = cv2.VideoCapture(path)
+    capture = cv2.VideoCapture(cv_path(path))
     if not capture.isOpened():
       raise SourceError(f"{path}: OpenCV cannot open this as a video or image")
     ok, first = capture.read()

@@ -625,3 +625,35 @@ def test_analyze_video_compiles_every_batch_size_before_the_first_frame(tiny_run
   frames = video.analyze_video(CLIP, fresh, max_frames=2)
   assert fresh.compile_seconds is not None and fresh.trace_count == 3  # Sizes 1, 2 and 4.
   assert len(list(frames)) == 2 and fresh.trace_count == 3
+
+
+def test_file_names_that_are_not_utf8_are_read_and_written(tiny_run, tmp_path, clip_frames):
+  """A Latin-1 name (Python holds its odd bytes as lone surrogates) crashed OpenCV: segfault."""
+  import cv2
+  name = os.fsdecode(b"caf\xe9")
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  try:
+    (folder / f"{name}.png").write_bytes(cv2.imencode(".png", clip_frames[0])[1].tobytes())
+  except (OSError, UnicodeEncodeError):
+    pytest.skip("this file system takes UTF-8 names only")
+  table, out = tmp_path / "faces.csv", tmp_path / "annotated"
+  result = _script(f"--source={folder}", f"--workdir={tiny_run[0]}", f"--output={out}",
+                   f"--csv={table}", "--print_faces", "--no_display")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert os.listdir(out) == [f"{name}.png"]
+  assert "caf\\udce9.png: " in result.stdout  # Escaped, as on stderr.
+  with open(table, newline="") as f:
+    assert [row["image"] for row in csv.DictReader(f)] == ["caf\\udce9.png"]
+  # A video read and written under such names (no model needed: OpenCV crashed in open).
+  clip = tmp_path / f"{name}.mkv"
+  clip.write_bytes(open(CLIP, "rb").read())
+  code = ("import sys; from ferjax import annotate, sources\n"
+          "with sources.open_source(sys.argv[1]) as src: frame = next(iter(src))[0]\n"
+          "w = annotate.AnnotatedVideoWriter(sys.argv[2], 30.0); w.write(frame); w.close()\n")
+  copy = tmp_path / f"{name}-out.mp4"
+  result = subprocess.run([sys.executable, "-c", code, str(clip), str(copy)], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert copy.stat().st_size > 0
