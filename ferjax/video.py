@@ -18,13 +18,15 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ferjax.annotate import (AnnotatedImageWriter, AnnotatedVideoWriter, ResultsCSV,
-                             display_available, draw_results, write_json)
+from ferjax.annotate import (VIDEO_CODECS, AnnotatedImageWriter, AnnotatedVideoWriter,
+                             OutputError, ResultsCSV, display_available, draw_results,
+                             write_json)
 from ferjax.errors import ConfigError, is_whole
 from ferjax.faces import Box, FaceDetector, should_track, to_gray
 from ferjax.sources import DEMO_CLIP, IMAGE_EXTENSIONS, FrameSource, open_source
@@ -312,12 +314,17 @@ def check_outputs(source, **outputs: str | None) -> None:
   ``outputs`` maps each flag name (``output``, ``csv``, ``json``) to its path
   or None. Raises ConfigError, naming the flag, when an output file is the
   source file, the annotated-image folder is the source folder (its images
-  would be replaced by their annotated copies), or a file output names an
-  existing folder. ``source`` is what :func:`ferjax.sources.open_source` takes
-  or an opened :class:`ferjax.sources.FrameSource`.
+  would be replaced by their annotated copies), a file output names an
+  existing folder, two outputs name one file, or ``--output`` has the wrong
+  kind of name for the source (a video for images, or no video extension for
+  a video); OutputError when an output's folder cannot be created or written
+  (the JSON, written last, would otherwise fail only after the whole run).
+  ``source`` is what :func:`ferjax.sources.open_source` takes or an opened
+  :class:`ferjax.sources.FrameSource`.
   """
   path_of_source, kind = _source_path(source)
   is_folder = bool(path_of_source) and os.path.isdir(path_of_source)
+  file_outputs = {}  # flag -> whether that output is a file (else a folder of images).
   for flag, path in outputs.items():
     if not path:
       continue
@@ -325,6 +332,7 @@ def check_outputs(source, **outputs: str | None) -> None:
     # cameras, and for a lone input image when it names an image file.
     file_output = flag != "output" or kind in ("video", "camera") or (
         kind == "images" and not is_folder and path.lower().endswith(IMAGE_EXTENSIONS))
+    file_outputs[flag] = file_output
     if file_output and os.path.isdir(path):
       raise ConfigError(f"--{flag}={path} is a folder; give a file name")
     if not path_of_source or not os.path.exists(path):
@@ -337,6 +345,51 @@ def check_outputs(source, **outputs: str | None) -> None:
       what = "the source folder: its images would be replaced by the annotated copies" \
           if is_folder else "the source itself: it would be overwritten"
       raise ConfigError(f"--{flag}={path} is {what}; choose another path")
+  # The writers check these too, but only once the model has loaded, and the JSON only
+  # after the whole run: a name that cannot work fails here, before the first frame.
+  output = outputs.get("output")
+  if output:
+    ext = os.path.splitext(output)[1].lower()
+    if kind in ("video", "camera") and ext not in VIDEO_CODECS:
+      raise ConfigError(f"--output={output}: annotated video must end in "
+                        f"{', '.join(VIDEO_CODECS)}")
+    if kind == "images" and ext in VIDEO_CODECS:
+      raise ConfigError(f"--output={output}: for image input, --output is a folder of "
+                        "annotated images (or an image file for one input image), not a video")
+  seen: dict[str, str] = {}  # Real path of each output file -> its flag.
+  for flag, file_output in file_outputs.items():
+    path = outputs[flag]
+    if file_output:
+      real = os.path.realpath(path)
+      if real in seen:  # Both would write one partial file, and leave a mix of the two.
+        raise ConfigError(f"--{flag}={path} is also --{seen[real]}; give each output its own "
+                          "file")
+      seen[real] = flag
+    _check_writable(flag, path, folder=not file_output)
+
+
+def _check_writable(flag: str, path: str, folder: bool) -> None:
+  """Raises OutputError unless ``path`` (a file, or a folder of images) can be written.
+
+  Missing folders are not created here: the nearest one that exists must be a
+  folder that takes a new file (tried with a temporary file, so a read-only
+  disk or a system folder is caught too).
+  """
+  target = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+  existing = target
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    if folder and existing == target:
+      raise OutputError(f"--{flag}={path} is a file; for image input --output names a folder "
+                        "(or, for one image, an image file)")
+    raise OutputError(f"--{flag}={path}: cannot write there, {existing} is not a folder")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".ferjax-probe-", dir=existing)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise OutputError(f"--{flag}={path}: cannot write in {existing} ({e.strerror})") from None
 
 
 def _source_path(source) -> tuple[str | None, str | None]:

@@ -657,3 +657,37 @@ def test_file_names_that_are_not_utf8_are_read_and_written(tiny_run, tmp_path, c
                           timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert copy.stat().st_size > 0
+
+
+def test_outputs_that_cannot_be_written_fail_before_the_first_frame(predictor, tmp_path):
+  out = tmp_path / "out.mp4"
+  out.write_bytes(b"previous video")
+  (tmp_path / "notes.txt").write_text("a file, not a folder")
+  # The JSON is written last: found only after the whole run, which had replaced out.mp4.
+  with pytest.raises(annotate.OutputError, match="notes.txt is not a folder"):
+    video.run_pipeline(CLIP, predictor, output=str(out),
+                       json_path=str(tmp_path / "notes.txt" / "faces.json"))
+  assert out.read_bytes() == b"previous video"
+  # Two outputs in one file: both wrote the same partial file, a mix of video and CSV.
+  with pytest.raises(ConfigError, match="is also --output"):
+    video.run_pipeline(CLIP, predictor, output=str(out), csv_path=str(out), max_frames=2)
+  assert out.read_bytes() == b"previous video"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out.mp4"]
+
+
+def test_the_script_refuses_output_names_that_cannot_work_before_the_model_loads(tmp_path):
+  (tmp_path / "notes.txt").write_text("a file, not a folder")
+  photos = tmp_path / "photos"
+  photos.mkdir()
+  (photos / "a.png").write_bytes(b"not decoded before the model loads")
+  # --workdir names no checkpoint: reaching the model would fail with another message.
+  missing = str(tmp_path / "no-run")
+  for args, message in [
+      (("--source=demo", f"--output={tmp_path / 'out.mov'}"), "annotated video must end in"),
+      ((f"--source={photos}", f"--output={tmp_path / 'out.mp4'}"), "not a video"),
+      ((f"--source={photos}", f"--output={tmp_path / 'notes.txt'}"), "notes.txt is a file"),
+      (("--source=demo", f"--csv={tmp_path / 'notes.txt' / 'f.csv'}"), "is not a folder")]:
+    result = _script(*args, f"--workdir={missing}", "--no_display")
+    assert result.returncode == 2, (args, result.stderr[-1000:])
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --"), result.stderr[-1000:]
+    assert message in result.stderr.strip().splitlines()[-1], (args, result.stderr[-1000:])
