@@ -55,14 +55,17 @@ class FrameSource:
     kind: ``camera``, ``video`` or ``images``.
     description: how the source is named in messages.
     fps: the source's frame rate when it has one, else None.
+    frame_count: how many frames a video file's header announces, else None.
     skipped: files of an image folder that were not images (or unreadable).
   """
 
   def __init__(self, kind: str, description: str, *, capture=None, first=None,
-               images: Sequence[str] = (), fps: float | None = None):
+               images: Sequence[str] = (), fps: float | None = None,
+               frame_count: int | None = None):
     self.kind = kind
     self.description = description
     self.fps = fps
+    self.frame_count = frame_count
     self.skipped: list[str] = []
     self._capture = capture
     self._first = first
@@ -117,6 +120,11 @@ class FrameSource:
         if not ok:
           if self.kind == "camera":
             log.warning("%s: no more frames (camera closed or unplugged)", self.description)
+          elif self.frame_count and self.frame_count - index > max(2, self.frame_count // 20):
+            # A cut-off download or a damaged file reads as a shorter video; the header's
+            # count (an estimate for some containers, hence the slack) tells them apart.
+            log.warning("%s: the video ended after %d of the %d frames it announces (cut off "
+                        "or damaged?)", self.description, index, self.frame_count)
           return
       if self.kind == "camera":
         t = time.perf_counter() - start
@@ -246,5 +254,7 @@ def _open_video(path: str) -> FrameSource:
     capture.release()
     raise SourceError(f"{path}: opened, but no frame could be read")
   fps = capture.get(cv2.CAP_PROP_FPS)
+  count = capture.get(cv2.CAP_PROP_FRAME_COUNT)  # 0 or negative when unknown (streams).
   return FrameSource("video", path, capture=capture, first=first,
-                     fps=fps if fps and fps > 0 else None)
+                     fps=fps if fps and fps > 0 else None,
+                     frame_count=int(count) if count and 0 < count < 2**31 else None)

@@ -691,3 +691,19 @@ def test_the_script_refuses_output_names_that_cannot_work_before_the_model_loads
     assert result.returncode == 2, (args, result.stderr[-1000:])
     assert result.stderr.strip().splitlines()[-1].startswith("error: --"), result.stderr[-1000:]
     assert message in result.stderr.strip().splitlines()[-1], (args, result.stderr[-1000:])
+
+
+def test_a_cut_off_video_is_read_to_its_end_with_a_warning(tmp_path, caplog):
+  data = open(CLIP, "rb").read()
+  cut = tmp_path / "cut.mkv"
+  cut.write_bytes(data[:len(data) // 2])  # A download that stopped halfway.
+  with caplog.at_level(logging.WARNING, logger="ferjax"):
+    with sources.open_source(str(cut)) as src:
+      frames = sum(1 for _ in src)
+    assert 0 < frames < CLIP_FRAMES - 10
+    assert f"cut.mkv: the video ended after {frames} of the {src.frame_count} frames" in caplog.text
+    caplog.clear()
+    with sources.open_source(CLIP) as src:  # Whole (its header says 66 for its 65 frames).
+      assert sum(1 for _ in src) == CLIP_FRAMES
+    assert "ended after" not in caplog.text
+
