@@ -12,6 +12,7 @@ faces found and FPS with the time per stage.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -69,6 +70,10 @@ def main(argv):
     # Image names that are not UTF-8 are printed escaped, as stderr does, not a crash.
     sys.stdout.reconfigure(errors="backslashreplace")
   cli.enable_compilation_cache()
+  # FFmpeg prints its own lines (e.g. "moov atom not found") above ours for a video it
+  # cannot read; ferjax names the file and the fault itself. Read when OpenCV first
+  # starts FFmpeg, so set before the source opens; a user's own setting is kept.
+  os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET.
   from ferjax.sources import open_source
   from ferjax.video import check_outputs
 

@@ -707,3 +707,11 @@ def test_a_cut_off_video_is_read_to_its_end_with_a_warning(tmp_path, caplog):
       assert sum(1 for _ in src) == CLIP_FRAMES
     assert "ended after" not in caplog.text
 
+
+def test_the_script_names_an_unreadable_video_in_one_line(tmp_path):
+  head = tmp_path / "head.mkv"
+  head.write_bytes(open(CLIP, "rb").read()[:300])  # Its header, cut off: FFmpeg complained.
+  result = _script(f"--source={head}", "--no_display")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: {head}: OpenCV cannot open this as a video or image"]
