@@ -152,7 +152,13 @@ class PipelineStats:
 def format_summary(summary: dict) -> str:
   """The end-of-run report: frames, faces, FPS and the per-stage breakdown."""
   searches = summary.get("full_detections")
-  searched = "" if searches is None else f" ({searches} frames searched in full, the rest tracked)"
+  if searches is None:
+    searched = ""
+  elif searches >= summary["analyzed_frames"]:  # Images, or --redetect_every=1: none tracked.
+    searched = " (every frame searched in full)"
+  else:
+    searched = (f" ({searches} frame{'s' if searches != 1 else ''} searched in full, the rest "
+                "tracked)")
   lines = [f"frames processed {summary['frames']} (model ran on {summary['analyzed_frames']}), "
            f"faces found {summary['faces']}{searched}, {summary['fps']:.1f} FPS over "
            f"{summary['seconds']:.2f} s"]

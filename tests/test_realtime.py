@@ -715,3 +715,13 @@ def test_the_script_names_an_unreadable_video_in_one_line(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       f"error: {head}: OpenCV cannot open this as a video or image"]
+
+
+def test_the_summary_says_tracked_only_when_frames_were_tracked():
+  summary = {"frames": 1, "analyzed_frames": 1, "faces": 1, "full_detections": 1, "fps": 2.0,
+             "seconds": 0.5, "ms_per_call": {}, "calls": {}}
+  assert "faces found 1 (every frame searched in full), " in video.format_summary(summary)
+  summary.update(frames=7, analyzed_frames=7, full_detections=1)
+  assert "(1 frame searched in full, the rest tracked)" in video.format_summary(summary)
+  summary.update(full_detections=2)
+  assert "(2 frames searched in full, the rest tracked)" in video.format_summary(summary)
