@@ -148,6 +148,7 @@ class AnnotatedVideoWriter:
     self.fps = fps
     self._codec = VIDEO_CODECS[ext]
     self._writer = None
+    self._started = False
     self._size: tuple[int, int] | None = None
     self.frames = 0
 
@@ -157,6 +158,8 @@ class AnnotatedVideoWriter:
     if self._writer is None:
       self._size = (frame_bgr.shape[1], frame_bgr.shape[0])
       _make_parent(self.path)
+      # Noted before the file exists: close() drops it even if Ctrl-C lands mid-call.
+      self._started = True
       self._writer = cv2.VideoWriter(cv_path(_partial_path(self.path)),
                                      cv2.VideoWriter_fourcc(*self._codec), self.fps, self._size)
       if not self._writer.isOpened():
@@ -171,6 +174,8 @@ class AnnotatedVideoWriter:
     if self._writer is not None:
       self._writer.release()
       self._writer = None
+    if self._started:
+      self._started = False
       _finish(_partial_path(self.path), self.path, commit)
 
 
@@ -194,9 +199,11 @@ class AnnotatedImageWriter:
     partial = _partial_path(path)
     if path.lower().endswith(GREY_ONLY_EXTENSIONS) and frame_bgr.ndim == 3:
       frame_bgr = cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2GRAY)  # OpenCV writes PGM grey only.
+    # Listed before it is written: close() drops it even if Ctrl-C lands while OpenCV
+    # writes (where a large image's time goes), or the write fails.
+    self._pending.append((partial, path))
     if not cv2.imwrite(cv_path(partial), frame_bgr):
       raise OutputError(f"{path}: OpenCV cannot write this image")
-    self._pending.append((partial, path))
     self.frames += 1
 
   def close(self, commit: bool = True) -> None:
@@ -269,10 +276,12 @@ def write_json(path: str, data: dict) -> None:
     with open(partial, "w") as f:
       json.dump(data, f, indent=1)
     os.replace(partial, path)
-  except OSError as e:
+  except BaseException as e:  # Ctrl-C too (a long run's JSON takes a while): no partial left.
     with contextlib.suppress(OSError):
       os.remove(partial)
-    raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    if isinstance(e, OSError):
+      raise OutputError(f"{path}: cannot write ({e.strerror})") from None
+    raise
 
 
 # ----------------------------------------------------------------------------

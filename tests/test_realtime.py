@@ -725,3 +725,40 @@ def test_the_summary_says_tracked_only_when_frames_were_tracked():
   assert "(1 frame searched in full, the rest tracked)" in video.format_summary(summary)
   summary.update(full_detections=2)
   assert "(2 frames searched in full, the rest tracked)" in video.format_summary(summary)
+
+
+def test_ctrl_c_while_a_file_is_written_leaves_no_partial_file(monkeypatch, predictor,
+                                                                tmp_path, clip_frames):
+  import cv2
+  photos = _image_folder(tmp_path / "photos", clip_frames, n=2)
+  out = tmp_path / "annotated"
+  out.mkdir()
+  (out / "face0.png").write_bytes(b"previous image")
+  real_imwrite, real_writer = cv2.imwrite, cv2.VideoWriter
+
+  def imwrite(*args):  # SIGINT arrives while OpenCV writes; Python raises once it returns.
+    real_imwrite(*args)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(cv2, "imwrite", imwrite)
+  with pytest.raises(KeyboardInterrupt):
+    video.run_pipeline(str(photos), predictor, output=str(out))
+  assert os.listdir(out) == ["face0.png"] and (out / "face0.png").read_bytes() == b"previous image"
+
+  def writer(*args):
+    real_writer(*args)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(cv2, "VideoWriter", writer)
+  with pytest.raises(KeyboardInterrupt):
+    video.run_pipeline(CLIP, predictor, output=str(tmp_path / "out.mp4"))
+  real_dump = json.dump
+
+  def dump(data, f, **kwargs):
+    real_dump(data, f, **kwargs)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(annotate.json, "dump", dump)
+  with pytest.raises(KeyboardInterrupt):
+    annotate.write_json(str(tmp_path / "faces.json"), {"frames": []})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated", "photos"]
