@@ -443,7 +443,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   progress.close()
   if writer is not None:
     writer.close()
-  return _final_evaluation(trainer, store, test, data.class_names, config, workdir, meta)
+  return _final_evaluation(trainer, store, test, data.class_names, config, workdir)
 
 
 def _check_before_writing(config: TrainConfig, num_classes: int, num_train: int) -> None:
@@ -657,7 +657,7 @@ def _evaluate_step(trainer: Trainer, val, class_names, config, step, steps_per_e
   return record
 
 
-def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdir, meta) -> dict:
+def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdir) -> dict:
   """Restores the best checkpoint and reports it on the test split."""
   best = store.resolve("best")
   restored = store.restore(best, **{k: v for k, v in trainer.abstract_state().items()

@@ -467,7 +467,7 @@ _RUNNER = textwrap.dedent("""
 """)
 
 
-def _run(args, env_extra=None, check=True):
+def _run(args, env_extra=None):
   env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
   return subprocess.run([sys.executable, "-c", _RUNNER, *map(str, args)], env=env,
                         capture_output=True, text=True, check=False, timeout=600)
