@@ -3,12 +3,12 @@ r"""Prints the README's results tables from the runs' results/*.json files.
   python -m experiments.results_table            # reads results/, prints Markdown
   python -m experiments.results_table --readme=README.md   # and puts it in the README
 
-Main table: every model's PrivateTest accuracy (plain and with flip TTA),
-macro-F1, parameters, MFLOPs per image, epochs and training time (with the GPU
-named, for runs trained on one; the others ran on the project's CPU), with the
-command that produced the row (experiments/reproduce_results.sh). Short-schedule
-table: the short-* runs (every model on the same few epochs) and the
-ablation-* runs. FER+ rows: runs with labels=ferplus. Seed spread: a run NAME
+Main table: every model's PrivateTest accuracy (plain, with flip and with
+ten-crop TTA), macro-F1, parameters, MFLOPs per image, epochs and training time
+(with the GPU named, for runs trained on one; the others ran on the project's
+CPU), with the command that produced the row (experiments/reproduce_results.sh).
+Short-schedule table: the short-* runs (every model on the same few epochs) and
+the ablation-* runs. FER+ rows: runs with labels=ferplus. Seed spread: a run NAME
 repeated as NAME-seed<N> (same command, another --seed) gives one row with every
 seed's PrivateTest accuracy, their mean, sample standard deviation and range.
 """

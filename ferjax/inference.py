@@ -47,16 +47,15 @@ class Predictor:
 
   The model's state is split out once, flattened to a list of arrays, and
   passed to a ``jax.jit``-compiled pure function (cheaper per call than
-  ``nnx.jit`` for a model this small). Crops are zero-padded to one of a few fixed
-  batch sizes, (1, 2, 4, 8) by default,
-  each compiled once by :meth:`warmup` (which :func:`ferjax.video.analyze_video`
-  and :func:`ferjax.video.run_pipeline` call; call it before your own loop of
+  ``nnx.jit`` for a model this small). Crops are zero-padded to one of a few
+  fixed batch sizes, (1, 2, 4, 8) by default, each compiled once by
+  :meth:`warmup` (which :func:`ferjax.video.analyze_video` and
+  :func:`ferjax.video.run_pipeline` call; call it before your own loop of
   :meth:`predict_faces` or :func:`ferjax.video.analyze_frame`): after it the
   number of faces in a frame never causes a compile, and one face does not pay
   for eight (the model's cost grows about linearly with the batch; see
-  BUILD_NOTES.md). ``batch_sizes=
-  (max_faces,)`` gives a single compiled shape. Crops go through
-  :func:`ferjax.preprocess.preprocess`, as in training.
+  BUILD_NOTES.md). ``batch_sizes=(max_faces,)`` gives a single compiled shape.
+  Crops go through :func:`ferjax.preprocess.preprocess`, as in training.
 
   Attributes:
     class_names: the label of each probability column.
@@ -64,6 +63,8 @@ class Predictor:
     checkpoint: the checkpoint folder it was loaded from (None for from_model).
     max_faces: the largest batch; more faces run in several calls.
     batch_sizes: the compiled batch sizes, ascending, ending in ``max_faces``.
+    attention_keys: the attention weights the model returns, sorted: ``alpha``
+      (local), ``beta`` (global), both or neither.
     trace_count: how many times the predict function was traced, i.e. compiled
       (at most ``len(batch_sizes)``).
     compile_seconds: the time :meth:`warmup` took (None before it ran).
@@ -215,8 +216,8 @@ class Predictor:
     fetched = jax.device_get(pending)
     if attention:
       probs = [p[:c] for (p, _), c in zip(fetched, counts)]
-      weights = {k: _concat([a[k][:c] for (_, a), c in zip(fetched, counts)], 
-                         (0, *self._aux_tail[k])) for k in self.attention_keys}
+      weights = {k: _concat([a[k][:c] for (_, a), c in zip(fetched, counts)],
+                            (0, *self._aux_tail[k])) for k in self.attention_keys}
       return _concat(probs, (0, self.num_classes)), weights
     return _concat([p[:c] for p, c in zip(fetched, counts)], (0, self.num_classes))
 
@@ -249,10 +250,13 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
     on_error: ``skip`` drops malformed data rows instead of failing.
 
   Returns:
-    ``{"path", "num", "accuracy", "model", "step"}`` (accuracy over the shown faces).
+    ``{"path", "num", "split", "accuracy", "model", "step"}``: ``split`` is the
+    split actually used, ``accuracy`` is over the shown faces (None when the
+    data's label set is not the model's).
 
   Raises:
-    ConfigError: the model has no local attention, no data path, or ``num`` < 1.
+    ConfigError: the model has no local attention, no data path, ``num`` < 1,
+      or ``path`` does not end in .png.
     CheckpointError, DataError: the checkpoint or the data cannot be read.
   """
   from ferjax import data as data_lib

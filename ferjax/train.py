@@ -5,7 +5,7 @@ PrivateTest. The steps work on the model's split state (``nnx.split`` around
 ``jax.jit``), which costs less Python per call than ``nnx.jit`` at these model
 sizes (BUILD_NOTES.md). Augmentation runs inside the step; metrics accumulate
 on the device and are read a step late, so the loop never waits on the device
-except at evaluations.
+except at evaluations and checkpoints.
 """
 
 from __future__ import annotations

@@ -449,8 +449,10 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     on_result: called with each analysed frame's results (e.g. to print them).
 
   Returns:
-    :meth:`PipelineStats.summary` plus ``compile_seconds``, ``source``,
-    ``displayed`` and the files written (``files``).
+    :meth:`PipelineStats.summary` plus ``compile_seconds``, ``batch_sizes``
+    (the predictor's compiled sizes), ``source``, ``displayed``, ``skipped``
+    (files of an image folder that were not images or could not be decoded) and the files written
+    (``files``).
 
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
