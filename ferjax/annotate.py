@@ -153,6 +153,7 @@ class AnnotatedVideoWriter:
     self.frames = 0
 
   def write(self, frame_bgr: np.ndarray) -> None:
+    """Appends one frame; the first one opens the file and fixes the video's size."""
     import cv2
 
     if self._writer is None:
@@ -192,6 +193,7 @@ class AnnotatedImageWriter:
     self._pending: list[tuple[str, str]] = []  # (partial file, final path)
 
   def write(self, frame_bgr: np.ndarray, name: str) -> None:
+    """Writes one image under ``name`` (or to the one file); it is moved into place by close()."""
     import cv2
 
     path = self.path if self.single_file else os.path.join(self.path, name)
@@ -234,6 +236,7 @@ class ResultsCSV:
     self.rows = 0
 
   def write(self, result: FrameResult) -> None:
+    """Writes one row per face of ``result`` (none for a frame without faces)."""
     for i, face in enumerate(result.faces):
       t = "" if result.time_s is None else f"{result.time_s:.4f}"
       self._writer.writerow([result.index, t, result.name or "", i, *face.box, face.label,

@@ -82,6 +82,7 @@ class AugmentConfig:
 
   @property
   def warps(self) -> bool:
+    """Whether :func:`augment` shifts, flips, rotates or scales (else it skips the warp)."""
     return bool(self.max_shift or self.flip or self.max_rotation or self.max_scale)
 
 

@@ -65,6 +65,7 @@ class CheckpointStore:
     self._manager.wait_until_finished()
 
   def latest_step(self) -> int | None:
+    """The newest saved step (None if there is none)."""
     return self._manager.latest_step()
 
   def best_step(self) -> int | None:
@@ -74,6 +75,7 @@ class CheckpointStore:
     return self._manager.best_step()
 
   def all_steps(self) -> list[int]:
+    """Every step saved here."""
     return list(self._manager.all_steps())
 
   def resolve(self, which: str | int) -> int:
@@ -97,6 +99,7 @@ class CheckpointStore:
     return step
 
   def read_meta(self, step: int) -> dict:
+    """The JSON ``meta`` item saved with ``step``; CheckpointError if it cannot be read."""
     try:
       restored = self._manager.restore(step,
                                        args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -131,6 +134,7 @@ class CheckpointStore:
     return {name: restored[name] for name in abstract}
 
   def close(self) -> None:
+    """Releases the Orbax manager."""
     self._manager.close()
 
 

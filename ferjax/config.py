@@ -107,10 +107,12 @@ class TrainConfig:
       raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 
   def to_dict(self) -> dict[str, Any]:
+    """Every field, ``augment`` as a nested dict (what ``config.json`` and checkpoints hold)."""
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    """The inverse of :meth:`to_dict`; ConfigError for an unknown field or a bad value."""
     d = dict(d)
     augment = d.pop("augment", None) or {}
     for k in ("erase_area", "erase_aspect"):

@@ -34,14 +34,17 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device of ``mesh`` (parameters, optimiser state, metrics)."""
   return NamedSharding(mesh, P())
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Split along the first (batch) axis over the ``data`` axis of ``mesh``."""
   return NamedSharding(mesh, P("data"))
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, flag: str = "--batch_size") -> None:
+  """Raises ConfigError, naming ``flag``, unless the batch splits evenly over the mesh."""
   n = mesh.devices.size
   if batch_size % n:
     raise ConfigError(f"{flag}={batch_size} must be divisible by the {n} devices in use")

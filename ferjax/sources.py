@@ -135,6 +135,7 @@ class FrameSource:
       index += 1
 
   def close(self) -> None:
+    """Releases the camera or video (nothing for images); idempotent."""
     if self._capture is not None:
       self._capture.release()
       self._capture = None

@@ -103,6 +103,18 @@ def loss_fn(logits_BxC: jax.Array, labels_B: jax.Array, weights_C: jax.Array,
 
   Each example weighs its class's weight, or ``example_weights_B`` where given
   (mixed faces weigh the mix of their two classes' weights).
+
+  Args:
+    logits_BxC: the model's logits.
+    labels_B: int class labels (index the class weights, and the one-hot
+      targets when there are no soft labels).
+    weights_C: per-class loss weights (:func:`class_weights`).
+    label_smoothing: smoothing applied to the targets (0 for none).
+    soft_labels_BxC: target distributions to use instead of one-hot labels.
+    example_weights_B: per-example weights to use instead of ``weights_C``.
+
+  Returns:
+    The scalar weighted mean loss: ``sum(w * ce) / sum(w)``.
   """
   c = logits_BxC.shape[-1]
   targets = (jax.nn.one_hot(labels_B, c) if soft_labels_BxC is None else soft_labels_BxC)
@@ -150,6 +162,7 @@ class Trainer:
     return self._train_step_jit(self.rng_state, state, metrics, batch, step)
 
   def zero_metrics(self) -> Metrics:
+    """Zeroed metric sums (loss, correct, count, nonfinite), replicated on the mesh."""
     return jax.device_put({k: jnp.zeros((), jnp.float32)
                            for k in ("loss", "correct", "count", "nonfinite")},
                           parallel.replicated(self.mesh))
@@ -204,11 +217,13 @@ class Trainer:
 
   def predict_dataset(self, images: np.ndarray, tta: str = "none",
                       progress: str | None = None) -> np.ndarray:
+    """Probabilities ``(N, C)`` for every image, in fixed-shape batches sharded over the mesh."""
     return evaluate_lib.predict_dataset(
         lambda x: self.predict(x, tta), images, self.config.eval_batch_size,
         shard=lambda b: parallel.shard_batch(b, self.mesh), progress=progress)
 
   def abstract_state(self) -> dict[str, Any]:
+    """Shapes, dtypes and shardings of :attr:`state`: what a checkpoint is restored into."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         self.state)
 

@@ -107,18 +107,22 @@ class PipelineStats:
     self._stop: float | None = None
 
   def start(self) -> None:
+    """Starts (or restarts) the wall clock that :attr:`fps` divides by."""
     self._start = time.perf_counter()
     self._stop = None
 
   def stop(self) -> None:
+    """Stops the wall clock."""
     self._stop = time.perf_counter()
 
   def add(self, stage: str, seconds: float) -> None:
+    """Counts one call of ``stage`` that took ``seconds``."""
     self.seconds[stage] += seconds
     self.calls[stage] += 1
 
   @contextlib.contextmanager
   def time(self, stage: str):
+    """A context manager that adds the time its body takes to ``stage``."""
     start = time.perf_counter()
     try:
       yield
@@ -127,6 +131,7 @@ class PipelineStats:
 
   @property
   def wall_seconds(self) -> float:
+    """Seconds from :meth:`start` to :meth:`stop` (or to now while running)."""
     if self._start is None:
       return 0.0
     return (self._stop or time.perf_counter()) - self._start

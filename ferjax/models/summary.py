@@ -25,6 +25,8 @@ _SKIP = (nnx.Dropout,)
 
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
+  """One row of a layer table: a module's path, type, batch-1 output shape, parameters, MFLOPs."""
+
   path: str
   kind: str
   output_shape: tuple[int, ...]
@@ -34,12 +36,15 @@ class LayerRow:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSummary:
+  """A model's layer table and its totals, as :func:`summarize` computes them."""
+
   name: str
   rows: tuple[LayerRow, ...]
   params: int
   mflops: float  # Whole forward pass per image.
 
   def markdown(self) -> str:
+    """The table as Markdown, with a bold total row."""
     lines = ["| layer | type | output | params | MFLOPs |", "| --- | --- | --- | ---: | ---: |"]
     for r in self.rows:
       shape = "×".join(map(str, r.output_shape[1:]))
@@ -49,6 +54,7 @@ class ModelSummary:
 
 
 def count_params(model: nnx.Module) -> int:
+  """Trainable parameters (``nnx.Param``; not BatchNorm statistics or RNG state)."""
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
