@@ -223,10 +223,10 @@ class AttentionLSTM(nn.Module):
     self.classifier = _linear(out, num_classes)
 
   def forward(self, x_Bx1xHxW: torch.Tensor) -> torch.Tensor:
-    fmap = self.trunk(x_Bx1xHxW)
-    b, d, h, w = fmap.shape
+    fmap_BxDxhxw = self.trunk(x_Bx1xHxW)
+    b, d, h, w = fmap_BxDxhxw.shape
     # Position n = row * w + col; a view when the map is channels_last.
-    feats_BxNxD = fmap.permute(0, 2, 3, 1).reshape(b, h * w, d)
+    feats_BxNxD = fmap_BxDxhxw.permute(0, 2, 3, 1).reshape(b, h * w, d)
     if self.local_attention is not None:
       alpha_BxN = self.local_attention(feats_BxNxD)
       feats_BxNxD = feats_BxNxD * (h * w * alpha_BxN).unsqueeze(-1)

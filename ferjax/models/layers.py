@@ -123,15 +123,15 @@ def _lstm_cell(gates_Bx4H, c_BxH):
 
 
 def _recurrence_fwd(gates_x_TxBx4H, w_hh_Hx4H, unroll):
-  zeros = jnp.zeros((gates_x_TxBx4H.shape[1], w_hh_Hx4H.shape[0]), gates_x_TxBx4H.dtype)
+  zeros_BxH = jnp.zeros((gates_x_TxBx4H.shape[1], w_hh_Hx4H.shape[0]), gates_x_TxBx4H.dtype)
 
   def step(carry, gates_x_Bx4H):
     h_BxH, c_BxH = carry
     acts, c_BxH, h_BxH = _lstm_cell(gates_x_Bx4H + h_BxH @ w_hh_Hx4H, c_BxH)
     return (h_BxH, c_BxH), (h_BxH, c_BxH, jnp.concatenate(acts, axis=-1))
 
-  _, (h_TxBxH, c_TxBxH, acts_TxBx4H) = jax.lax.scan(step, (zeros, zeros), gates_x_TxBx4H,
-                                                    unroll=unroll)
+  _, (h_TxBxH, c_TxBxH, acts_TxBx4H) = jax.lax.scan(
+      step, (zeros_BxH, zeros_BxH), gates_x_TxBx4H, unroll=unroll)
   return h_TxBxH, (h_TxBxH, c_TxBxH, acts_TxBx4H, w_hh_Hx4H)
 
 
@@ -160,15 +160,16 @@ def _recurrence_bwd(unroll, residuals, dh_TxBxH):
     dh_next_BxH, dc_next_BxH = carry
     dh_out_BxH, c_BxH, c_prev_BxH, acts_Bx4H = xs
     i, f, g, o = jnp.split(acts_Bx4H, 4, axis=-1)
-    dh = dh_out_BxH + dh_next_BxH
-    tanh_c = jnp.tanh(c_BxH)
-    dc = dc_next_BxH + dh * o * (1 - tanh_c * tanh_c)
-    dgates_Bx4H = jnp.concatenate([dc * g * i * (1 - i), dc * c_prev_BxH * f * (1 - f),
-                                   dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], axis=-1)
-    return (dgates_Bx4H @ w_4HxH, dc * f), dgates_Bx4H
+    dh_BxH = dh_out_BxH + dh_next_BxH
+    tanh_c_BxH = jnp.tanh(c_BxH)
+    dc_BxH = dc_next_BxH + dh_BxH * o * (1 - tanh_c_BxH * tanh_c_BxH)
+    dgates_Bx4H = jnp.concatenate(
+        [dc_BxH * g * i * (1 - i), dc_BxH * c_prev_BxH * f * (1 - f),
+         dc_BxH * i * (1 - g * g), dh_BxH * tanh_c_BxH * o * (1 - o)], axis=-1)
+    return (dgates_Bx4H @ w_4HxH, dc_BxH * f), dgates_Bx4H
 
-  zeros = jnp.zeros_like(dh_TxBxH[0])
-  _, dgates_TxBx4H = jax.lax.scan(step, (zeros, zeros),
+  zeros_BxH = jnp.zeros_like(dh_TxBxH[0])
+  _, dgates_TxBx4H = jax.lax.scan(step, (zeros_BxH, zeros_BxH),
                                   (dh_TxBxH, c_TxBxH, c_prev_TxBxH, acts_TxBx4H), reverse=True)
   h_prev_TxBxH = jnp.concatenate([jnp.zeros_like(h_TxBxH[:1]), h_TxBxH[:-1]])
   dw_hh_Hx4H = jnp.einsum("tbh,tbg->hg", h_prev_TxBxH, dgates_TxBx4H)
