@@ -157,7 +157,6 @@ def format_metrics(metrics: dict, title: str = "") -> str:
   return "\n".join(lines)
 
 
-
 def make_predict_fn(model, tta: str = "none") -> Callable[[np.ndarray], jax.Array]:
   """A jitted ``uint8 faces → probabilities`` function for a model in eval mode.
 
@@ -308,12 +307,11 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
 
 def _check_eval_args(tta: str, batch_size: int) -> None:
   """Checked before the model and the data load (seconds) rather than after."""
-  from ferjax.errors import ConfigError
+  from ferjax.errors import ConfigError, is_whole
 
   if tta not in TTA_MODES:
     raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-  whole = isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool)
-  if not whole or batch_size < 1:
+  if not is_whole(batch_size, 1):
     raise ConfigError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
 
 
