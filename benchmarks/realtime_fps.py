@@ -38,13 +38,12 @@ from ferjax.data import FER2013_CLASSES
 from ferjax.faces import FaceDetector
 from ferjax.inference import DEFAULT_WEIGHTS, Predictor
 from ferjax.models import create_model
-from ferjax.sources import FrameSource, open_source
+from ferjax.sources import DEMO_CLIP, FrameSource, open_source
 from ferjax.video import REDETECT_EVERY, STAGES, run_pipeline
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CLIP = os.path.join(os.path.dirname(_HERE), "ferjax", "assets", "demo_face_clip.mkv")
 
-_SOURCE = flags.DEFINE_string("source", _CLIP, "A video file.")
+_SOURCE = flags.DEFINE_string("source", DEMO_CLIP, "A video file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir. Default: the "
                                "shipped weights in ferjax/weights/default when present, "
                                "else a fresh acnn_alstm (speed does not depend on weights).")

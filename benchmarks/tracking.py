@@ -21,14 +21,11 @@ from absl import app, flags, logging
 from benchmarks.common import environment, write_results
 from ferjax import cli
 from ferjax.faces import FaceDetector, iou, should_track, to_gray
-from ferjax.sources import open_source
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_CLIP = os.path.join(os.path.dirname(_HERE), "ferjax", "assets", "demo_face_clip.mkv")
+from ferjax.sources import DEMO_CLIP, open_source
 
 _VIDEO_EXTENSIONS = (".avi", ".gif", ".mkv", ".mov", ".mp4", ".webm")
 
-_SOURCES = flags.DEFINE_list("sources", [_CLIP], "Video files or folders of them.")
+_SOURCES = flags.DEFINE_list("sources", [DEMO_CLIP], "Video files or folders of them.")
 _REDETECT = flags.DEFINE_list("redetect", ["3", "5", "10"], "Full-search intervals to compare "
                               "with a full search on every frame.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/tracking.json", "JSON output.")
