@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ferjax.errors import DataError
+from ferjax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,19 @@ def default_cache_dir() -> str:
     return os.environ["FERJAX_CACHE_DIR"]
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "ferjax")
+
+
+def fer2013_path(data_path: str | os.PathLike | None) -> str | os.PathLike:
+  """The FER2013 to load: ``data_path``, else ``$FER2013_PATH``.
+
+  Raises:
+    ConfigError: neither is set (the message names the ``--data`` flag).
+  """
+  data_path = data_path or os.environ.get("FER2013_PATH")
+  if not data_path:
+    raise ConfigError("no data: pass --data=PATH/TO/fer2013.csv (or .csv.gz, .tar.gz, an "
+                      "image folder) or set FER2013_PATH")
+  return data_path
 
 
 def load_fer2013(

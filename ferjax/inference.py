@@ -272,11 +272,7 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
         f"{predictor.checkpoint}: the {predictor.meta.get('model', 'given')!r} model has no local "
         "attention (alpha) to draw; use a checkpoint of acnn_alstm or vgg_alstm")
   if data is None:
-    data_path = data_path or os.environ.get("FER2013_PATH")
-    if not data_path:
-      raise ConfigError("no data: pass --data=PATH/TO/fer2013.csv (or .csv.gz, .tar.gz, an image "
-                        "folder) or set FER2013_PATH")
-    data = data_lib.load_fer2013(data_path, on_error=on_error)
+    data = data_lib.load_fer2013(data_lib.fer2013_path(data_path), on_error=on_error)
   if split not in data.split_names and split in ("PrivateTest", "PublicTest") \
       and "test" in data.split_names:
     split = "test"  # Image-folder data has train/ and test/ only.

@@ -232,11 +232,7 @@ def load_training_data(config: TrainConfig, data_path: str | None, *,
                        ferplus_path: str | None = None, on_error: str = "raise"
                        ) -> data_lib.FerData:
   """Loads FER2013 (and FER+ labels when ``config.labels == "ferplus"``)."""
-  data_path = data_path or os.environ.get("FER2013_PATH")
-  if not data_path:
-    raise ConfigError("no data: pass --data=PATH/TO/fer2013.csv (or .csv.gz, .tar.gz, an "
-                      "image folder) or set FER2013_PATH")
-  data = data_lib.load_fer2013(data_path, on_error=on_error)
+  data = data_lib.load_fer2013(data_lib.fer2013_path(data_path), on_error=on_error)
   if config.labels == "ferplus":
     ferplus_path = ferplus_path or os.environ.get("FERPLUS_PATH")
     if not ferplus_path:
