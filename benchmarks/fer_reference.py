@@ -26,6 +26,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed frames first (interpreter a
 
 
 def read_frames(path: str) -> list[np.ndarray]:
+  """Every frame of the video at ``path``, decoded into memory."""
   capture = cv2.VideoCapture(path)
   frames = []
   while True:

@@ -80,7 +80,7 @@ class _Replay:
 
 
 def replay_source(frames, repeats: int, fps: float | None) -> FrameSource:
-  # A video FrameSource over memory: run_pipeline's loop unchanged, the decoder left out.
+  """A video FrameSource over in-memory frames: run_pipeline unchanged, the decoder left out."""
   return FrameSource("video", f"{len(frames)} frames in memory x{repeats}",
                      capture=_Replay(frames, repeats), fps=fps)
 

@@ -32,6 +32,7 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/tracking.json", "JSON outp
 
 
 def clips(sources):
+  """The video files named by ``sources``: files as given, folders' videos by name."""
   for source in sources:
     if os.path.isdir(source):
       yield from sorted(os.path.join(source, name) for name in os.listdir(source)
@@ -81,7 +82,6 @@ def main(argv):
       print(f"{name:<40}{value:>9}{row['faces']:>7}{row.get('same_as_full_search', row['faces']):>6}"
             f"{row.get('extra', 0):>6}{row['ms_per_frame']:>11.2f}")
   write_results(results, _OUT.value)
-  print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Entrypoints: thin absl scripts that parse flags and call ferjax (run as python -m)."""
