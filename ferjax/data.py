@@ -201,6 +201,7 @@ def load_fer2013(
 
   Raises:
     DataError: the path does not exist or its content is malformed.
+    ValueError: ``on_error`` is neither ``"raise"`` nor ``"skip"``.
   """
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")

@@ -259,6 +259,8 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
 
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
+    ConfigError: ``every`` or ``redetect_every`` is not a whole number of at
+      least 1, or ``max_frames`` is not a whole number.
   """
   # Whole numbers: every=1.5 would analyse every third frame (index % 1.5 == 0) silently.
   if not is_whole(every, 1):
