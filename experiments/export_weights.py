@@ -2,7 +2,9 @@ r"""Writes an inference-only copy of a run's best checkpoint (no optimiser state
 
   python -m experiments.export_weights --workdir=runs/acnn_alstm --output=/tmp/acnn_weights
 
-The output loads like a workdir: ``Predictor("out")``, ``--workdir=out``.
+``--which`` picks another checkpoint (latest or a step number). ``--output`` is
+a new folder: an existing one is refused. The output loads like a workdir:
+``Predictor("out")``, ``--workdir=out``.
 """
 
 from absl import app, flags
