@@ -3,14 +3,18 @@ r"""Prints the README's results tables from the runs' results/*.json files.
   python -m experiments.results_table            # reads results/, prints Markdown
   python -m experiments.results_table --readme=README.md   # and puts it in the README
 
-Main table: every model's PrivateTest accuracy (plain, with flip and with
-ten-crop TTA), macro-F1, parameters, MFLOPs per image, epochs and training time
-(with the GPU named, for runs trained on one; the others ran on the project's
-CPU), with the command that produced the row (experiments/reproduce_results.sh).
-Short-schedule table: the short-* runs (every model on the same few epochs) and
-the ablation-* runs. FER+ rows: runs with labels=ferplus. Seed spread: a run NAME
+``--results`` (default results/) is the folder of JSON files, ``--script``
+(default experiments/reproduce_results.sh) where each row's command is found.
+
+Main table: every model's PrivateTest accuracy (plain, flip and ten-crop TTA),
+macro-F1, parameters, MFLOPs per image, epochs and training time (with the GPU
+named, for runs trained on one; the others ran on the project's CPU), with the
+command that produced the row (experiments/reproduce_results.sh). Short-schedule
+table: the short-* runs (every model on the same few epochs) and the
+ablation-* runs. FER+ rows: runs with labels=ferplus. Seed spread: a run NAME
 repeated as NAME-seed<N> (same command, another --seed) gives one row with every
-seed's PrivateTest accuracy, their mean, sample standard deviation and range.
+seed's PrivateTest accuracy (plain, flip and ten-crop), their mean, sample
+standard deviation and range.
 """
 
 import glob
