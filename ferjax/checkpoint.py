@@ -91,8 +91,12 @@ class CheckpointStore:
     try:
       step = int(which)
     except (TypeError, ValueError):  # TypeError: None or a list, as from a library call.
+      # In evaluate and export_weights --checkpoint is the earlier name of --which, while
+      # elsewhere it names the run: a folder here was meant for --workdir.
+      hint = ("; that is a folder: name the run with --workdir"
+              if isinstance(which, (str, os.PathLike)) and os.path.isdir(which) else "")
       raise CheckpointError(f"which checkpoint (--which): expected best, latest or a step "
-                            f"number, got {which!r}") from None
+                            f"number, got {which!r}{hint}") from None
     if step not in steps:
       raise CheckpointError(f"{self.directory}: no checkpoint at step {step}; "
                             f"saved steps: {', '.join(map(str, sorted(steps)))}")

@@ -312,8 +312,11 @@ def test_a_which_that_is_not_a_step_names_the_argument():
   from ferjax.inference import default_weights_dir
   for which in (None, [1]):
     message = f"expected best, latest or a step number, got {re.escape(repr(which))}"
-    with pytest.raises(CheckpointError, match=r"which checkpoint \(--which\): " + message):
+    with pytest.raises(CheckpointError, match=r"which checkpoint \(--which\): " + message + "$"):
       checkpoint_lib.load_model(default_weights_dir(), which)
+  # evaluate's --checkpoint is --which, realtime's is --workdir: a run's folder given as which.
+  with pytest.raises(CheckpointError, match="that is a folder: name the run with --workdir$"):
+    checkpoint_lib.load_model(default_weights_dir(), default_weights_dir())
 
 
 def test_missing_default_weights_or_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):
