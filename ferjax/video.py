@@ -378,7 +378,8 @@ def check_outputs(source, **outputs: str | None) -> None:
         raise ConfigError(f"--{flag}={path} is also --{seen[real]}; give each output its own "
                           "file")
       seen[real] = flag
-    _check_writable(flag, path, folder=not file_output)
+    # A source of unknown kind (a stream URL given as a string) writes a video: a file.
+    _check_writable(flag, path, folder=not file_output and kind == "images")
 
 
 def _check_writable(flag: str, path: str, folder: bool) -> None:

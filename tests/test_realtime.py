@@ -673,6 +673,9 @@ def test_outputs_that_cannot_be_written_fail_before_the_first_frame(predictor, t
     video.run_pipeline(CLIP, predictor, output=str(out), csv_path=str(out), max_frames=2)
   assert out.read_bytes() == b"previous video"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "out.mp4"]
+  # A stream given by URL writes a video: an existing file of that name is one to replace at
+  # the end, not a folder of annotated images that turned out to be a file.
+  video.check_outputs("rtsp://camera.local/stream", output=str(out))
 
 
 def test_the_script_refuses_output_names_that_cannot_work_before_the_model_loads(tmp_path):
