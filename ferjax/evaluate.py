@@ -243,15 +243,10 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
     workdirs: the members' workdirs (or their ``checkpoints/``), at least two.
     output_dir: where to write results; not one of ``workdirs``, nor a folder
       holding another ensemble's report for the same split and TTA.
-    checkpoint: ``best``, ``latest`` or a step, for every member.
     split: split to report; default the first run's test split.
-    tta: ``none``, ``flip`` or ``ten_crop``.
-    data: a loaded :class:`ferjax.data.FerData` (else read from ``data_path``).
-    data_path: FER2013 in any supported form (default ``$FER2013_PATH``).
-    ferplus_path: ``fer2013new.csv`` when the runs used FER+ labels.
-    batch_size: the fixed evaluation batch (the last one is padded and masked).
     expect_model: fail unless every checkpoint holds this model.
-    on_error: ``skip`` drops malformed data rows instead of failing.
+    checkpoint, tta, data, data_path, ferplus_path, batch_size, on_error: as in
+      :func:`evaluate_checkpoint`, for every member.
 
   Returns:
     The ensemble's metrics dict, with ``members`` (each run's workdir, model,
