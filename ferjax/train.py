@@ -414,6 +414,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   progress = _Progress(steps_per_epoch, config.batch_size)
   previous = None
   run_start = time.time()
+  first_step = True
   while step < stop_step:
     if step % steps_per_epoch == 0 or previous is None:
       progress.start_epoch(step)
@@ -421,6 +422,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
     trainer.state, new_metrics = trainer.train_step(trainer.state, metrics, batch,
                                                     jnp.asarray(step, jnp.int32))
     step += 1
+    if first_step:
+      # The one host sync outside evaluations: the first step compiles (on a GPU, with
+      # autotuning, a minute or more), which the epoch's images/s and ETA leave out.
+      jax.block_until_ready(new_metrics)
+      log.info("compiled and ran the first training step in %.1fs",
+               time.time() - progress.epoch_start)
+      progress.restart_clock(step)
+      first_step = False
     progress.current = step
     if previous is not None and progress.wants_update():
       progress.update(step, jax.device_get(previous))  # A step late: no stall.
@@ -770,6 +779,15 @@ class _Progress:
       self.bar = tqdm(total=self.steps_per_epoch * self.batch_size, unit="img", unit_scale=True,
                       initial=(step % self.steps_per_epoch) * self.batch_size,
                       desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+
+  @property
+  def epoch_start(self) -> float:
+    return self._t0
+
+  def restart_clock(self, step: int) -> None:
+    """Counts images/s and the ETA from ``step`` on (after the compiling first step)."""
+    self._t0, self._step0 = time.time(), step
+    self._last_print = self._t0
 
   def wants_update(self) -> bool:
     return self.bar is not None or time.time() - self._last_print > 60

@@ -916,3 +916,28 @@ def test_a_bad_teacher_is_refused_before_the_workdir_is_written(tmp_path, tiny_d
         tiny_config(max_steps=1, distill_from=f"{teacher},{tmp_path / 'missing'}"),
         str(student), data=tiny_data)
   assert not student.exists()
+
+
+def test_the_compiling_first_step_is_left_out_of_images_per_second(tmp_path, tiny_data, caplog,
+                                                                  monkeypatch):
+  clock = [1000.0]
+  monkeypatch.setattr(train_lib.time, "time", lambda: clock[0])
+  progress = train_lib._Progress(steps_per_epoch=100, batch_size=10)
+  progress.start_epoch(0)
+  clock[0] += 90.0  # The first step compiles...
+  progress.restart_clock(1)
+  clock[0] += 2.0  # ...then 20 steps of 10 images take 2 s.
+  progress.current = 21
+  assert progress.images_per_second() == pytest.approx(100.0)
+  monkeypatch.undo()
+
+  restarts = []
+  original = train_lib._Progress.restart_clock
+  monkeypatch.setattr(train_lib._Progress, "restart_clock",
+                      lambda self, step: (restarts.append(step), original(self, step)))
+  workdir = str(tmp_path / "run")
+  with caplog.at_level(logging.INFO, logger="ferjax"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
+    train_lib.train_and_evaluate(tiny_config(max_steps=4), workdir, data=tiny_data)  # Resumes.
+  assert restarts == [1, 3]  # Once per process run, after its first (compiling) step.
+  assert caplog.text.count("compiled and ran the first training step in") == 2
