@@ -147,3 +147,10 @@ run acnn_alstm-distilled-vgg3-batch32-60epochs-seed1 --model=acnn_alstm --epochs
 # Its third seed: two seeds (69.27 and 67.48 %) straddle 68 %, so a third draw.
 run acnn_alstm-distilled-vgg3-batch32-60epochs-seed2 --model=acnn_alstm --epochs=60 --batch_size=32 --seed=2 \
   --distill_from=runs/acnn_alstm-distilled-vgg3-batch32/teacher_predictions.npz
+# GPU (lent H200, 2026-11-27): vgg_alstm distilled from the teacher set with the best
+# PublicTest ensemble (flip TTA, 71.97 % against 71.86 % with the 55-epoch acnn_alstm in
+# its place and 71.50 % with all three 60-epoch acnn_alstm seeds): the three GPU vgg_alstm
+# runs and the 60-epoch acnn_alstm seed 2 (the shipped default weights). On the GPU the
+# teachers went as their saved predictions (teacher_predictions.npz).
+run vgg_alstm-distilled-vgg3-acnn60 --model=vgg_alstm --epochs=60 \
+  --distill_from=runs/vgg_alstm-distilled-vgg120,runs/vgg_alstm-120epochs,runs/vgg_alstm-60epochs-mixup0.2,runs/acnn_alstm-distilled-vgg3-batch32-60epochs-seed2
