@@ -19,6 +19,7 @@ standard deviation and range.
 
 import glob
 import json
+import logging
 import os
 import re
 import statistics
@@ -27,6 +28,8 @@ from absl import app, flags
 
 from ferjax import cli
 from ferjax.errors import ConfigError
+
+log = logging.getLogger("ferjax.results_table")
 
 START, END = "<!-- results-table -->", "<!-- /results-table -->"
 
@@ -157,7 +160,9 @@ def main(argv):
   def row(name, r):
     key = (r["model"], json.dumps(r["config"]["model_overrides"], sort_keys=True),
            8 if r["labels"] == "ferplus" else 7)
-    if key not in cost:
+    if key not in cost:  # Compiles the model for XLA's cost analysis: seconds each.
+      log.info("counting parameters and FLOPs: %s%s", r["model"],
+               "".join(f" {k}={v}" for k, v in sorted(r["config"]["model_overrides"].items())))
       cost[key] = summarize(r["model"], key[2], **r["config"]["model_overrides"])
     s = cost[key]
     none, flip = r["test_tta_none"], r["test_tta_flip"]

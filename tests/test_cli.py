@@ -237,6 +237,8 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
                          "--batch_size=8 --workdir=runs/short-acnn`")
     text = readme.read_text()
     assert text.count(row) == 1 and text.endswith("<!-- /results-table -->\n\nafter\n")
+    # The model's cost is compiled once, and says so while the user waits.
+    assert r.stderr.count("counting parameters and FLOPs: acnn_alstm") == 1, r.stderr
   # The run's device is recorded; a run trained on a GPU names it beside its training time.
   assert result["device"] == {"platform": "cpu", "kind": "cpu", "count": 1}
   assert cells[8] == f"{result['train_seconds'] / 60:.1f} min"  # Under 10 minutes.
