@@ -21,17 +21,35 @@ def environment(**versions: str) -> dict:
   A figure measured under load (another process on the CPU) reads very
   differently, so the 1/5/15-minute load averages go with every result.
   """
+  import logging
+
   import flax
   import jax
   import numpy as np
 
   from ferjax import hostmem
 
+  # jax.devices() below would log, at INFO, each backend it tried and could not load
+  # ("Unable to initialize backend 'tpu'") above the benchmark's table.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
   return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg(),
           "machine": f"{cpu_model()}, {os.cpu_count()} cores",
           "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
           "numpy": np.__version__, "device": str(jax.devices()[0]),
           "retain_freed_memory": hostmem.retaining(), **versions}
+
+
+def fit(text: str, width: int) -> str:
+  """``text`` cut to ``width`` characters in the middle ("…"), so both ends stay.
+
+  A table column of model paths or clip names keeps what tells rows apart: the
+  model and the checkpoint step, a file's start and its extension.
+  """
+  if len(text) <= width:
+    return text
+  head = width // 2
+  return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 def write_results(results: dict, path: str) -> None:

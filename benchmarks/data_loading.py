@@ -25,7 +25,8 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/data_loading.json", "JSON 
 
 @cli.exit_on_errors
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _DATA.value:
     raise app.UsageError("pass --data or set FER2013_PATH")
   parse, cached = [], []

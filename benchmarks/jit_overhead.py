@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from ferjax import cli
@@ -102,7 +102,9 @@ def _time_model(name, rng):
 @cli.exit_on_errors
 def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # JAX's backend notes would land inside the table.
   rng = np.random.default_rng(0)
   results = {"date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg(), "models": {}}
   print(f"{'model':<12}{'what':<22}{'nnx.jit ms':>12}{'functional ms':>15}{'ratio':>8}")
@@ -111,6 +113,7 @@ def main(argv):
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=2)
+  print(f"wrote {_OUT.value}")
 
 
 if __name__ == "__main__":

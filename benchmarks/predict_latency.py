@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, fit, write_results
 from ferjax import cli
 from ferjax import hostmem
 from ferjax import checkpoint as checkpoint_lib
@@ -138,7 +138,7 @@ def main(argv):
                       (big, f"predict_faces, batch {_BIG_BATCH.value}")):
       r = row[key]
       rate = f"{r['faces_per_s']:>10,.0f}" if "faces_per_s" in r else ""
-      print(f"{label[:43]:<44}{what:<26}{r['median_ms']:>10.3f}{r['p90_ms']:>9.3f}{rate}")
+      print(f"{fit(label, 43):<44}{what:<26}{r['median_ms']:>10.3f}{r['p90_ms']:>9.3f}{rate}")
   write_results(results, _OUT.value)
 
 

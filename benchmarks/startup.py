@@ -49,7 +49,8 @@ def _start(cache_dir: str, cache_on: bool) -> dict:
 
 @cli.exit_on_errors
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   results = {"command": " ".join(_COMMAND[1:]), **environment(), "runs": []}
   # The timed command keeps freed memory itself (ferjax/hostmem.py) unless this opts out;
   # this process's own setting, which environment() records, says nothing about it.

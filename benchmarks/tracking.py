@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags, logging
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, fit, write_results
 from ferjax import cli
 from ferjax.faces import FaceDetector, iou, should_track, to_gray
 from ferjax.sources import DEMO_CLIP, open_source
@@ -77,7 +77,7 @@ def main(argv):
       rows[value] = {"faces": sum(map(len, boxes)), "same_as_full_search": same, "extra": extra,
                      "ms_per_frame": 1e3 * seconds / len(grays)}
     results["clips"][path] = {"frames": len(grays), "size": list(grays[0].shape), "rows": rows}
-    name = os.path.basename(path)[:38]
+    name = fit(os.path.basename(path), 38)
     for value, row in rows.items():
       print(f"{name:<40}{value:>9}{row['faces']:>7}{row.get('same_as_full_search', row['faces']):>6}"
             f"{row.get('extra', 0):>6}{row['ms_per_frame']:>11.2f}")

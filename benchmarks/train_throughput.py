@@ -257,7 +257,8 @@ def _versions() -> dict:
 @cli.exit_on_errors
 def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   unknown = sorted(set(_MODELS.value) - set(model_names()))
   if unknown:
     raise app.UsageError(f"unknown models {unknown}; choose from {', '.join(model_names())}")

@@ -124,6 +124,9 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
     ("experiments.evaluate", ["--workdir=a,a", "--output_dir=unused"],
      "error: --workdir names a run twice: a,a"),
     ("benchmarks.predict_latency", ["stray", "more"], "error: unexpected arguments: stray more"),
+    ("benchmarks.jit_overhead", ["stray"], "error: unexpected arguments: stray"),
+    ("benchmarks.data_loading", ["--data=x.csv", "stray"], "error: unexpected arguments: stray"),
+    ("benchmarks.startup", ["stray"], "error: unexpected arguments: stray"),
 ])
 def test_usage_errors_are_one_line(module, args, message):
   # absl alone prints the whole flag list (about 90 lines for train) above the message.
@@ -326,3 +329,15 @@ def test_after_a_reported_error_abandoned_coroutines_print_nothing(monkeypatch):
   BadDel()
   gc.collect()
   assert len(seen) == 1 and "not a coroutine" in str(seen[0].exc_value)
+
+
+def test_benchmark_tables_cut_long_names_in_the_middle():
+  # The shipped weights' absolute path hid the checkpoint step in predict_latency's table,
+  # and clip names lost their extension in tracking's.
+  from benchmarks.common import fit
+
+  label = "acnn_alstm (/tmp/checkout/ferjax/weights/default, step 43953)"
+  assert len(fit(label, 43)) == 43
+  assert fit(label, 43).startswith("acnn_alstm (") and fit(label, 43).endswith("step 43953)")
+  assert fit("face-demographics-walking-and-pause.gif", 38).endswith("pause.gif")
+  assert fit("short.mkv", 38) == "short.mkv"
