@@ -162,9 +162,15 @@ def _with_shardings(tree: Any) -> Any:
 
 def find_checkpoints(path: str | os.PathLike) -> str:
   """Accepts a workdir or its ``checkpoints/`` folder; returns the latter."""
-  path = os.path.abspath(os.fspath(path))
+  given = os.fspath(path)
+  path = os.path.abspath(given)
   if not os.path.exists(path):
-    raise CheckpointError(f"{path}: no such directory")
+    # realtime's and attention_maps' --checkpoint is the earlier name of --workdir, while
+    # evaluate's is --which: a checkpoint's name here was meant for --which.
+    hint = ("; best, latest or a step number picks a checkpoint with --which (in realtime "
+            "and attention_maps --checkpoint names the run)"
+            if given in ("best", "latest") or given.isdigit() else "")
+    raise CheckpointError(f"{path}: no such directory{hint}")
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
 

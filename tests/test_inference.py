@@ -317,6 +317,13 @@ def test_a_which_that_is_not_a_step_names_the_argument():
   # evaluate's --checkpoint is --which, realtime's is --workdir: a run's folder given as which.
   with pytest.raises(CheckpointError, match="that is a folder: name the run with --workdir$"):
     checkpoint_lib.load_model(default_weights_dir(), default_weights_dir())
+  # The reverse: a checkpoint's name given as the run (realtime's --checkpoint is --workdir).
+  for which in ("best", "latest", "12"):
+    with pytest.raises(CheckpointError, match=f"{which}: no such directory; best, latest or a "
+                       "step number picks a checkpoint with --which"):
+      checkpoint_lib.load_model(which)
+  with pytest.raises(CheckpointError, match="no-such-run: no such directory$"):
+    checkpoint_lib.load_model("no-such-run")
 
 
 def test_missing_default_weights_or_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):
