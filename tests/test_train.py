@@ -56,7 +56,7 @@ def _params(workdir, which="latest"):
   return jax.tree.map(np.asarray, nnx.state(model, nnx.Param)), meta
 
 
-def test_end_to_end_train_checkpoint_evaluate(tmp_path, tiny_csv, tiny_data):
+def test_end_to_end_train_checkpoint_evaluate(tmp_path, tiny_csv, tiny_data, caplog):
   workdir = str(tmp_path / "run")
   results = train_lib.train_and_evaluate(tiny_config(), workdir, data_path=tiny_csv)
   for name in ("config.json", "metrics.jsonl", "curves.png", "results.json"):
@@ -66,8 +66,13 @@ def test_end_to_end_train_checkpoint_evaluate(tmp_path, tiny_csv, tiny_data):
   assert results["test_tta_none"]["num_examples"] == 21
   assert results["best_step"] in (4, 8)
 
-  metrics = evaluate_checkpoint(workdir, checkpoint="best", tta="flip", data=tiny_data,
-                                batch_size=16)
+  with caplog.at_level(logging.INFO, logger="ferjax.evaluate"):
+    metrics = evaluate_checkpoint(workdir, checkpoint="best", tta="flip", data=tiny_data,
+                                  batch_size=16)
+  # A first line before the predictions, so an entrypoint is not silent until the report.
+  assert [r.getMessage() for r in caplog.records if r.name == "ferjax.evaluate"][0] == (
+      f"evaluating {workdir} (acnn_alstm, step {results['best_step']}) on 21 PrivateTest "
+      "images, tta=flip")
   assert metrics["num_examples"] == 21 and metrics["split"] == "PrivateTest"
   assert metrics["step"] == results["best_step"]
   assert metrics["accuracy"] == pytest.approx(results["test_tta_flip"]["accuracy"])
