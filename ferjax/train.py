@@ -747,8 +747,9 @@ def _summary_writer(workdir: str):
 
 
 def _log_setup(config, data, train, val, mesh, steps_per_epoch, stop_step, workdir) -> None:
-  log.info("ferjax %s | model %s | %s labels (%d classes) | %d devices (%s)", __version__,
-           config.model, config.labels, data.num_classes, mesh.devices.size,
+  devices = mesh.devices.size
+  log.info("ferjax %s | model %s | %s labels (%d classes) | %d device%s (%s)", __version__,
+           config.model, config.labels, data.num_classes, devices, "" if devices == 1 else "s",
            jax.devices()[0].platform)
   log.info("train %s: %d | select on %s: %d | report %s | batch %d, %d steps/epoch, "
            "stopping at step %d | workdir %s", config.train_split, len(train), config.eval_split,

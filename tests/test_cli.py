@@ -46,6 +46,7 @@ def test_train_then_evaluate(trained, csv_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "acnn_alstm: PrivateTest accuracy" in r.stdout
   assert "PublicTest loss" in r.stderr  # The per-epoch line.
+  assert "labels (7 classes) | 1 device (" in r.stderr  # Not "1 devices".
   assert os.path.exists(os.path.join(workdir, "results.json"))
   r = run("experiments.evaluate", f"--workdir={workdir}", "--tta=flip", f"--data={csv_path}",
           "--batch_size=8")
