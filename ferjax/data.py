@@ -254,10 +254,9 @@ def parse_fer2013_csv(data: bytes, *, where: str = "<bytes>", on_error: str = "r
   columns = [c.strip().lower() for c in lines[0].split(b",")]
   missing = [name for name in ("emotion", "pixels", "usage") if name.encode() not in columns]
   if missing:
-    found = ", ".join(c.decode("ascii", "replace") for c in columns)
     raise DataError(
         f"missing column(s) {', '.join(missing)}; the header must name emotion, pixels "
-        f"and Usage (found: {found})", path=where, line=1)
+        f"and Usage (found: {_header_text(lines[0])})", path=where, line=1)
   i_emotion, i_pixels, i_usage = (columns.index(n) for n in (b"emotion", b"pixels", b"usage"))
   body = lines[1:]
   if not body:
@@ -398,7 +397,8 @@ def load_ferplus(path: str | os.PathLike) -> FerPlusLabels:
   header = [c.strip().lower().decode("ascii", "replace") for c in lines[0].split(b",")]
   expected = ["usage", "image name", *_FERPLUS_COLUMNS]
   if header != expected:
-    raise DataError(f"unexpected header {header}; expected {expected}", path=path, line=1)
+    raise DataError(f"unexpected header (found: {_header_text(lines[0])}); expected "
+                    f"{','.join(expected)}", path=path, line=1)
   n = len(lines) - 1
   votes = np.zeros((n, 10), np.int32)
   usage = np.empty(n, object)
@@ -475,6 +475,21 @@ def with_ferplus_labels(data: FerData, ferplus: FerPlusLabels) -> FerData:
 # ----------------------------------------------------------------------------
 # Sources
 # ----------------------------------------------------------------------------
+
+
+def _header_text(line: bytes, limit: int = 120) -> str:
+  """A file's first line as an error quotes it: binary data said to be so, a long line cut.
+
+  A video, an archive or a checkpoint given as the data put hundreds of undecodable
+  bytes into the one-line error.
+  """
+  head = line[:limit]
+  if head.startswith(b"\x1f\x8b"):
+    return "gzip data, not CSV text"
+  if b"\x00" in head or sum(b < 32 and b != 9 or b > 126 for b in head) > len(head) // 10:
+    return "binary data, not CSV text"
+  text = head.decode("ascii", "replace")
+  return text + "…" if len(line) > limit else text
 
 
 def _read_maybe_gzip(path: str) -> bytes:

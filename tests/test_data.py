@@ -198,6 +198,17 @@ def test_bad_files(tmp_path, cache_dir):
   no_usage = write_csv(tmp_path / "u.csv", ["0,1 2"], header="emotion,pixels")
   with pytest.raises(DataError, match=r":1: missing column\(s\) usage"):
     data_lib.load_fer2013(no_usage)
+  # Not a CSV at all (a video, a long JSON line): named so, or cut, not quoted whole.
+  video = tmp_path / "clip.mp4"
+  video.write_bytes(b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00" + bytes(range(256)) * 4)
+  with pytest.raises(DataError, match=r"\(found: binary data, not CSV text\)$"):
+    data_lib.load_fer2013(video)
+  long_line = tmp_path / "meta.json"
+  text = '{"item_handlers": ' + '"x", ' * 200 + "}"
+  long_line.write_text(text + "\n")
+  with pytest.raises(DataError) as e:
+    data_lib.load_fer2013(long_line)
+  assert e.value.reason.endswith(f"(found: {text[:120]}…)")
   empty_gz = tmp_path / "empty.csv.gz"
   empty_gz.write_bytes(gzip.compress(b""))
   with pytest.raises(DataError, match="decompresses to nothing"):
@@ -317,6 +328,12 @@ def test_ferplus_api_mistakes_are_named(tmp_path, cache_dir):
   with pytest.raises(DataError, match="is a folder; give the fer2013new.csv file inside it") as e:
     data_lib.load_ferplus(folder)
   assert e.value.path == str(folder)
+  # FER2013 itself given as the FER+ file: gzip bytes were quoted, hundreds of them.
+  gz = tmp_path / "fer2013.csv.gz"
+  gz.write_bytes(gzip.compress(b"emotion,pixels,Usage\n"))
+  with pytest.raises(DataError, match=r":1: unexpected header \(found: gzip data, not CSV "
+                     r"text\); expected usage,image name,neutral,"):
+    data_lib.load_ferplus(gz)
   csv_path = write_csv(tmp_path / "f.csv", fer_rows(2, usages=("Training",)))
   fp_path = _ferplus_csv(tmp_path / "fp.csv", ["Training,a.png,10,0,0,0,0,0,0,0,0,0"] * 2)
   data, fp = data_lib.load_fer2013(csv_path), data_lib.load_ferplus(fp_path)
