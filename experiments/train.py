@@ -93,7 +93,12 @@ def main(argv):
     # Collectives between CPU devices of different processes (the CPU back-end has none
     # across hosts otherwise); a GPU or TPU run uses its own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as e:  # A setting neither the flags nor a cluster manager gave.
+      raise app.UsageError(f"--distributed: {str(e).rstrip('.')} (where no cluster manager "
+                           "such as SLURM, Open MPI or Kubernetes supplies them, pass "
+                           "--coordinator_address, --num_processes and --process_id)") from None
   elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
                          "--distributed")

@@ -122,6 +122,10 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
 
 @pytest.mark.parametrize("module,args,message", [
     ("experiments.train", ["stray"], "error: unexpected arguments: stray"),
+    # A traceback from jax.distributed.initialize before.
+    ("experiments.train", ["--distributed"], "error: --distributed: coordinator_address should "
+     "be defined (where no cluster manager such as SLURM, Open MPI or Kubernetes supplies "
+     "them, pass --coordinator_address, --num_processes and --process_id)"),
     ("experiments.evaluate", ["--workdir=a,a", "--output_dir=unused"],
      "error: --workdir names a run twice: a,a"),
     ("benchmarks.predict_latency", ["stray", "more"], "error: unexpected arguments: stray more"),
