@@ -3,7 +3,7 @@ r"""Trains a FER model on FER2013 (learn on Training, select on PublicTest, repo
   python -m experiments.train --model=acnn_alstm --data=path/to/fer2013.csv
 
 Running the same command again on the same --workdir resumes from the latest
-checkpoint. Results land in the workdir: checkpoints/, metrics.jsonl,
+checkpoint (on a finished run, it prints the report again). Results land in the workdir: checkpoints/, metrics.jsonl,
 curves.png, results.json (PrivateTest metrics of the best checkpoint).
 """
 

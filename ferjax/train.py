@@ -414,7 +414,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   progress = _Progress(steps_per_epoch, config.batch_size)
   previous = None
   run_start = time.time()
-  first_step = True
+  first_step, start_step = True, step
   while step < stop_step:
     if step % steps_per_epoch == 0 or previous is None:
       progress.start_epoch(step)
@@ -463,7 +463,27 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   progress.close()
   if writer is not None:
     writer.close()
+  if step == start_step:  # A finished run started again: its report stands if it is complete.
+    done = _finished_results(workdir, store)
+    if done is not None:
+      log.info("%s: nothing left to train (step %d); its results (best step %d) are in "
+               "results.json", workdir, step, done["best_step"])
+      return done
   return _final_evaluation(trainer, store, test, data.class_names, config, workdir)
+
+
+def _finished_results(workdir: str, store) -> dict | None:
+  """``results.json`` when it reports the run's current best checkpoint, else None."""
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(results, dict) or results.get("best_step") != store.resolve("best"):
+    return None
+  if not all(f"test_tta_{tta}" in results for tta in evaluate_lib.TTA_MODES):
+    return None
+  return results
 
 
 def _check_before_writing(config: TrainConfig, num_classes: int, num_train: int) -> None:

@@ -946,3 +946,24 @@ def test_the_compiling_first_step_is_left_out_of_images_per_second(tmp_path, tin
     train_lib.train_and_evaluate(tiny_config(max_steps=4), workdir, data=tiny_data)  # Resumes.
   assert restarts == [1, 3]  # Once per process run, after its first (compiling) step.
   assert caplog.text.count("compiled and ran the first training step in") == 2
+
+
+def test_a_finished_run_started_again_reports_without_evaluating_again(tmp_path, tiny_data,
+                                                                       caplog, monkeypatch):
+  workdir = str(tmp_path / "run")
+  first = train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
+  evaluations = []
+  original = train_lib._final_evaluation
+  monkeypatch.setattr(train_lib, "_final_evaluation",
+                      lambda *a: (evaluations.append(1), original(*a))[1])
+  with caplog.at_level(logging.INFO, logger="ferjax"):
+    again = train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
+  assert again == json.loads(json.dumps(first)) and not evaluations
+  assert f"{workdir}: nothing left to train (step 2); its results (best step " in caplog.text
+  # An incomplete report (a run stopped during its ten-crop evaluation) is evaluated again.
+  path = os.path.join(workdir, "results.json")
+  partial = {k: v for k, v in first.items() if k != "test_tta_ten_crop"}
+  json.dump(partial, open(path, "w"))
+  again = train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
+  assert evaluations == [1] and "test_tta_ten_crop" in json.load(open(path))
+  assert again["test_tta_ten_crop"] == first["test_tta_ten_crop"]
