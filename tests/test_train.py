@@ -56,9 +56,20 @@ def _params(workdir, which="latest"):
   return jax.tree.map(np.asarray, nnx.state(model, nnx.Param)), meta
 
 
-def test_end_to_end_train_checkpoint_evaluate(tmp_path, tiny_csv, tiny_data, caplog):
+def test_end_to_end_train_checkpoint_evaluate(tmp_path, tiny_csv, tiny_data, caplog,
+                                              monkeypatch):
   workdir = str(tmp_path / "run")
+  trainers = []
+  init = train_lib.Trainer.__init__
+  monkeypatch.setattr(train_lib.Trainer, "__init__",
+                      lambda self, *a, **k: (trainers.append(self), init(self, *a, **k))[1])
   results = train_lib.train_and_evaluate(tiny_config(), workdir, data_path=tiny_csv)
+  # Fixed shapes: one compiled training step for all 8 steps (epochs, a partial last batch
+  # of the data dropped), one prediction program per TTA mode for the two PublicTest
+  # evaluations (20 faces: a padded last batch) and the three PrivateTest ones (21).
+  (trainer,) = trainers
+  assert trainer._train_step_jit._cache_size() == 1
+  assert trainer._predict._cache_size() == 3
   for name in ("config.json", "metrics.jsonl", "curves.png", "results.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
