@@ -164,6 +164,23 @@ def test_bad_row_names_file_and_line(tmp_path, cache_dir, name, bad_row, message
   assert message in str(info.value)
 
 
+def test_bad_rows_past_the_first_chunk_name_their_own_line(tmp_path, monkeypatch):
+  # Rows are parsed in chunks of 2048; every other test file fits in one. A line counted
+  # from its chunk's start would name the wrong line of the real, 35,888-row file.
+  monkeypatch.setattr(data_lib, "_CHUNK_ROWS", 4)
+  rows = fer_rows(10, usages=("Training",))
+  rows[5] = "9," + rows[5].split(",", 1)[1]  # Line 7, in the second chunk: a bad emotion.
+  rows[8] = rows[8].replace(" ", " x", 1)  # Line 10, in the third chunk: a bad pixel.
+  path = write_csv(tmp_path / "bad.csv", rows)
+  with pytest.raises(DataError) as info:
+    data_lib.load_fer2013(path, cache=False)
+  assert info.value.line == 7 and str(info.value).startswith(f"{path}:7: unknown emotion")
+  d = data_lib.load_fer2013(path, on_error="skip", cache=False)
+  assert [e.line for e in d.skipped] == [7, 10]
+  np.testing.assert_array_equal(d.rows, [0, 1, 2, 3, 4, 6, 7, 9])
+  np.testing.assert_array_equal(d.images, _expected_images(10)[[0, 1, 2, 3, 4, 6, 7, 9]])
+
+
 def test_skip_mode_drops_and_reports_bad_rows(tmp_path, cache_dir, caplog):
   rows = fer_rows(8)
   rows[1] = "9," + rows[1].split(",", 1)[1]

@@ -187,6 +187,8 @@ def test_crop_is_48x48_uint8_and_clipped_at_the_frame_edge():
   assert crop.shape == (48, 48) and crop.dtype == np.uint8
   assert expand_box(Box(100, 80, 40, 40), 0.25, (100, 120)) == Box(90, 70, 30, 30)
   assert expand_box(Box(10, 10, 20, 20), 0.1, (100, 120)) == Box(8, 8, 24, 24)
+  # A margin of the width left and right, of the height above and below.
+  assert expand_box(Box(20, 10, 40, 20), 0.25, (100, 120)) == Box(10, 5, 60, 30)
   # The crop's content is the clipped grown box, all of it and nothing else.
   marked = np.zeros((100, 120), np.uint8)
   marked[70:, 90:] = 200

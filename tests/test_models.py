@@ -111,6 +111,30 @@ def test_local_attention_reacts_to_one_position_and_reweights_the_sequence():
   np.testing.assert_allclose(logits, without.head(fmap)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_head_reweights_positions_by_alpha_and_pools_the_lstm_states_by_beta():
+  # The head written out from its submodules: position n scaled by 36 * alpha_n, the
+  # classifier reading sum_t beta_t h_t. Sharpened queries make both attentions far from
+  # uniform, so a pooling that ignored beta (a mean, a last state) or alpha misplaced in the
+  # sequence gives other logits.
+  model = tiny("acnn_alstm")
+  model.eval()
+  for attention in (model.local_attention, model.global_attention):
+    attention.query[...] = attention.query[...] * 30.0
+  fmap = model.trunk(images(2))
+  logits, aux = model.head(fmap)
+  feats = fmap.reshape(2, 36, -1)  # Row-major positions.
+  alpha = model.local_attention(feats)
+  assert float(alpha.max()) > 3 / 36  # Far from uniform.
+  h = model.lstm(feats * 36 * alpha[..., None])
+  beta = model.global_attention(h)
+  assert float(beta.max()) > 3 / 36
+  np.testing.assert_allclose(aux["alpha"], alpha, rtol=1e-6)
+  np.testing.assert_allclose(aux["beta"], beta, rtol=1e-5, atol=1e-7)
+  context = jnp.einsum("bt,bth->bh", beta, h)
+  np.testing.assert_allclose(logits, model.classifier(context), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(logits, model.classifier(h.mean(axis=1)), atol=1e-4)
+
+
 def test_without_local_attention_alpha_is_absent_and_option_switches_it():
   assert "alpha" not in tiny("acnn_alstm", local_attention=False).forward(images(1))[1]
 

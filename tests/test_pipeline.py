@@ -35,6 +35,19 @@ def test_train_batches_are_a_pure_function_of_seed_and_step():
   assert not np.array_equal(a.epoch_order(0), c.epoch_order(0))
 
 
+def test_train_batches_keep_soft_labels_with_their_faces():
+  # Soft targets (FER+ votes, distillation) are gathered in the same (sorted) order as the
+  # faces and labels; a target from another face would train on the wrong answer.
+  images, labels = _data()
+  soft = np.eye(50, dtype=np.float32)[labels]  # One column per face: says whose it is.
+  batches = TrainBatches(images, labels, batch_size=8, seed=3, soft_labels=soft)
+  for step in (0, 5, 9):
+    batch = batches.batch(step)
+    np.testing.assert_array_equal(batch["soft_label"].argmax(1), batch["label"])
+    np.testing.assert_array_equal(batch["image"], images[batch["label"]])
+  assert "soft_label" not in TrainBatches(images, labels, batch_size=8, seed=3).batch(0)
+
+
 def test_train_batches_reject_batch_larger_than_data():
   images, labels = _data(5)
   with pytest.raises(ValueError, match="larger than the 5"):
@@ -117,6 +130,34 @@ def test_random_erasing_sets_a_rectangle_to_the_mean():
   assert (erased.sum(axis=(1, 2)) == rows.sum(1) * cols.sum(1)).all()
 
 
+def test_random_warp_draws_within_the_configured_ranges(monkeypatch):
+  # The other augment tests accept any change to the faces; here the drawn angles, scales,
+  # shifts and flips themselves are checked (a rotation in radians taken as degrees, or a
+  # range off by a factor, would still "augment").
+  drawn = {}
+  real = aug.affine_warp
+
+  def spy(x, angle_B, scale_B, shift_Bx2, flip_B):
+    drawn.update(angle=np.degrees(np.asarray(angle_B)), scale=np.asarray(scale_B),
+                 shift=np.asarray(shift_Bx2), flip=np.asarray(flip_B))
+    return real(x, angle_B, scale_B, shift_Bx2, flip_B)
+
+  monkeypatch.setattr(aug, "affine_warp", spy)
+  x = jnp.zeros((512, 48, 48, 1))
+  aug.augment(jax.random.key(0), x, aug.AugmentConfig(max_shift=3.0, max_rotation=10.0,
+                                                      max_scale=0.2))
+  for name, low, high in (("angle", -10, 10), ("scale", 0.8, 1.2)):
+    v = drawn[name]
+    assert low <= v.min() < low + 0.1 * (high - low), name  # Uniform over the whole range.
+    assert high - 0.1 * (high - low) < v.max() <= high, name
+  assert drawn["shift"].shape == (512, 2) and (np.abs(drawn["shift"]) <= 3).all()
+  assert (drawn["shift"].min(0) < -2.5).all() and (drawn["shift"].max(0) > 2.5).all()
+  assert 0.4 < drawn["flip"].mean() < 0.6
+  aug.augment(jax.random.key(0), x, aug.AugmentConfig(max_shift=3.0, flip=False,
+                                                      max_rotation=0.0, max_scale=0.0))
+  assert not drawn["flip"].any() and (drawn["angle"] == 0).all() and (drawn["scale"] == 1).all()
+
+
 @pytest.mark.parametrize("tta,views", [("none", 1), ("flip", 2), ("ten_crop", 10)])
 def test_tta_views(tta, views):
   x = preprocess(_data(3)[0])
@@ -130,6 +171,20 @@ def test_tta_views(tta, views):
     np.testing.assert_allclose(v[0], x, atol=1e-5)  # The first view is the face itself.
   if tta == "flip":
     np.testing.assert_allclose(v[1], x[:, :, ::-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "ten_crop"])
+def test_predict_probs_averages_the_probabilities_of_the_views(tta):
+  from ferjax.evaluate import predict_probs
+  images = _data(3)[0]
+  w = jax.random.normal(jax.random.key(0), (48 * 48, 5)) * 0.05
+  model_fn = lambda x: x.reshape(x.shape[0], -1) @ w  # Logits that differ between views.
+  logits = [model_fn(v) for v in tta_views(preprocess(images), tta)]
+  expected = np.mean([jax.nn.softmax(v, axis=-1) for v in logits], axis=0)
+  got = np.asarray(predict_probs(model_fn, images, tta))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  if tta != "none":  # The mean of the probabilities, not the softmax of the mean logits.
+    assert not np.allclose(got, jax.nn.softmax(np.mean(logits, axis=0), axis=-1), atol=1e-3)
 
 
 def test_ten_crop_views_are_the_five_44px_crops_scaled_to_48():

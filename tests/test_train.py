@@ -221,6 +221,60 @@ def test_mixing_in_the_step_softens_what_the_model_learns(tiny_data):
   assert confidence["cutmix"] < confidence["none"] - 0.08
 
 
+def test_the_step_weighs_mixed_faces_by_the_weights_mixing_gives_them(tiny_data, monkeypatch):
+  """A mixed face's loss weight is the mix of its two classes' weights, not its own class's."""
+  from ferjax import parallel
+  config = tiny_config(augment=dataclasses.replace(NO_AUGMENT, mixup_alpha=1.0),
+                       label_smoothing=0.0, model_overrides={**TINY_ALSTM, "dropout": 0.0})
+  train = tiny_data.split("Training")
+  images, labels = train.images[:16], train.labels[:16]
+  example_weights = np.zeros(16, np.float32)
+  example_weights[:2] = 1.0  # Only the first two faces count.
+  # Mixing that changes nothing but the weights, so the loss can be computed here.
+  monkeypatch.setattr(train_lib, "mix_batch",
+                      lambda key, x, targets, weights, config: (x, targets,
+                                                                jnp.asarray(example_weights)))
+  mesh = parallel.make_mesh()
+  trainer = train_lib.Trainer(config, 7, mesh, total_steps=1, steps_per_epoch=1,
+                              weights=np.ones(7, np.float32))
+  batch = parallel.shard_batch({"image": images, "label": labels}, mesh)
+  _, metrics = trainer.train_step(trainer.state, trainer.zero_metrics(), batch, jnp.asarray(0))
+  # The step's model (same seed, train mode), jitted only because eager is slow.
+  logits = nnx.jit(lambda m, x: m(preprocess(x)))(train_lib.build_model(config, 7), images)
+  one_hot = jax.nn.one_hot(labels, 7)
+  expected = train_lib.loss_fn(logits, labels, jnp.ones(7), 0.0, one_hot,
+                               example_weights_B=jnp.asarray(example_weights))
+  unweighted = train_lib.loss_fn(logits, labels, jnp.ones(7), 0.0, one_hot)
+  assert float(metrics["loss"]) / 16 == pytest.approx(float(expected), rel=1e-4)
+  assert float(expected) != pytest.approx(float(unweighted), rel=1e-2)
+
+
+def test_a_resumed_run_keeps_its_best_accuracy_and_reports_its_best_checkpoint(tmp_path, tiny_data,
+                                                                               monkeypatch):
+  accuracies = iter([0.5, 0.2, 0.1])  # Steps 1, 2 and 3: the first is the best.
+  real_evaluate_step = train_lib._evaluate_step
+  monkeypatch.setattr(train_lib, "_evaluate_step", lambda *args: {
+      **real_evaluate_step(*args), "eval_accuracy": next(accuracies)})
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(max_steps=2, eval_every=1), workdir, data=tiny_data)
+  results = train_lib.train_and_evaluate(tiny_config(max_steps=3, eval_every=1), workdir,
+                                         data=tiny_data)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  # The resumed session starts from the best accuracy saved before it, not from scratch.
+  assert [r["best_eval_accuracy"] for r in records] == [0.5, 0.5, 0.5]
+  assert results["best_step"] == 1 and results["best_eval_accuracy"] == 0.5
+  # The test split is reported with the best checkpoint's parameters, not the latest's.
+  out = str(tmp_path / "eval")
+  best = evaluate_checkpoint(workdir, checkpoint="best", data=tiny_data, batch_size=16,
+                             output_dir=out)
+  latest = evaluate_checkpoint(workdir, checkpoint="latest", data=tiny_data, batch_size=16,
+                               output_dir=out)
+  assert (best["step"], latest["step"]) == (1, 3)
+  assert results["test_tta_none"]["loss"] == pytest.approx(best["loss"], rel=1e-5)
+  assert latest["loss"] != pytest.approx(best["loss"], rel=1e-5)
+
+
 def test_workdir_with_another_run_is_refused_and_fresh_moves_it_aside(tmp_path, tiny_data):
   workdir = str(tmp_path / "run")
   train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
@@ -340,6 +394,13 @@ def test_checkpoint_keeps_latest_and_best(tmp_path):
   assert sorted(store.all_steps()) == [2, 5]
   with pytest.raises(CheckpointError, match="no checkpoint at step 3"):
     store.resolve(3)
+  # As in training, where every evaluation's checkpoint has an accuracy: a worse latest one
+  # is kept for resuming but is not the best; a better one replaces the best.
+  store.save(6, model=tree, optimizer=tree, ema=None, meta={"step": 6}, eval_accuracy=0.5)
+  assert store.resolve("best") == 2 and store.resolve("latest") == 6
+  assert sorted(store.all_steps()) == [2, 6]
+  store.save(7, model=tree, optimizer=tree, ema=None, meta={"step": 7}, eval_accuracy=0.7)
+  assert store.resolve("best") == 7 and sorted(store.all_steps()) == [7]
 
 
 def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
@@ -718,6 +779,11 @@ def test_soft_targets_change_the_loss():
   targets = 0.7 * np.asarray([0.5, 0.5, 0.0]) + 0.3 / 3
   expected = -float(jnp.sum(targets * jax.nn.log_softmax(logits)[0]))
   assert float(smoothed) == pytest.approx(expected, rel=1e-6)
+  # And on one-hot labels: (1 - a) * onehot + a / C.
+  smoothed = train_lib.loss_fn(logits, jnp.asarray([0]), jnp.ones(3), 0.3)
+  targets = 0.7 * np.asarray([1.0, 0.0, 0.0]) + 0.3 / 3
+  expected = -float(jnp.sum(targets * jax.nn.log_softmax(logits)[0]))
+  assert float(smoothed) == pytest.approx(expected, rel=1e-6) and float(smoothed) > float(hard)
 
 
 def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
