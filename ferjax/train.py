@@ -279,6 +279,38 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData
   return dataclasses.replace(config, **changes), data
 
 
+def lock_workdir(workdir: str) -> int | None:
+  """Takes ``workdir`` for this process: an open descriptor holding an exclusive lock.
+
+  Two training processes in one workdir (the same command started twice) would
+  interleave their checkpoints and records, so the second is refused. The lock is
+  the folder's own ``flock``: nothing is written, and the system drops it when the
+  process ends, however it ends. Where the system or file system has no such locks
+  (Windows, some network mounts) the run goes on unguarded and this returns None.
+  Close the descriptor to release it.
+  """
+  try:
+    import fcntl
+  except ImportError:
+    return None
+  fd = os.open(workdir, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise ConfigError(f"--workdir={workdir} is in use by another training process (the same "
+                      "command started twice?); wait for it to end, or use another "
+                      "--workdir") from None
+  except OSError as e:
+    log.debug("%s: no lock (%s); the run is not guarded against a second process", workdir, e)
+  return fd
+
+
+def _same_folder(fd: int, path: str) -> bool:
+  a, b = os.fstat(fd), os.stat(path)
+  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool,
                     data_digest: dict[str, str] | None = None) -> None:
   """Refuses to mix runs: a workdir holding another run's config, or data, is an error.
@@ -351,7 +383,19 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   Returns:
     The final results (also written to ``workdir/results.json``).
   """
-  workdir = os.path.abspath(workdir)
+  locks: list[int | None] = []
+  try:
+    return _train_and_evaluate(config, os.path.abspath(workdir), data=data, data_path=data_path,
+                               ferplus_path=ferplus_path, fresh=fresh, on_error=on_error,
+                               hooks=hooks, locks=locks)
+  finally:
+    for fd in locks:
+      if fd is not None:
+        os.close(fd)  # Releases the workdir's lock.
+
+
+def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, ferplus_path,
+                        fresh: bool, on_error: str, hooks, locks: list[int | None]) -> dict:
   if data is None:
     data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
   config, data = resolve_splits(config, data)
@@ -364,7 +408,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
   teachers = _load_teachers(config, data.class_names, workdir, train)
   data_digest = {getattr(config, f): _fingerprint(split) for f, split in
                  (("train_split", train), ("eval_split", val), ("test_split", test))}
+  if parallel.is_primary() and os.path.isdir(workdir):
+    # Before --fresh moves anything: a run that another process is training is left alone.
+    locks.append(lock_workdir(workdir))
   prepare_workdir(workdir, config, fresh=fresh, data_digest=data_digest)
+  held = [fd for fd in locks if fd is not None]
+  if parallel.is_primary() and not any(_same_folder(fd, workdir) for fd in held):
+    locks.append(lock_workdir(workdir))  # A new folder (--fresh, or a first run).
   # Every process has read the workdir (and process 0 moved an old run aside) before any
   # file is written; from here only process 0 writes the run's files (checkpoints: all).
   parallel.barrier("prepare_workdir")

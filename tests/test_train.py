@@ -1044,3 +1044,43 @@ def test_a_finished_run_started_again_reports_without_evaluating_again(tmp_path,
   again = train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
   assert evaluations == [1] and "test_tta_ten_crop" in json.load(open(path))
   assert again["test_tta_ten_crop"] == first["test_tta_ten_crop"]
+
+
+def test_a_workdir_another_process_is_training_in_is_refused_and_left_alone(tmp_path,
+                                                                            tiny_data):
+  import fcntl
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(max_steps=1), workdir, data=tiny_data)
+  before = sorted(os.listdir(workdir)), open(os.path.join(workdir, "metrics.jsonl")).read()
+  # Another process's lock: flock locks of separate opens exclude each other, as processes do.
+  other = os.open(workdir, os.O_RDONLY)
+  fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  try:
+    for fresh in (False, True):  # --fresh does not move a run that is being trained aside.
+      with pytest.raises(ConfigError, match=r"is in use by another training process"):
+        train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data,
+                                     fresh=fresh)
+      assert os.listdir(tmp_path) == ["run"]
+      assert (sorted(os.listdir(workdir)),
+              open(os.path.join(workdir, "metrics.jsonl")).read()) == before
+    # The run holds its folder while it trains, and lets go when it ends.
+    held = []
+    train_lib.train_and_evaluate(tiny_config(max_steps=1), str(tmp_path / "other"),
+                                 data=tiny_data, hooks=[lambda step: held.append(
+                                     _is_locked(str(tmp_path / "other")))])
+    assert held == [True] and not _is_locked(str(tmp_path / "other"))
+  finally:
+    os.close(other)
+  train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)  # Resumes.
+
+
+def _is_locked(path: str) -> bool:
+  import fcntl
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(fd)
