@@ -285,9 +285,9 @@ def lock_workdir(workdir: str) -> int | None:
   Two training processes in one workdir (the same command started twice) would
   interleave their checkpoints and records, so the second is refused. The lock is
   the folder's own ``flock``: nothing is written, and the system drops it when the
-  process ends, however it ends. Where the system or file system has no such locks
-  (Windows, some network mounts) the run goes on unguarded and this returns None.
-  Close the descriptor to release it.
+  process ends, however it ends. Close the descriptor to release it. Without
+  ``fcntl`` (Windows) this returns None; a file system that refuses the lock (some
+  network mounts) leaves the run unguarded, with the descriptor still returned.
   """
   try:
     import fcntl
@@ -473,8 +473,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
                                                     jnp.asarray(step, jnp.int32))
     step += 1
     if first_step:
-      # The one host sync outside evaluations: the first step compiles (on a GPU, with
-      # autotuning, a minute or more), which the epoch's images/s and ETA leave out.
+      # The one host sync outside evaluations and checkpoints: the first step compiles
+      # (on a GPU, with autotuning, a minute or more), which images/s and the ETA leave out.
       jax.block_until_ready(new_metrics)
       log.info("compiled and ran the first training step in %.1fs",
                time.time() - progress.epoch_start)
