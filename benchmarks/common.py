@@ -21,17 +21,11 @@ def environment(**versions: str) -> dict:
   A figure measured under load (another process on the CPU) reads very
   differently, so the 1/5/15-minute load averages go with every result.
   """
-  import logging
-
   import flax
   import jax
   import numpy as np
 
   from ferjax import hostmem
-
-  # jax.devices() below would log, at INFO, each backend it tried and could not load
-  # ("Unable to initialize backend 'tpu'") above the benchmark's table.
-  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
   return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg(),
           "machine": f"{cpu_model()}, {os.cpu_count()} cores",

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 from ferjax import cli
@@ -104,7 +104,7 @@ def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)  # JAX's backend notes would land inside the table.
+  cli.quiet_libraries()  # Library notes would land inside the table.
   rng = np.random.default_rng(0)
   results = {"date": time.strftime("%Y-%m-%d"), "load_average": os.getloadavg(), "models": {}}
   print(f"{'model':<12}{'what':<22}{'nnx.jit ms':>12}{'functional ms':>15}{'ratio':>8}")

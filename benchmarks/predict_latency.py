@@ -24,7 +24,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 from benchmarks.common import environment, fit, write_results
@@ -121,7 +121,7 @@ def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)  # Checkpoint restore logs would bury the table.
+  cli.quiet_libraries()  # Library notes would land inside the table.
   results = {**environment(), "settings": {
       "calls": _CALLS.value, "big_calls": _BIG_CALLS.value, "warmup": _WARMUP.value,
       "big_batch": _BIG_BATCH.value}, "models": {}}

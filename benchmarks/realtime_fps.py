@@ -28,7 +28,7 @@ import sys
 import time
 
 import cv2
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
 from benchmarks.common import environment, write_results
@@ -142,7 +142,7 @@ def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)  # Checkpoint restore logs would bury the table.
+  cli.quiet_libraries()  # Library notes would land inside the table.
   results = environment(opencv=cv2.__version__)
   frames, clip_fps, decode_ms = read_clip(_SOURCE.value)
   predictor, model = load_predictor()

@@ -51,6 +51,7 @@ def _start(cache_dir: str, cache_on: bool) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.quiet_libraries()  # Library notes would land inside the table.
   results = {"command": " ".join(_COMMAND[1:]), **environment(), "runs": []}
   # The timed command keeps freed memory itself (ferjax/hostmem.py) unless this opts out;
   # this process's own setting, which environment() records, says nothing about it.

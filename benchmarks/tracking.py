@@ -16,7 +16,7 @@ benchmarks/results/tracking.json.
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from benchmarks.common import environment, fit, write_results
 from ferjax import cli
@@ -59,7 +59,7 @@ def run(grays, detector: FaceDetector, redetect_every: int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
+  cli.quiet_libraries()  # Library notes would land inside the table.
   detector = FaceDetector()
   results = environment(detector=repr(detector), clips={})
   print(f"{'clip':<40}{'redetect':>9}{'faces':>7}{'same':>6}{'extra':>6}{'detect ms':>11}")

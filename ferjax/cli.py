@@ -22,6 +22,15 @@ def setup_logging(verbose: bool = False) -> None:
   ours.handlers[:] = [handler]
   ours.setLevel(logging.DEBUG if verbose else logging.INFO)
   ours.propagate = False
+  quiet_libraries()
+
+
+def quiet_libraries() -> None:
+  """Library chatter (absl, orbax, JAX's backend search) at WARNING only.
+
+  The benchmarks call it alone, so their tables are not interleaved with, say,
+  "Unable to initialize backend 'tpu'" or checkpoint-restore notes.
+  """
   for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # Orbax warns for every checkpoint saved without eval metrics (our mid-epoch
