@@ -263,33 +263,58 @@ def _make_parent(path: str) -> None:
     raise OutputError(f"{parent}: cannot create this folder ({e.strerror})") from None
 
 
-def write_json(path: str, data: dict) -> None:
-  """Writes ``data`` as indented JSON, creating the file's folder.
+class ResultsJSON:
+  """The run's record as JSON: its header, one entry per analysed frame, its summary.
 
-  Args:
-    path: the JSON file.
-    data: JSON-ready contents.
-
-  Raises:
-    OutputError: the file or its folder cannot be written.
+  Frames go to the file as they come (a hidden partial file beside ``path``), so
+  a long camera run keeps none of them in memory; :meth:`close` adds the summary
+  and moves the file into place.
   """
-  _make_parent(path)
-  partial = _partial_path(path)
-  try:
-    with open(partial, "w") as f:
-      json.dump(data, f, indent=1)
-    os.replace(partial, path)
-  except BaseException as e:  # Ctrl-C too (a long run's JSON takes a while): no partial left.
-    with contextlib.suppress(OSError):
-      os.remove(partial)
-    if isinstance(e, OSError):
+
+  def __init__(self, path: str, header: dict):
+    _make_parent(path)
+    self.path = path
+    self.frames = 0
+    try:
+      # File names in another encoding than UTF-8 are escaped by json.dumps (ASCII output).
+      self._file = open(_partial_path(path), "w")
+    except OSError as e:
       raise OutputError(f"{path}: cannot write ({e.strerror})") from None
-    raise
+    try:
+      self._write("{\n" + "".join(f" {json.dumps(k)}: {json.dumps(v)},\n"
+                                   for k, v in header.items()) + ' "frames": [')
+    except BaseException:
+      self.close(commit=False)
+      raise
 
+  def _write(self, text: str) -> None:
+    try:
+      self._file.write(text)
+    except OSError as e:
+      raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
 
-# ----------------------------------------------------------------------------
-# Window
-# ----------------------------------------------------------------------------
+  def write(self, record: dict) -> None:
+    """Adds one frame's entry (JSON-ready)."""
+    self._write(("\n  " if self.frames == 0 else ",\n  ") + json.dumps(record))
+    self.frames += 1
+
+  def close(self, commit: bool = True, summary: dict | None = None) -> None:
+    """Ends the file with ``summary``; ``commit=False`` (a failed run) discards it."""
+    try:
+      if commit:
+        self._write(("\n ]" if self.frames else "]") + f',\n "summary": {json.dumps(summary)}\n}}\n')
+      try:
+        self._file.close()  # Flushes: a full disk shows here.
+      except OSError as e:
+        raise OutputError(f"{self.path}: cannot write ({e.strerror})") from None
+    except BaseException:
+      commit = False
+      raise
+    finally:
+      if not self._file.closed:
+        with contextlib.suppress(OSError):
+          self._file.close()
+      _finish(_partial_path(self.path), self.path, commit)
 
 
 def display_available() -> tuple[bool, str]:

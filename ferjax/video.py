@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from ferjax.annotate import (VIDEO_CODECS, AnnotatedImageWriter, AnnotatedVideoWriter,
-                             OutputError, ResultsCSV, display_available, draw_results,
-                             write_json)
+                             OutputError, ResultsCSV, ResultsJSON, display_available,
+                             draw_results)
 from ferjax.errors import ConfigError, is_whole
 from ferjax.faces import Box, FaceDetector, should_track, to_gray
 from ferjax.sources import DEMO_CLIP, IMAGE_EXTENSIONS, FrameSource, open_source
@@ -444,7 +444,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
       camera or video input; a folder for image input (or an image file when
       the input is one image).
     csv_path: one row per face per analysed frame.
-    json_path: one entry per analysed frame (written at the end) plus the summary.
+    json_path: the settings, one entry per analysed frame (written as the run
+      goes, not held in memory) and the summary.
     display: show a window; falls back to headless, with a warning, where
       there is no display.
     every: run detection and the model every N-th video frame, reusing the
@@ -470,7 +471,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
 
   check_outputs(source, output=output, csv=csv_path, json=json_path)
   src = open_source(source)
-  writer = table = None
+  writer = table = record = None
+  summary = None
   finished = False  # Outputs replace earlier files only when the run ends normally.
   try:
     if display:
@@ -485,7 +487,11 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
       else:
         writer = AnnotatedVideoWriter(output, src.fps or 30.0)
     table = ResultsCSV(csv_path, predictor.class_names) if csv_path else None
-    records = [] if json_path else None
+    if json_path:
+      record = ResultsJSON(json_path, {
+          "source": src.description, "class_names": list(predictor.class_names),
+          "checkpoint": getattr(predictor, "checkpoint", None), "every": every,
+          "redetect_every": redetect_every})
     # After the outputs are checked (a bad name fails fast), before the first frame (so
     # compiling is not counted as frame time).
     compile_seconds = predictor.warmup()
@@ -506,12 +512,12 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
         last_tick = now
         if result.analyzed and on_result is not None:
           on_result(result)
-        if result.analyzed and (table is not None or records is not None):
+        if result.analyzed and (table is not None or record is not None):
           with stats.time("write"):
             if table is not None:
               table.write(result)
-            if records is not None:
-              records.append(_frame_record(result, predictor.class_names))
+            if record is not None:
+              record.write(_frame_record(result, predictor.class_names))
         if not want_drawing:
           continue
         with stats.time("draw"):
@@ -542,6 +548,10 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     finally:
       stats.stop()
       frames.close()
+    summary = stats.summary()
+    summary.update(compile_seconds=round(compile_seconds, 3),
+                   batch_sizes=list(getattr(predictor, "batch_sizes", ())),
+                   source=src.description, displayed=bool(display), skipped=list(src.skipped))
     finished = True
   finally:
     # Each step runs even if an earlier one fails. After a normal run the first failure
@@ -549,21 +559,13 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     _run_all(raise_first=finished, steps=[
         (lambda: writer.close(commit=finished)) if writer is not None else None,
         (lambda: table.close(commit=finished)) if table is not None else None,
+        (lambda: record.close(commit=finished, summary=summary)) if record is not None else None,
         cv2.destroyAllWindows if display else None,
         src.close,
     ])
-  summary = stats.summary()
-  summary.update(compile_seconds=round(compile_seconds, 3),
-                 batch_sizes=list(getattr(predictor, "batch_sizes", ())), source=src.description,
-                 displayed=bool(display), skipped=list(src.skipped))
   # An annotated output that got no frame (e.g. a source that ended at once) was not written.
-  files = [p for p in (output if writer is not None and writer.frames else None, csv_path) if p]
-  if records is not None:
-    write_json(json_path, {"source": src.description, "class_names": list(predictor.class_names),
-                           "checkpoint": getattr(predictor, "checkpoint", None), "every": every,
-                           "redetect_every": redetect_every,
-                           "summary": summary, "frames": records})
-    files.append(json_path)
+  files = [p for p in (output if writer is not None and writer.frames else None, csv_path,
+                       json_path) if p]
   summary["files"] = files
   return summary
 

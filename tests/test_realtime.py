@@ -163,6 +163,35 @@ def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
   data = json.loads(record.read_text())
   assert len(data["frames"]) == CLIP_FRAMES and data["summary"]["faces"] == summary["faces"]
   assert data["class_names"] == list(predictor.class_names)
+  assert data["every"] == 1 and data["redetect_every"] == video.REDETECT_EVERY
+
+
+def test_the_json_record_streams_its_frames_and_replaces_the_file_only_at_the_end(tmp_path):
+  path = tmp_path / "faces.json"
+  path.write_text("previous record")
+  partial = tmp_path / ".faces.json.partial.json"
+  header = {"source": "caf\u00e9 \udce9.mp4", "every": 2, "checkpoint": None}
+  frames = [{"frame": i, "image": None, "faces": [{"label": "happy", "probs": [0.5, 0.25]}]}
+            for i in range(5000)]
+  record = annotate.ResultsJSON(str(path), header)
+  for frame in frames:
+    record.write(frame)
+  # The frames are on disk, not held back in memory, and the old file is still in place.
+  assert partial.stat().st_size > 200_000 and path.read_text() == "previous record"
+  record.close(summary={"frames": 5000, "fps": 31.5})
+  assert json.loads(path.read_text()) == {**header, "frames": frames,
+                                          "summary": {"frames": 5000, "fps": 31.5}}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.json"]
+
+  empty = annotate.ResultsJSON(str(path), {"source": "demo"})
+  empty.close(summary={"frames": 0})
+  assert json.loads(path.read_text()) == {"source": "demo", "frames": [],
+                                          "summary": {"frames": 0}}
+  failed = annotate.ResultsJSON(str(path), {"source": "demo"})
+  failed.write({"frame": 0})
+  failed.close(commit=False)
+  assert json.loads(path.read_text())["frames"] == []
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["faces.json"]
 
 
 def test_image_folder_skips_non_images_with_a_warning(predictor, clip_frames, tmp_path,
@@ -554,11 +583,16 @@ def test_an_interrupted_camera_run_ends_normally_and_keeps_its_outputs(monkeypat
     if result.index == 3:
       raise KeyboardInterrupt  # Ctrl-C: how a headless camera run is stopped.
 
-  summary = video.run_pipeline(0, predictor, csv_path=str(table), on_result=interrupt)
-  assert summary["frames"] == 4 and summary["files"] == [str(table)]
+  record = tmp_path / "faces.json"
+  summary = video.run_pipeline(0, predictor, csv_path=str(table), json_path=str(record),
+                               on_result=interrupt)
+  assert summary["frames"] == 4 and summary["files"] == [str(table), str(record)]
   with open(table, newline="") as f:
     # Frame 3 was interrupted before its row was written.
     assert [row["frame"] for row in csv.DictReader(f)] == ["0", "1", "2"]
+  data = json.loads(record.read_text())
+  assert [frame["frame"] for frame in data["frames"]] == [0, 1, 2]
+  assert data["summary"]["frames"] == 4 and data["source"] == "camera 0"
 
 
 def test_pgm_images_get_grey_annotated_copies(predictor, tmp_path, clip_frames):
@@ -663,7 +697,7 @@ def test_outputs_that_cannot_be_written_fail_before_the_first_frame(predictor, t
   out = tmp_path / "out.mp4"
   out.write_bytes(b"previous video")
   (tmp_path / "notes.txt").write_text("a file, not a folder")
-  # The JSON is written last: found only after the whole run, which had replaced out.mp4.
+  # Checked before the first frame (the JSON used to be written after the video was in place).
   with pytest.raises(annotate.OutputError, match="notes.txt is not a folder"):
     video.run_pipeline(CLIP, predictor, output=str(out),
                        json_path=str(tmp_path / "notes.txt" / "faces.json"))
@@ -755,13 +789,17 @@ def test_ctrl_c_while_a_file_is_written_leaves_no_partial_file(monkeypatch, pred
   monkeypatch.setattr(cv2, "VideoWriter", writer)
   with pytest.raises(KeyboardInterrupt):
     video.run_pipeline(CLIP, predictor, output=str(tmp_path / "out.mp4"))
-  real_dump = json.dump
+  record = annotate.ResultsJSON(str(tmp_path / "faces.json"), {"source": "demo"})
+  record.write({"frame": 0, "faces": []})
+  real_dumps = json.dumps
 
-  def dump(data, f, **kwargs):
-    real_dump(data, f, **kwargs)
-    raise KeyboardInterrupt
+  def dumps(data, **kwargs):  # SIGINT while the summary is written.
+    text = real_dumps(data, **kwargs)
+    if "fps" in data:
+      raise KeyboardInterrupt
+    return text
 
-  monkeypatch.setattr(annotate.json, "dump", dump)
+  monkeypatch.setattr(annotate.json, "dumps", dumps)
   with pytest.raises(KeyboardInterrupt):
-    annotate.write_json(str(tmp_path / "faces.json"), {"frames": []})
+    record.close(summary={"fps": 30.0})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated", "photos"]
