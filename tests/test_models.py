@@ -78,6 +78,22 @@ def test_attention_weights_are_distributions(name, keys):
     np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["dnn", "acnn_alstm"])
+@pytest.mark.parametrize("x, message", [
+    # uint8 faces without preprocess: before, they ran to meaningless logits, silently.
+    (np.zeros((2, 48, 48, 1), np.uint8), r"model input must be float.*got uint8.*preprocess"),
+    # One face without its batch axis, grey faces without the channel axis: before, a
+    # "not enough values to unpack" from a reshape and a convolution's feature-size error.
+    (np.zeros((48, 48, 1), np.float32), r"must be \(B, H, W, 1\), got shape \(48, 48, 1\)"),
+    (np.zeros((2, 48, 48), np.float32), r"must be \(B, H, W, 1\), got shape \(2, 48, 48\)"),
+])
+def test_model_input_of_the_wrong_dtype_or_shape_is_refused(name, x, message):
+  model = tiny(name)
+  for call in (model, model.forward):
+    with pytest.raises(ValueError, match=message):
+      call(x)
+
+
 def test_lstm_runs_over_36_steps_and_every_position_matters():
   model = tiny("acnn_alstm")
   model.eval()

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ferjax.models.layers import AdditiveAttention, ConvBlock, StackedLSTM, max_pool_2x2
+from ferjax.models.layers import (AdditiveAttention, ConvBlock, StackedLSTM, check_model_input,
+                                  max_pool_2x2)
 
 
 class ConvTrunk(nnx.Module):
@@ -80,7 +81,12 @@ class AttentionLSTM(nnx.Module):
     The dict holds ``alpha`` ``(B, N)`` over the N = h*w trunk positions (local
     attention) and ``beta`` ``(B, T)`` over the LSTM steps (global attention),
     for the attentions the model has.
+
+    Raises:
+      ValueError: input that is not float ``(B, H, W, 1)`` (e.g. uint8 faces
+        not passed through :func:`ferjax.preprocess.preprocess`).
     """
+    check_model_input(x_BxHxWx1)
     return self.head(self.trunk(x_BxHxWx1))
 
   def head(self, fmap_BxhxwxD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

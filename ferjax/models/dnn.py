@@ -12,7 +12,7 @@ import math
 import jax
 from flax import nnx
 
-from ferjax.models.layers import LocalResponseNorm, he_normal, max_pool_same
+from ferjax.models.layers import LocalResponseNorm, check_model_input, he_normal, max_pool_same
 
 
 class DNN(nnx.Module):
@@ -32,7 +32,13 @@ class DNN(nnx.Module):
     self.classifier = nnx.Linear(fc_sizes[1], num_classes, rngs=rngs)
 
   def forward(self, x_BxHxWx1: jax.Array) -> tuple[jax.Array, dict]:
-    """Returns logits ``(B, C)`` and an empty dict (no attention in this model)."""
+    """Returns logits ``(B, C)`` and an empty dict (no attention in this model).
+
+    Raises:
+      ValueError: input that is not float ``(B, H, W, 1)`` (e.g. uint8 faces
+        not passed through :func:`ferjax.preprocess.preprocess`).
+    """
+    check_model_input(x_BxHxWx1)
     x = jax.nn.relu(self.conv1(x_BxHxWx1))
     x = self.norm1(max_pool_same(x))
     x = jax.nn.relu(self.conv2(x))

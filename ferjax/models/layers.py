@@ -19,6 +19,24 @@ from flax import nnx
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
+def check_model_input(x_BxHxWxC: jax.Array, channels: int = 1) -> None:
+  """Raises ValueError unless ``x`` is float ``(B, H, W, channels)`` model input.
+
+  Catches two easy slips before they turn into wrong logits or an error from
+  deep inside a convolution: uint8 faces passed without
+  :func:`ferjax.preprocess.preprocess` (they would run, unstandardised, to
+  meaningless logits), and faces without the batch or channel axis.
+  """
+  shape, dtype = jnp.shape(x_BxHxWxC), jnp.result_type(x_BxHxWxC)
+  if len(shape) != 4 or shape[-1] != channels:
+    raise ValueError(f"model input must be (B, H, W, {channels}), got shape {tuple(shape)}; "
+                     f"add a batch axis for one face (x[None]) and a channel axis for grey "
+                     f"(B, H, W) faces (x[..., None])")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"model input must be float, as ferjax.preprocess.preprocess returns, got "
+                     f"{dtype}; call model(preprocess(faces_uint8))")
+
+
 def _windows_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   b, h, w, c = x_BxHxWxC.shape
   return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c)
