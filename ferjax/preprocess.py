@@ -18,6 +18,16 @@ def preprocess(images):
 
   Returns:
     float32 array of the same shape, ``(x / 255 - mean) / std``.
+
+  Raises:
+    ValueError: images that are not uint8; floats (already scaled to [0, 1]
+      or standardised) would be scaled again, to wrong model input.
   """
-  x = jnp.asarray(images).astype(jnp.float32) * (1.0 / 255.0)
+  x = jnp.asarray(images)
+  if x.dtype != jnp.uint8:
+    got = getattr(images, "dtype", x.dtype)  # int64 as given, not JAX's int32.
+    raise ValueError(f"preprocess takes uint8 faces (0..255), got {got}; it does the "
+                     "scaling and standardising itself, so pass the faces as loaded "
+                     "(ferjax.data.FerData.images)")
+  x = x.astype(jnp.float32) * (1.0 / 255.0)
   return (x - PIXEL_MEAN) * (1.0 / PIXEL_STD)

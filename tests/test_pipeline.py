@@ -71,6 +71,14 @@ def test_preprocess_standardises():
                              [(0 - PIXEL_MEAN) / PIXEL_STD, (1 - PIXEL_MEAN) / PIXEL_STD], rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int64])
+def test_preprocess_refuses_faces_that_are_not_uint8(dtype):
+  # Before: float faces already in [0, 1] were divided by 255 again and standardised to a
+  # near-constant image, silently.
+  with pytest.raises(ValueError, match=f"preprocess takes uint8 faces.*got {np.dtype(dtype)}"):
+    preprocess(np.zeros((1, 48, 48, 1), dtype))
+
+
 def test_augment_is_deterministic_given_key_and_jittable():
   x = preprocess(_data(4)[0])
   config = aug.AugmentConfig(erase_prob=0.5)
