@@ -175,8 +175,10 @@ class Predictor:
     """Class probabilities for already-cropped faces (no detection).
 
     Args:
-      crops: uint8 ``(N, 48, 48)`` or ``(N, 48, 48, 1)`` faces, or one
-        ``(48, 48)`` face; e.g. from :meth:`ferjax.faces.FaceDetector.crops`.
+      crops: uint8 ``(N, 48, 48)`` or ``(N, 48, 48, 1)`` faces (an array or a
+        list of faces), or one ``(48, 48)`` or ``(48, 48, 1)`` face; e.g. from
+        :meth:`ferjax.faces.FaceDetector.crops` or ``FerData.images``. Colour
+        crops go through :func:`ferjax.faces.to_gray` first.
       attention: also return the model's attention weights.
 
     Returns:
@@ -188,16 +190,26 @@ class Predictor:
     Raises:
       ValueError: crops of another shape or dtype.
     """
-    crops_Nx48x48 = np.asarray(crops)
+    try:
+      crops_Nx48x48 = np.asarray(crops)
+    except ValueError:  # A list of faces of different shapes.
+      shapes = sorted({np.shape(c) for c in crops})
+      raise ValueError(f"face crops must all be ({FACE_SIZE}, {FACE_SIZE}[, 1]), got a list "
+                       f"with shapes {', '.join(map(str, shapes))}") from None
     if crops_Nx48x48.shape == (0,):  # An empty list: a frame without faces.
       crops_Nx48x48 = np.zeros((0, FACE_SIZE, FACE_SIZE), np.uint8)
+    if crops_Nx48x48.shape == (FACE_SIZE, FACE_SIZE, 1):  # One face, as FerData.images[i].
+      crops_Nx48x48 = crops_Nx48x48[..., 0]
     if crops_Nx48x48.ndim == 2:
       crops_Nx48x48 = crops_Nx48x48[None]
     if crops_Nx48x48.ndim == 4 and crops_Nx48x48.shape[-1] == 1:
       crops_Nx48x48 = crops_Nx48x48[..., 0]
     if crops_Nx48x48.ndim != 3 or crops_Nx48x48.shape[1:] != (FACE_SIZE, FACE_SIZE):
-      raise ValueError(f"face crops must be (N, {FACE_SIZE}, {FACE_SIZE}[, 1]), got shape "
-                       f"{np.shape(crops)}")
+      colour = crops_Nx48x48.ndim in (3, 4) and crops_Nx48x48.shape[-1] in (3, 4)
+      raise ValueError(f"face crops must be (N, {FACE_SIZE}, {FACE_SIZE}[, 1]) or one "
+                       f"({FACE_SIZE}, {FACE_SIZE}[, 1]) face, got shape {np.shape(crops)}"
+                       + ("; convert colour crops to grey with ferjax.faces.to_gray"
+                          if colour else ""))
     if crops_Nx48x48.dtype != np.uint8:
       # Scaling is part of preprocess; floats here would be scaled twice or not at all.
       raise ValueError(f"face crops must be uint8 (0..255), got {crops_Nx48x48.dtype}")

@@ -152,6 +152,23 @@ def test_bad_tracking_settings_are_refused():
     FaceDetector(track_scale=0.9)
 
 
+def test_predictor_takes_one_face_with_its_channel_axis_and_names_bad_crops():
+  from ferjax.models import create_model
+
+  model = create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), **TINY_MODEL)
+  predictor = Predictor.from_model(model, [str(i) for i in range(7)], max_faces=2)
+  faces_Nx48x48x1 = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 1), dtype=np.uint8)
+  # Before: FerData.images[i], one (48, 48, 1) face, was refused though (48, 48) was taken.
+  np.testing.assert_allclose(predictor.predict_faces(faces_Nx48x48x1[1]),
+                             predictor.predict_faces(faces_Nx48x48x1)[1:], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"got shape \(48, 48, 3\); convert colour crops to "
+                                       r"grey with ferjax.faces.to_gray"):
+    predictor.predict_faces(np.zeros((48, 48, 3), np.uint8))
+  # Before: numpy's "inhomogeneous shape" error.
+  with pytest.raises(ValueError, match=r"a list with shapes \(40, 40\), \(48, 48\)"):
+    predictor.predict_faces([np.zeros((48, 48), np.uint8), np.zeros((40, 40), np.uint8)])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_faces=2.5), "max_faces must be a whole number of at least 1, got 2.5"),
     (dict(min_neighbors=2.5), "min_neighbors must be a whole number of at least 0, got 2.5"),
