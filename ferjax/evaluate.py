@@ -195,7 +195,9 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     checkpoint: ``best``, ``latest`` or a step.
     split: split to report; default the run's test split (PrivateTest).
     tta: ``none``, ``flip`` or ``ten_crop``.
-    data: a loaded :class:`ferjax.data.FerData` (else read from ``data_path``).
+    data: a loaded :class:`ferjax.data.FerData` (else read from ``data_path``);
+      the whole data set, or one holding the reported split only (e.g.
+      ``data.split("PrivateTest")``).
     data_path: FER2013 in any supported form (default ``$FER2013_PATH``).
     ferplus_path: ``fer2013new.csv`` when the run used FER+ labels.
     batch_size: the fixed evaluation batch (the last one is padded and masked).
@@ -362,7 +364,13 @@ def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, o
                       f"{list(meta['class_names'])}, the data has {list(data.class_names)}; "
                       "pass data with the checkpoint's labels (ferjax.data.with_ferplus_labels "
                       "for FER+)")
-  config, data = resolve_splits(config, data)
+  try:
+    config, data = resolve_splits(config, data)
+  except ConfigError:
+    # Data without the run's training splits, as data.split("PrivateTest") passed from
+    # Python: evaluation needs the reported split only.
+    split = split or config.test_split
+    return data.split(split), split
   split = split or config.test_split
   return data.split(split), split
 

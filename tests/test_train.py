@@ -522,6 +522,18 @@ def test_evaluate_checks_its_arguments_and_the_datas_label_set(tmp_path, tiny_da
   assert not os.path.exists(out)
 
 
+def test_evaluate_takes_data_holding_only_the_reported_split(tmp_path, tiny_data):
+  from ferjax.inference import default_weights_dir
+  weights, out = default_weights_dir(), str(tmp_path / "out")
+  whole = evaluate_checkpoint(weights, data=tiny_data, output_dir=out)
+  # Before: ConfigError "--train_split=Training: the data has splits PrivateTest".
+  alone = evaluate_checkpoint(weights, data=tiny_data.split("PrivateTest"), output_dir=out)
+  assert alone["split"] == "PrivateTest" and alone["num_examples"] == 21
+  assert alone["accuracy"] == whole["accuracy"] and alone["confusion"] == whole["confusion"]
+  with pytest.raises(DataError, match="no split named 'PrivateTest'; this data has PublicTest"):
+    evaluate_checkpoint(weights, data=tiny_data.split("PublicTest"), output_dir=out)
+
+
 _RUNNER = textwrap.dedent("""
     import os, signal, sys, json
     import numpy as np, jax
