@@ -75,3 +75,8 @@ def __getattr__(name: str):
     import importlib
     return getattr(importlib.import_module(_EXPORTS[name]), name)
   raise AttributeError(f"module 'ferjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  # The lazy public names too, so that a notebook's tab completion offers them.
+  return sorted(set(globals()) | set(__all__))

@@ -60,3 +60,6 @@ def test_public_names_resolve_lazily():
   code = ("import sys, ferjax; assert 'jax' not in sys.modules; "
           "print(all(callable(getattr(ferjax, n)) for n in ferjax.__all__ if n != '__version__'))")
   assert _flags(code) == "True"
+  # Before: dir(ferjax), which tab completion reads, lacked every lazy name (Predictor, ...).
+  code = "import sys, ferjax; print(set(ferjax.__all__) <= set(dir(ferjax)), 'jax' in sys.modules)"
+  assert _flags(code) == "True False"
