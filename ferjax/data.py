@@ -92,6 +92,30 @@ class FerData:
   skipped: tuple[DataError, ...] = ()
   csv_rows: bool = True
 
+  def __post_init__(self):
+    # Checked here for a FerData made by hand from one's own arrays: a wrong shape or an
+    # out-of-range label would otherwise fail deep in training or in the metrics (an
+    # unpacking error, an IndexError). Lists are taken as arrays.
+    for name in ("images", "labels", "splits", "rows"):
+      object.__setattr__(self, name, np.asarray(getattr(self, name)))
+    where = self.source or "FerData"
+    size = IMAGE_SIZE
+    if self.images.shape[1:] != (size, size, 1) or self.images.dtype != np.uint8:
+      raise DataError(f"images must be uint8 (N, {size}, {size}, 1) grey faces, got "
+                      f"{self.images.dtype} {self.images.shape}", path=where)
+    n = len(self.images)
+    for name in ("labels", "splits", "rows"):
+      if getattr(self, name).shape != (n,):
+        raise DataError(f"{name} must have shape ({n},), one per image, got "
+                        f"{getattr(self, name).shape}", path=where)
+    if not np.issubdtype(self.labels.dtype, np.integer) and n:
+      raise DataError(f"labels must be integers (class indices), got {self.labels.dtype}",
+                      path=where)
+    if n and not 0 <= self.labels.min() <= self.labels.max() < len(self.class_names):
+      raise DataError(f"labels must lie in 0..{len(self.class_names) - 1} (class_names "
+                      f"{', '.join(self.class_names)}), got {self.labels.min()}.."
+                      f"{self.labels.max()}", path=where)
+
   def __len__(self) -> int:
     return len(self.labels)
 

@@ -105,6 +105,26 @@ def test_held_out_split_is_stratified_disjoint_and_repeatable():
     d.with_held_out("train", "test", 0.1)
 
 
+@pytest.mark.parametrize("change, message", [
+    # Before, each failed deep inside train_and_evaluate: "not enough values to unpack", an
+    # IndexError in the loss, and so on.
+    (dict(images=np.zeros((4, 48, 48), np.uint8)),
+     r"images must be uint8 \(N, 48, 48, 1\) grey faces, got uint8 \(4, 48, 48\)"),
+    (dict(images=np.zeros((4, 48, 48, 1), np.float32)), r"got float32 \(4, 48, 48, 1\)"),
+    (dict(labels=np.array([0, 1, 7, 2])), r"labels must lie in 0..6 .*got 0..7"),
+    (dict(labels=np.zeros(4, np.float32)), "labels must be integers"),
+    (dict(splits=np.array(["Training"] * 3)), r"splits must have shape \(4,\), one per image"),
+])
+def test_a_hand_made_ferdata_is_checked(change, message):
+  base = dict(images=np.zeros((4, 48, 48, 1), np.uint8), labels=np.arange(4, dtype=np.int32),
+              splits=np.array(["Training"] * 4), rows=np.arange(4, dtype=np.int32))
+  with pytest.raises(DataError, match=message):
+    data_lib.FerData(**{**base, **change})
+  # Lists are taken as arrays (before: a list of splits failed in split() on a bool).
+  d = data_lib.FerData(**{**base, "splits": ["Training", "PublicTest"] * 2, "labels": [0, 1, 2, 3]})
+  assert len(d.split("PublicTest")) == 2 and d.labels.dtype.kind == "i"
+
+
 def test_image_folder_keeps_split_from_msambare_names(tmp_path, cache_dir):
   img = _expected_images(1)[0, ..., 0]
   for split, name in (("train", "Training_1.jpg"), ("test", "PublicTest_2.jpg"),
