@@ -158,10 +158,12 @@ def format_metrics(metrics: dict, title: str = "") -> str:
 
 
 def make_predict_fn(model, tta: str = "none") -> Callable[[np.ndarray], jax.Array]:
-  """A jitted ``uint8 faces → probabilities`` function for a model in eval mode.
+  """A jitted ``uint8 faces → probabilities`` function of a model, in eval mode.
 
   The model's state is split out once and passed to ``jax.jit`` as data (the
-  functional form: no per-call graph traversal).
+  functional form: no per-call graph traversal). The predictions are the eval
+  mode's (dropout off, BatchNorm on its running statistics) whatever mode
+  ``model`` is in; ``model`` itself is left in its mode.
   """
   from flax import nnx
 
@@ -171,7 +173,11 @@ def make_predict_fn(model, tta: str = "none") -> Callable[[np.ndarray], jax.Arra
 
   @jax.jit
   def predict(state, images):
-    return predict_probs(nnx.merge(graphdef, state), images, tta)
+    copy = nnx.merge(graphdef, state)
+    # A model still in train mode (as create_model returns it) would otherwise predict
+    # with dropout and batch statistics, silently.
+    copy.eval()
+    return predict_probs(copy, images, tta)
 
   return lambda images: predict(state, images)
 

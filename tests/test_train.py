@@ -119,6 +119,17 @@ def test_evaluation_is_exact_with_a_ragged_last_batch(tiny_data):
   assert sum(map(sum, m["confusion"])) == 21
 
 
+def test_make_predict_fn_predicts_in_eval_mode_and_leaves_the_models_mode(tiny_data):
+  model = train_lib.build_model(tiny_config(), 7)  # In train mode, as create_model returns it.
+  faces = tiny_data.images[:4]
+  in_train_mode = np.asarray(make_predict_fn(model)(faces))
+  assert not model.dropout.deterministic  # Left in train mode.
+  model.eval()
+  # Before: the train-mode model predicted with dropout and batch statistics, silently.
+  np.testing.assert_allclose(in_train_mode, np.asarray(make_predict_fn(model)(faces)),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_predict_dataset_logs_progress_when_labelled(tiny_data, caplog):
   images = tiny_data.split("PrivateTest").images  # 21 faces: batches of 8, 8 and 5.
   uniform = jax.jit(lambda x: jnp.full((x.shape[0], 7), 1 / 7))
