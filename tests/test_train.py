@@ -958,6 +958,17 @@ def test_a_resumed_student_keeps_the_teacher_predictions_it_started_with(tmp_pat
   np.testing.assert_allclose(again, fresh, atol=1e-6)
   with np.load(saved_file) as saved:
     assert saved["steps"].tolist() == [3]
+  # Nor is a file saved for other training data or other teachers: predicted again, warned.
+  relabelled = train.select(np.arange(len(train)))
+  relabelled.labels[0] = (relabelled.labels[0] + 1) % 7
+  renamed = [(str(tmp_path / "teacher.old"), model, meta) for _, model, meta in teachers]
+  for split, teacher_list in ((relabelled, teachers), (train, renamed)):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ferjax"):
+      train_lib._training_targets(config, split, tiny_data.class_names, teacher_list,
+                                  workdir=student)
+    assert "does not match these teachers or this training data; predicting again" in caplog.text
+    assert "distilling from" in caplog.text and "reusing" not in caplog.text
 
 
 def test_a_student_distils_from_another_runs_saved_predictions(tmp_path, tiny_data, caplog):
