@@ -336,6 +336,20 @@ def test_after_a_reported_error_abandoned_coroutines_print_nothing(monkeypatch):
   assert len(seen) == 1 and "not a coroutine" in str(seen[0].exc_value)
 
 
+def test_ctrl_c_in_an_entrypoint_exits_with_status_130(capsys):
+  # What the README promises for a video-file or image run cut short with Ctrl-C.
+  from ferjax import cli
+
+  @cli.exit_on_errors
+  def main():
+    raise KeyboardInterrupt
+
+  with pytest.raises(SystemExit) as exit_info:
+    main()
+  assert exit_info.value.code == 130
+  assert capsys.readouterr().err.strip() == "interrupted"
+
+
 def test_benchmark_tables_cut_long_names_in_the_middle():
   # The shipped weights' absolute path hid the checkpoint step in predict_latency's table,
   # and clip names lost their extension in tracking's.
