@@ -268,6 +268,12 @@ def test_parameter_counts_match_the_architecture():
   assert _count(no_local) == trunk + lstm + attention(hs) + head
   plain = models.create_model("cnn_lstm", num_classes=7, rngs=nnx.Rngs(0))
   assert _count(plain) == trunk + lstm + head
+  # vgg_alstm: two BN convs per stage (32-64-128-256), LSTM(256), attentions of size 128.
+  widths, hs = (32, 32, 64, 64, 128, 128, 256, 256), 256
+  trunk = sum(9 * cin * cout + 2 * cout for cin, cout in zip((1,) + widths[:-1], widths))
+  lstm = 256 * 4 * hs + 4 * hs + hs * 4 * hs
+  vgg = nnx.eval_shape(lambda: models.create_model("vgg_alstm", num_classes=7, rngs=nnx.Rngs(0)))
+  assert _count(vgg) == trunk + attention(256) + lstm + attention(hs) + hs * 7 + 7
 
 
 def test_unknown_model_and_option_errors():
