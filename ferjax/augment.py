@@ -190,7 +190,7 @@ def mix_batch(key: jax.Array, x_BxHxWxC: jax.Array, targets_BxC: jax.Array, weig
               config: AugmentConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mixup and CutMix: mixes each face with a random partner from the same batch.
 
-  The partners, :func:`mix_partners` of ``fold_in(key, 1)``, follow one random
+  The partners, :func:`mix_partners` of a key of their own, follow one random
   cycle through the batch: no face is its own partner, and the pairing does
   not depend on the batch's order (which need not be random: the input
   pipeline sorts each batch's indices, and an image folder stores its faces
@@ -211,8 +211,9 @@ def mix_batch(key: jax.Array, x_BxHxWxC: jax.Array, targets_BxC: jax.Array, weig
     ``(images, targets, weights)``, same shapes and dtypes.
   """
   b, h, w, _ = x_BxHxWxC.shape
-  k_apply, k_kind, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
-  partner_B = mix_partners(jax.random.fold_in(key, 1), b)
+  # The partners' key is not reused for anything else (fold_in(key, 1) would be split(key)[1]).
+  k_apply, k_partner, k_mix, k_cut, k_y, k_x, k_kind = jax.random.split(key, 7)
+  partner_B = mix_partners(k_partner, b)
   partner_x = x_BxHxWxC[partner_B]
   apply_B = jax.random.bernoulli(k_apply, config.mix_prob, (b,))
   if config.mixup_alpha > 0 and config.cutmix_alpha > 0:

@@ -171,16 +171,22 @@ class Trainer:
     config = self.config
     model = nnx.merge(self.graphdef, rng_state, state["model"])
     optimizer = nnx.merge(self.opt_graphdef, state["optimizer"])
-    # Randomness is a pure function of (seed, step): resuming replays it exactly.
-    aug_key, dropout_key = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), step))
+    # Randomness is a pure function of (seed, step): resuming replays it exactly. Mixing
+    # has a key of its own: augment() already splits aug_key, and with JAX's default
+    # (partitionable) threefry split(k)[i] is fold_in(k, i), so fold_in(aug_key, 1) would
+    # be erasing's key: the erased and the mixed faces' coin flips from the same bits.
+    # (There, too, a split in three starts with the keys a split in two gives: runs
+    # without mixing draw as before.)
+    aug_key, dropout_key, mix_key = jax.random.split(
+        jax.random.fold_in(jax.random.key(config.seed), step), 3)
     nnx.reseed(model, dropout=dropout_key)
     x = augment(aug_key, preprocess(batch["image"]), config.augment)
     targets, example_weights = batch.get("soft_label"), None
-    if config.augment.mixes:  # Its own key: runs without mixing draw as they always did.
+    if config.augment.mixes:
       if targets is None:
         targets = jax.nn.one_hot(batch["label"], self._weights.shape[0])
       x, targets, example_weights = mix_batch(
-          jax.random.fold_in(aug_key, 1), x, targets, self._weights[batch["label"]],
+          mix_key, x, targets, self._weights[batch["label"]],
           config.augment)
 
     def loss_of(model):

@@ -266,6 +266,23 @@ def test_mix_partners_ignore_the_batch_order():
   assert same < 0.25  # Chance: about 0.14; pairing each face with the one before: 0.89.
 
 
+def test_mix_batch_draws_each_random_choice_from_a_key_of_its_own(monkeypatch):
+  # split(k, n)[i] is fold_in(k, i): a partner key of fold_in(key, 1) was also the key
+  # that chose mixup or CutMix for each face.
+  used = []
+  for name in ("bernoulli", "beta", "uniform"):
+    real = getattr(jax.random, name)
+    monkeypatch.setattr(jax.random, name, lambda key, *a, _real=real, **k: (
+        used.append(np.asarray(jax.random.key_data(key)).tobytes()), _real(key, *a, **k))[1])
+  real_partners = aug.mix_partners
+  monkeypatch.setattr(aug, "mix_partners", lambda key, b: (
+      used.append(np.asarray(jax.random.key_data(key)).tobytes()), real_partners(key, b))[1])
+  x, t, w = _mix_inputs()
+  aug.mix_batch(jax.random.key(4), x, t, w, aug.AugmentConfig(mixup_alpha=0.4, cutmix_alpha=1.0,
+                                                             mix_prob=0.5))
+  assert len(used) == 7 and len(set(used)) == 7
+
+
 def test_mixing_is_off_by_default_and_mix_prob_picks_faces():
   x, t, w = _mix_inputs()
   assert not aug.AugmentConfig().mixes and not aug.AugmentConfig(mixup_alpha=1.0, mix_prob=0).mixes

@@ -232,6 +232,46 @@ def test_mixing_in_the_step_softens_what_the_model_learns(tiny_data):
   assert confidence["cutmix"] < confidence["none"] - 0.08
 
 
+def test_the_step_erases_and_mixes_faces_with_independent_draws(tiny_data, monkeypatch):
+  """Which faces are erased and which are mixed are separate coin flips, not one."""
+  from ferjax import augment as aug_lib
+  from ferjax import parallel
+
+  class Stop(Exception):
+    pass
+
+  seen = {}
+
+  def spy_augment(key, x, config):
+    out = aug_lib.augment(key, x, config)
+    seen["erased"] = np.asarray((out == 0).any(axis=(1, 2, 3)))
+    return out
+
+  def spy_mix(key, x, targets, weights, config):
+    out = aug_lib.mix_batch(key, x, targets, weights, config)[0]
+    seen["mixed"] = np.asarray((out != x).any(axis=(1, 2, 3)))
+    raise Stop  # The model is not needed.
+
+  monkeypatch.setattr(train_lib, "augment", spy_augment)
+  monkeypatch.setattr(train_lib, "mix_batch", spy_mix)
+  config = tiny_config(batch_size=64, augment=dataclasses.replace(
+      NO_AUGMENT, erase_prob=0.5, mixup_alpha=1.0, mix_prob=0.5))
+  mesh = parallel.make_mesh()
+  trainer = train_lib.Trainer(config, 7, mesh, total_steps=1, steps_per_epoch=1,
+                              weights=np.ones(7, np.float32))
+  # Every pixel 200: non-zero after preprocess, so an erased face shows zeros.
+  batch = {"image": np.full((64, 48, 48, 1), 200, np.uint8),
+           "label": np.arange(64, dtype=np.int32) % 7}
+  for step in range(2):
+    with pytest.raises(Stop):  # Unjitted: the spies see concrete values.
+      trainer._train_step(trainer.rng_state, trainer.state, trainer.zero_metrics(), batch,
+                          jnp.asarray(step))
+    erased, mixed = seen["erased"], seen["mixed"]
+    assert 16 < erased.sum() < 48 and 16 < mixed.sum() < 48
+    # With one key for both, the same faces came out erased and mixed (all 64 agreed).
+    assert (erased != mixed).sum() > 10
+
+
 def test_the_step_weighs_mixed_faces_by_the_weights_mixing_gives_them(tiny_data, monkeypatch):
   """A mixed face's loss weight is the mix of its two classes' weights, not its own class's."""
   from ferjax import parallel
