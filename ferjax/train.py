@@ -447,6 +447,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   best_accuracy = -1.0
   elapsed_before = 0.0  # Training time of earlier sessions of this run (resumes).
   metrics = trainer.zero_metrics()  # Sums since the last evaluation.
+  if parallel.is_primary():
+    _drop_records_after(workdir, store.latest_step() or 0)
   if store.latest_step() is not None:
     step = store.latest_step()
     saved = store.read_meta(step)
@@ -787,6 +789,24 @@ def _read_records(workdir: str) -> list[dict]:
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _drop_records_after(workdir: str, step: int) -> None:
+  """Drops the records of steps after ``step``, the checkpoint this session starts from.
+
+  A session that stopped while saving an evaluation's checkpoint had already
+  written its record; this session evaluates that step again and writes it anew.
+  """
+  records = _read_records(workdir)
+  kept = [r for r in records if r.get("step", 0) <= step]
+  if len(kept) == len(records):
+    return
+  path = os.path.join(workdir, "metrics.jsonl")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  os.replace(path + ".tmp", path)  # Atomic: a crash here leaves the old records.
+  log.warning("%s: dropped the records of steps %s, written after the last checkpoint (step %d)",
+              path, ", ".join(str(r.get("step")) for r in records[len(kept):]), step)
 
 
 def _last_record(workdir: str) -> dict:

@@ -326,6 +326,25 @@ def test_a_resumed_run_keeps_its_best_accuracy_and_reports_its_best_checkpoint(t
   assert latest["loss"] != pytest.approx(best["loss"], rel=1e-5)
 
 
+def test_a_run_stopped_while_saving_an_evaluations_checkpoint_records_it_once(tmp_path, tiny_data,
+                                                                            monkeypatch):
+  real_save = checkpoint_lib.CheckpointStore.save
+
+  def save_then_stop_at_4(self, step, **kw):
+    if step == 4:  # After the record of step 4 is written, before its checkpoint is.
+      raise KeyboardInterrupt
+    real_save(self, step, **kw)
+
+  workdir = str(tmp_path / "run")
+  monkeypatch.setattr(checkpoint_lib.CheckpointStore, "save", save_then_stop_at_4)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train_and_evaluate(tiny_config(max_steps=6, eval_every=2), workdir, data=tiny_data)
+  monkeypatch.setattr(checkpoint_lib.CheckpointStore, "save", real_save)
+  train_lib.train_and_evaluate(tiny_config(max_steps=6, eval_every=2), workdir, data=tiny_data)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records] == [2, 4, 6]  # Before: 2, 4, 4, 6.
+
+
 def test_workdir_with_another_run_is_refused_and_fresh_moves_it_aside(tmp_path, tiny_data):
   workdir = str(tmp_path / "run")
   train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
