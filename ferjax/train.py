@@ -206,7 +206,7 @@ class Trainer:
     correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
     # Steps whose gradients were not finite: their update spoilt the parameters even
     # when the loss (computed before the update) was still finite.
-    bad = jnp.logical_not(jnp.isfinite(optax.global_norm(grads)))
+    bad = jnp.logical_not(jnp.isfinite(optax.tree.norm(grads)))
     metrics = {"loss": metrics["loss"] + loss * b, "correct": metrics["correct"] + correct,
                "count": metrics["count"] + b, "nonfinite": metrics["nonfinite"] + bad}
     return {"model": model_state, "optimizer": opt_state, "ema": ema}, metrics

@@ -272,6 +272,22 @@ def test_the_step_erases_and_mixes_faces_with_independent_draws(tiny_data, monke
     assert (erased != mixed).sum() > 10
 
 
+def test_the_train_step_traces_without_deprecation_warnings(tiny_data):
+  """What JAX, Flax and Optax deprecate now fails in their next versions."""
+  import warnings
+
+  from ferjax import parallel
+  mesh = parallel.make_mesh()
+  trainer = train_lib.Trainer(tiny_config(ema_decay=0.5), 7, mesh, total_steps=1,
+                              steps_per_epoch=1, weights=np.ones(7, np.float32))
+  train = tiny_data.split("Training")
+  batch = parallel.shard_batch({"image": train.images[:16], "label": train.labels[:16]}, mesh)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", DeprecationWarning)  # Before: optax.global_norm.
+    jax.eval_shape(trainer._train_step, trainer.rng_state, trainer.state, trainer.zero_metrics(),
+                   batch, jnp.asarray(0))
+
+
 def test_the_step_weighs_mixed_faces_by_the_weights_mixing_gives_them(tiny_data, monkeypatch):
   """A mixed face's loss weight is the mix of its two classes' weights, not its own class's."""
   from ferjax import parallel
