@@ -738,7 +738,7 @@ def test_ema_follows_its_update_rule_and_is_what_evaluation_uses(tiny_data):
   mesh = parallel.make_mesh()
   trainer = train_lib.Trainer(config, 7, mesh, total_steps=10, steps_per_epoch=4,
                               weights=np.ones(7, np.float32))
-  params = lambda state: jax.tree.map(np.asarray, state.filter(nnx.Param))
+  params = lambda state: jax.tree.map(np.asarray, nnx.filter_state(state, nnx.Param))
   train = tiny_data.split("Training")
   batch = parallel.shard_batch({"image": train.images[:16], "label": train.labels[:16]}, mesh)
   metrics = trainer.zero_metrics()
@@ -902,7 +902,7 @@ def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
                         ema=abstract(nnx.state(model, nnx.Param)))
   store.close()
   jax.tree.map(np.testing.assert_array_equal, original, jax.tree.map(np.asarray, saved["ema"]))
-  raw = jax.tree.leaves(jax.tree.map(np.asarray, saved["model"].filter(nnx.Param)))
+  raw = jax.tree.leaves(jax.tree.map(np.asarray, nnx.filter_state(saved["model"], nnx.Param)))
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(original), raw, strict=True))
   assert not any("optimizer" in str(p) for p in out.rglob("*"))
   with pytest.raises(CheckpointError, match="already exists"):
