@@ -799,14 +799,15 @@ def _drop_records_after(workdir: str, step: int) -> None:
   """
   records = _read_records(workdir)
   kept = [r for r in records if r.get("step", 0) <= step]
-  if len(kept) == len(records):
+  dropped = [r for r in records if r.get("step", 0) > step]
+  if not dropped:
     return
   path = os.path.join(workdir, "metrics.jsonl")
   with open(path + ".tmp", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in kept)
   os.replace(path + ".tmp", path)  # Atomic: a crash here leaves the old records.
   log.warning("%s: dropped the records of steps %s, written after the last checkpoint (step %d)",
-              path, ", ".join(str(r.get("step")) for r in records[len(kept):]), step)
+              path, ", ".join(str(r["step"]) for r in dropped), step)
 
 
 def _last_record(workdir: str) -> dict:
