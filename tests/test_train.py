@@ -861,7 +861,7 @@ def test_the_optimizer_decays_kernels_only_warms_up_and_clips(optimizer):
                                                 learning_rate=0.5, warmup_epochs=0,
                                                 grad_clip=clip), 100, 10)
       updates, _ = tx.update(big, tx.init(params), params)
-      assert float(optax.global_norm(updates)) == pytest.approx(norm, rel=1e-3), clip
+      assert float(optax.tree.norm(updates)) == pytest.approx(norm, rel=1e-3), clip
 
 
 def test_soft_targets_change_the_loss():
