@@ -165,9 +165,18 @@ def read_image(path: str) -> np.ndarray | None:
   # Colour (grey images come as BGR), any depth, turned upright as the EXIF orientation
   # says (IMREAD_UNCHANGED would ignore it: phone photos would lie on their side, where
   # the frontal face detector finds nothing).
-  frame = cv2.imread(cv_path(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
-  if frame is not None and frame.dtype != np.uint8:  # 16-bit PNG/TIFF.
-    frame = cv2.convertScaleAbs(frame, alpha=255.0 / max(1, int(frame.max())))
+  with _quiet_opencv():  # OpenCV logs its own error line for a file it cannot read.
+    frame = cv2.imread(cv_path(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
+    if frame is None:  # A grey float TIFF: OpenCV reads it only in its own colours.
+      frame = cv2.imread(cv_path(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
+  if frame is not None and frame.dtype != np.uint8:  # 16-bit PNG/TIFF, float TIFF.
+    if frame.dtype.kind == "f":  # NaN or infinite pixels (HDR, scientific TIFFs) turn black.
+      frame = np.nan_to_num(frame, nan=0.0, posinf=0.0, neginf=0.0)
+    frame = cv2.convertScaleAbs(frame, alpha=255.0 / max(1.0, float(frame.max())))
+  if frame is not None and frame.ndim == 2:
+    frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+  elif frame is not None and frame.shape[2] == 4:
+    frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
   return frame
 
 

@@ -803,3 +803,17 @@ def test_ctrl_c_while_a_file_is_written_leaves_no_partial_file(monkeypatch, pred
   with pytest.raises(KeyboardInterrupt):
     record.close(summary={"fps": 30.0})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["annotated", "photos"]
+
+
+def test_float_images_with_nan_or_infinite_pixels_are_read(tmp_path):
+  """int(NaN) in the scaling to uint8 crashed the whole run, a folder of images included;
+  a grey float TIFF could not be decoded at all."""
+  import cv2
+  for bad, shape in [(np.nan, (40, 40)), (np.inf, (40, 40)), (np.nan, (40, 40, 3))]:
+    image = np.full(shape, 0.5, np.float32)
+    image[0, 0] = bad
+    path = tmp_path / "scan.tif"
+    assert cv2.imwrite(str(path), image)
+    frame = sources.read_image(str(path))
+    assert frame.dtype == np.uint8 and frame.shape == (40, 40, 3)
+    assert frame[0, 0].max() == 0 and frame[20, 20].min() == 128  # 0.5 of the 0..1 range.
