@@ -348,6 +348,9 @@ def check_outputs(source, **outputs: str | None) -> None:
     file_outputs[flag] = file_output
     if file_output and os.path.isdir(path):
       raise ConfigError(f"--{flag}={path} is a folder; give a file name")
+    if file_output and path.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+      # A folder not made yet: the file would be named '' inside it, failing at the end.
+      raise ConfigError(f"--{flag}={path} names a folder; give a file name")
     if not path_of_source or not os.path.exists(path):
       continue
     if flag == "output" and not is_folder and os.path.isdir(path):

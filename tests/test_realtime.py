@@ -817,3 +817,12 @@ def test_float_images_with_nan_or_infinite_pixels_are_read(tmp_path):
     frame = sources.read_image(str(path))
     assert frame.dtype == np.uint8 and frame.shape == (40, 40, 3)
     assert frame[0, 0].max() == 0 and frame[20, 20].min() == 128  # 0.5 of the 0..1 range.
+
+
+def test_a_file_output_ending_in_a_slash_is_refused_before_the_run(predictor, tmp_path):
+  """--csv=results/ (a folder not made yet) failed only after the run, 'No such file'."""
+  for flag in ("csv", "json", "output"):
+    name = str(tmp_path / "results") + os.sep
+    with pytest.raises(ConfigError, match=f"--{flag}=.*results/ names a folder"):
+      video.check_outputs(CLIP, **{flag: name})
+  assert os.listdir(tmp_path) == []
