@@ -249,8 +249,8 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
       those results in between (image sources are always analysed).
     redetect_every: search the whole frame on every N-th analysed frame of a
       video or camera, and track the faces already found (search only near
-      them) on the frames between; a frame with no face tracked is always
-      searched in full. 1 searches every frame; images are always searched.
+      them) on the frames between; a frame with no face tracked, or of another
+      size than the last, is always searched in full. 1 searches every frame; images are always searched.
     max_frames: stop after this many frames.
     stats: if given, frame and face counts and stage times are added to it.
 
@@ -287,6 +287,7 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
              max_frames, stats):
   last: list[FaceResult] = []
   tracked = 0  # Analysed frames since the last full-frame search.
+  last_hw = None  # The size of the frame ``last`` was found in.
   try:
     frames = iter(src)
     index = 0
@@ -301,9 +302,12 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
       analyzed = src.is_images or index % every == 0
       if analyzed:
         boxes = [face.box for face in last]
-        track = not src.is_images and should_track(boxes, tracked, redetect_every)
+        # A frame of another size (a stream that changed resolution) has the faces elsewhere.
+        track = (not src.is_images and np.shape(frame)[:2] == last_hw
+                 and should_track(boxes, tracked, redetect_every))
         near = boxes if track else None
         last = analyze_frame(frame, predictor, detector, stats, near)
+        last_hw = np.shape(frame)[:2]
         tracked = tracked + 1 if track else 0
       if stats is not None:
         stats.frames += 1

@@ -826,3 +826,15 @@ def test_a_file_output_ending_in_a_slash_is_refused_before_the_run(predictor, tm
     with pytest.raises(ConfigError, match=f"--{flag}=.*results/ names a folder"):
       video.check_outputs(CLIP, **{flag: name})
   assert os.listdir(tmp_path) == []
+
+
+def test_a_frame_of_another_size_is_searched_in_full(monkeypatch, predictor, clip_frames):
+  """Tracking looked for the face where it was in the last frame's pixels: a stream that
+  changed resolution lost its face until the next full search."""
+  import cv2
+  large = cv2.resize(clip_frames[0], (960, 720))
+  _patch_camera(monkeypatch, _FakeCamera([large, clip_frames[1], clip_frames[2]]))
+  stats = video.PipelineStats()
+  results = list(video.analyze_video(0, predictor, redetect_every=5, stats=stats))
+  assert [len(r.faces) for r in results] == [1, 1, 1]
+  assert stats.full_detections == 2  # The first frame and the smaller one; the third tracked.
