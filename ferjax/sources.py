@@ -230,17 +230,24 @@ def open_source(source: int | str | os.PathLike | FrameSource) -> FrameSource:
     raise SourceError(f"{path}: no such file, folder or camera")
   if os.path.isdir(path):
     names = sorted(os.listdir(path), key=_natural_key)
-    images, others = [], []
+    images, others, folders = [], [], []
     for name in names:
       full = os.path.join(path, name)
-      if not os.path.isfile(full):
-        continue
-      (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(full)
+      if os.path.isdir(full):
+        folders.append(name)
+      elif os.path.isfile(full):
+        (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(full)
     for other in others:
       log.warning("%s: not an image file; skipped", other)
+    # Only the folder's own files are read: say so, or photos sorted into subfolders
+    # would vanish without a word.
+    unsearched = (f"{len(folders)} subfolder{'s' if len(folders) != 1 else ''} "
+                  f"({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}) not searched")
     if not images:
       raise SourceError(f"{path}: no image files in this folder (looked for "
-                        f"{', '.join(IMAGE_EXTENSIONS)})")
+                        f"{', '.join(IMAGE_EXTENSIONS)})" + (f"; {unsearched}" if folders else ""))
+    if folders:
+      log.warning("%s: %s", path, unsearched)
     src = FrameSource("images", path, images=images)
     src.skipped.extend(others)
     return src

@@ -209,6 +209,7 @@ def test_image_folder_skips_non_images_with_a_warning(predictor, clip_frames, tm
   assert [r.name for r in results] == ["frame9.jpg", "frame10.png"]  # Natural order.
   assert all(r.time_s is None and len(r.faces) == 1 for r in results)
   assert "notes.txt: not an image file; skipped" in caplog.text
+  assert f"{folder}: 1 subfolder (sub) not searched" in caplog.text
   out = tmp_path / "annotated"
   summary = video.run_pipeline(str(folder), predictor, output=str(out), every=5)
   assert sorted(os.listdir(out)) == ["frame10.png", "frame9.jpg"]
@@ -258,6 +259,8 @@ def test_unopenable_sources_raise_one_clear_error(tmp_path):
            str(tmp_path / "empty"): "no image files",
            str(tmp_path / "fake.mp4"): "cannot open this as a video",
            "97": "camera 97: cannot open"}
+  (tmp_path / "sorted" / "2024").mkdir(parents=True)  # Photos in subfolders only.
+  cases[str(tmp_path / "sorted")] = r"no image files in this folder \(.*\); 1 subfolder \(2024\)"
   for source, message in cases.items():
     with pytest.raises(sources.SourceError, match=message) as info:
       sources.open_source(source)
