@@ -250,7 +250,8 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
     redetect_every: search the whole frame on every N-th analysed frame of a
       video or camera, and track the faces already found (search only near
       them) on the frames between; a frame with no face tracked, or of another
-      size than the last, is always searched in full. 1 searches every frame; images are always searched.
+      size than the last, is always searched in full. 1 searches every frame;
+      images are always searched.
     max_frames: stop after this many frames.
     stats: if given, frame and face counts and stage times are added to it.
 
