@@ -526,8 +526,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
               table.write(result)
             if record is not None:
               record.write(_frame_record(result, predictor.class_names))
-        if not want_drawing:
-          continue
+        if not want_drawing or result.frame is None or np.size(result.frame) == 0:
+          continue  # An empty frame (a camera starting up) has nothing to draw, write or show.
         with stats.time("draw"):
           fps = 1.0 / smooth_period if draw_fps and smooth_period else None
           annotated = draw_results(result.frame, result.faces, predictor.class_names, fps=fps)

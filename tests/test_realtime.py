@@ -841,3 +841,16 @@ def test_a_frame_of_another_size_is_searched_in_full(monkeypatch, predictor, cli
   results = list(video.analyze_video(0, predictor, redetect_every=5, stats=stats))
   assert [len(r.faces) for r in results] == [1, 1, 1]
   assert stats.full_detections == 2  # The first frame and the smaller one; the third tracked.
+
+
+def test_empty_camera_frames_are_skipped_by_the_annotated_output(monkeypatch, predictor,
+                                                                 clip_frames, tmp_path):
+  """analyze_frame takes the empty frames some cameras hand out while starting; drawing them
+  for --output (or the window) crashed the run and discarded its outputs."""
+  import cv2
+  empty = np.zeros((0, 0, 3), np.uint8)
+  _patch_camera(monkeypatch, _FakeCamera([clip_frames[0], None, empty, clip_frames[1]]))
+  out = tmp_path / "camera.mp4"
+  summary = video.run_pipeline(0, predictor, output=str(out))
+  assert summary["frames"] == 4 and summary["faces"] == 2 and summary["files"] == [str(out)]
+  assert cv2.VideoCapture(str(out)).get(cv2.CAP_PROP_FRAME_COUNT) == 2
