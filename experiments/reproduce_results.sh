@@ -72,6 +72,10 @@ run ablation-base-seed2 $A --seed=2
 # The two rows that fell furthest below ablation-base, each with a second seed.
 run ablation-no-global-seed1 $A --model_option=global_attention=false --seed=1
 run ablation-layers2-seed1 $A --model_option=lstm_layers=2 --seed=1
+# The LSTM's size and direction, each with a second seed too.
+run ablation-hidden64-seed1 $A --model_option=lstm_hidden=64 --seed=1
+run ablation-hidden256-seed1 $A --model_option=lstm_hidden=256 --seed=1
+run ablation-bidirectional-seed1 $A --model_option=bidirectional=true --seed=1
 # acnn_alstm-distilled-ensemble again, evaluated (and its checkpoint selected) with an
 # exponential moving average of the parameters (decay 0.999: about 1,000 steps, two epochs).
 run acnn_alstm-distilled-ensemble-ema --model=acnn_alstm --epochs=40 --ema_decay=0.999 \
