@@ -99,15 +99,14 @@ class FerData:
     for name in ("images", "labels", "splits", "rows"):
       object.__setattr__(self, name, np.asarray(getattr(self, name)))
     where = self.source or "FerData"
-    size = IMAGE_SIZE
-    if self.images.shape[1:] != (size, size, 1) or self.images.dtype != np.uint8:
-      raise DataError(f"images must be uint8 (N, {size}, {size}, 1) grey faces, got "
-                      f"{self.images.dtype} {self.images.shape}", path=where)
+    if self.images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1) or self.images.dtype != np.uint8:
+      raise DataError(f"images must be uint8 (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 1) grey faces, "
+                      f"got {self.images.dtype} {self.images.shape}", path=where)
     n = len(self.images)
     for name in ("labels", "splits", "rows"):
-      if getattr(self, name).shape != (n,):
-        raise DataError(f"{name} must have shape ({n},), one per image, got "
-                        f"{getattr(self, name).shape}", path=where)
+      shape = getattr(self, name).shape
+      if shape != (n,):
+        raise DataError(f"{name} must have shape ({n},), one per image, got {shape}", path=where)
     if not np.issubdtype(self.labels.dtype, np.integer) and n:
       raise DataError(f"labels must be integers (class indices), got {self.labels.dtype}",
                       path=where)

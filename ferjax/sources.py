@@ -169,13 +169,15 @@ def read_image(path: str) -> np.ndarray | None:
     frame = cv2.imread(cv_path(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     if frame is None:  # A grey float TIFF: OpenCV reads it only in its own colours.
       frame = cv2.imread(cv_path(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_ANYDEPTH)
-  if frame is not None and frame.dtype != np.uint8:  # 16-bit PNG/TIFF, float TIFF.
+  if frame is None:
+    return None
+  if frame.dtype != np.uint8:  # 16-bit PNG/TIFF, float TIFF.
     if frame.dtype.kind == "f":  # NaN or infinite pixels (HDR, scientific TIFFs) turn black.
       frame = np.nan_to_num(frame, nan=0.0, posinf=0.0, neginf=0.0)
     frame = cv2.convertScaleAbs(frame, alpha=255.0 / max(1.0, float(frame.max())))
-  if frame is not None and frame.ndim == 2:
+  if frame.ndim == 2:
     frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-  elif frame is not None and frame.shape[2] == 4:
+  elif frame.shape[2] == 4:
     frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
   return frame
 

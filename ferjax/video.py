@@ -205,7 +205,7 @@ def analyze_frame(frame: np.ndarray | None, predictor, detector: FaceDetector,
   Raises:
     ValueError: a frame that is not uint8 or has an unknown layout.
   """
-  if frame is None or np.size(frame) == 0:
+  if _is_empty(frame):
     return []
   t0 = time.perf_counter()
   gray = to_gray(frame)
@@ -526,7 +526,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
               table.write(result)
             if record is not None:
               record.write(_frame_record(result, predictor.class_names))
-        if not want_drawing or result.frame is None or np.size(result.frame) == 0:
+        if not want_drawing or _is_empty(result.frame):
           continue  # An empty frame (a camera starting up) has nothing to draw, write or show.
         with stats.time("draw"):
           fps = 1.0 / smooth_period if draw_fps and smooth_period else None
@@ -576,6 +576,11 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
                        json_path) if p]
   summary["files"] = files
   return summary
+
+
+def _is_empty(frame) -> bool:
+  """None or an empty array: what cameras hand out while starting."""
+  return frame is None or np.size(frame) == 0
 
 
 def _run_all(steps, raise_first: bool) -> None:
