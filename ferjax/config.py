@@ -114,10 +114,8 @@ class TrainConfig:
   def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
     """The inverse of :meth:`to_dict`; ConfigError for an unknown field or a bad value."""
     d = dict(d)
+    # AugmentConfig takes JSON's lists for its ranges itself (and leaves them unchanged here).
     augment = d.pop("augment", None) or {}
-    for k in ("erase_area", "erase_aspect"):
-      if k in augment:
-        augment[k] = tuple(augment[k])
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:

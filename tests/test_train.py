@@ -775,6 +775,15 @@ def test_default_configs_are_valid():
     default_config("dnn", soft_targets=True)
 
 
+def test_from_dict_leaves_the_dict_it_reads_unchanged():
+  # load_model's meta["config"] is read by from_dict (evaluation) and then written out
+  # again: from_dict used to turn its augment lists into tuples in place.
+  saved = json.loads(json.dumps(default_config("dnn").to_dict()))
+  before = json.loads(json.dumps(saved))
+  assert TrainConfig.from_dict(saved) == default_config("dnn")
+  assert saved == before and isinstance(saved["augment"]["erase_area"], list)
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(batch_size=16.0), "batch_size must be a whole number, got 16.0"),
     (dict(epochs="2"), "epochs must be a whole number, got '2'"),
