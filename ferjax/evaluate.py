@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ferjax.augment import affine_warp
+from ferjax.errors import ConfigError, is_whole
 from ferjax.input_pipeline import eval_batches
 from ferjax.preprocess import preprocess
 
@@ -221,8 +224,6 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     CheckpointError: no such checkpoint, or not of ``expect_model``.
     DataError: the data cannot be read, or has no such split.
   """
-  import os
-
   from ferjax import checkpoint as checkpoint_lib
 
   _check_eval_args(tta, batch_size)
@@ -274,10 +275,7 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
       ``output_dir`` that is a member's workdir or another ensemble's.
     CheckpointError, DataError: as in :func:`evaluate_checkpoint`.
   """
-  import os
-
   from ferjax import checkpoint as checkpoint_lib
-  from ferjax.errors import ConfigError
 
   if len(workdirs) < 2:
     raise ConfigError(f"an ensemble needs at least two runs, got {list(workdirs)}")
@@ -319,8 +317,6 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
 
 def _check_eval_args(tta: str, batch_size: int) -> None:
   """Checked before the model and the data load (seconds) rather than after."""
-  from ferjax.errors import ConfigError, is_whole
-
   if tta not in TTA_MODES:
     raise ConfigError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
   if not is_whole(batch_size, 1):
@@ -329,11 +325,6 @@ def _check_eval_args(tta: str, batch_size: int) -> None:
 
 def _refuse_other_ensemble(report: str, workdirs: Sequence[str]) -> None:
   """An ensemble's report may replace one of the same members only (re-evaluated)."""
-  import json
-  import os
-
-  from ferjax.errors import ConfigError
-
   if not os.path.exists(report):
     return
   try:
@@ -354,7 +345,6 @@ def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, o
   """The split a checkpoint is evaluated on, loaded as its config says: ``(subset, split)``."""
   from ferjax.config import TrainConfig
   from ferjax.data import FerData
-  from ferjax.errors import ConfigError
   from ferjax.train import load_training_data, resolve_splits
 
   config = TrainConfig.from_dict(meta["config"])
@@ -380,9 +370,6 @@ def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, o
 
 def _write_report(metrics: dict, output_dir: str, stem: str, title: str) -> None:
   """Writes ``stem.json`` and ``stem-confusion.png``; lists them in ``metrics["files"]``."""
-  import json
-  import os
-
   from ferjax import plots
 
   out = os.path.abspath(output_dir)
