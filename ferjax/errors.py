@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 
 
@@ -36,8 +37,6 @@ def is_whole(value: object, least: int | None = None) -> bool:
   Counts from library callers are checked with this before use: a float count
   would pass ``< 1`` checks and fail later, deep inside numpy, OpenCV or JAX.
   """
-  import numbers
-
   return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
           and (least is None or value >= least))
 
@@ -54,4 +53,4 @@ class CheckpointError(FerjaxError):
 
 
 class TrainingDivergedError(FerjaxError):
-  """The training loss became NaN or infinite."""
+  """The training loss, or a step's gradients, became NaN or infinite."""
