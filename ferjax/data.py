@@ -708,15 +708,13 @@ def _read_cache(cache_file: str, source: str) -> FerData | None:
   try:
     with np.load(cache_file, allow_pickle=False) as z:
       meta = json.loads(str(z["meta"]))
-      data = FerData(
+      if meta.get("version") != _CACHE_VERSION:
+        raise ValueError(f"version {meta.get('version')}, not {_CACHE_VERSION}")
+      # FerData checks the arrays' shapes and dtypes: inconsistent content raises there.
+      return FerData(
           images=z["images"], labels=z["labels"], splits=z["splits"], rows=z["rows"],
           class_names=tuple(meta["class_names"]), source=source, csv_rows=meta["csv_rows"],
           skipped=tuple(DataError(reason, path=p, line=line) for p, line, reason in meta["skipped"]))
-    n = len(data.labels)
-    if (meta.get("version") != _CACHE_VERSION or data.images.shape != (n, 48, 48, 1)
-        or data.images.dtype != np.uint8 or len(data.splits) != n or len(data.rows) != n):
-      raise ValueError("inconsistent cache content")
-    return data
   except Exception as e:  # A broken cache is rebuilt, never trusted.
     log.warning("ignoring unreadable cache %s (%s); parsing the source again", cache_file, e)
     return None

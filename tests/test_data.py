@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import tarfile
 
@@ -295,6 +296,25 @@ def test_corrupt_cache_is_rebuilt(tmp_path, cache_dir):
   cache_file.write_bytes(b"not a zip")
   d = data_lib.load_fer2013(path)
   np.testing.assert_array_equal(d.images, _expected_images(3))
+
+
+def test_a_cache_of_another_version_or_with_inconsistent_arrays_is_rebuilt(tmp_path, cache_dir,
+                                                                           caplog):
+  path = write_csv(tmp_path / "f.csv", fer_rows(3))
+  data_lib.load_fer2013(path)
+  (cache_file,) = cache_dir.glob("*.npz")
+  with np.load(cache_file) as z:
+    arrays = dict(z)
+  meta = json.loads(str(arrays["meta"]))
+  for changes in ({"meta": np.asarray(json.dumps({**meta, "version": -1}))},
+                  {"rows": arrays["rows"][:2]}, {"images": arrays["images"][:, :40]}):
+    with open(cache_file, "wb") as f:
+      np.savez(f, **{**arrays, **changes})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ferjax.data"):
+      d = data_lib.load_fer2013(path)
+    np.testing.assert_array_equal(d.images, _expected_images(3))
+    assert "ignoring unreadable cache" in caplog.text
 
 
 def _ferplus_csv(path, rows):
