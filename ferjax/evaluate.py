@@ -16,6 +16,7 @@ from ferjax.augment import affine_warp
 from ferjax.errors import ConfigError, is_whole
 from ferjax.input_pipeline import eval_batches
 from ferjax.preprocess import preprocess
+from ferjax.splits import load_run_data, resolve_splits
 
 log = logging.getLogger(__name__)
 
@@ -345,11 +346,10 @@ def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, o
   """The split a checkpoint is evaluated on, loaded as its config says: ``(subset, split)``."""
   from ferjax.config import TrainConfig
   from ferjax.data import FerData
-  from ferjax.train import load_training_data, resolve_splits
 
   config = TrainConfig.from_dict(meta["config"])
   if data is None:
-    data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
+    data = load_run_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
   elif not isinstance(data, FerData):
     raise TypeError(f"data must be a FerData (from ferjax.data.load_fer2013), got "
                     f"{type(data).__name__}; pass a file as data_path")

@@ -10,9 +10,7 @@ except at evaluations and checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -36,6 +34,7 @@ from ferjax import data as data_lib
 from ferjax import evaluate as evaluate_lib
 from ferjax import parallel
 from ferjax import plots
+from ferjax import splits
 from ferjax.augment import augment, mix_batch
 from ferjax.config import TrainConfig
 from ferjax.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
@@ -234,57 +233,6 @@ class Trainer:
                         self.state)
 
 
-def load_training_data(config: TrainConfig, data_path: str | None, *,
-                       ferplus_path: str | None = None, on_error: str = "raise"
-                       ) -> data_lib.FerData:
-  """Loads FER2013 (and FER+ labels when ``config.labels == "ferplus"``)."""
-  data = data_lib.load_fer2013(data_lib.fer2013_path(data_path), on_error=on_error)
-  if config.labels == "ferplus":
-    ferplus_path = ferplus_path or os.environ.get("FERPLUS_PATH")
-    if not ferplus_path:
-      raise ConfigError("--labels=ferplus needs --ferplus=PATH/TO/fer2013new.csv "
-                        "(or FERPLUS_PATH)")
-    data = data_lib.with_ferplus_labels(data, data_lib.load_ferplus(ferplus_path))
-  return data
-
-
-# Image folders have train/ and test/ only. The checkpoint is then selected on a
-# held-out tenth of train (stratified, fixed seed), never on the split it is
-# reported on.
-HELD_OUT_SPLIT = "validation"
-HELD_OUT_FRACTION = 0.1
-
-
-def resolve_splits(config: TrainConfig, data: data_lib.FerData
-                   ) -> tuple[TrainConfig, data_lib.FerData]:
-  """Maps the default CSV split names onto data with other splits: ``(config, data)``.
-
-  For an image folder's train/test: learn on ``train`` less a held-out tenth
-  (:data:`HELD_OUT_SPLIT`), select the checkpoint on that tenth, report
-  ``test``.
-  """
-  have = data.split_names
-  fallback = {"Training": "train", "PublicTest": HELD_OUT_SPLIT, "PrivateTest": "test"}
-  # The held-out tenth is made again (the same faces: a fixed seed) for a config that
-  # already names it, as a checkpoint's saved config does.
-  if config.eval_split not in have and HELD_OUT_SPLIT in (
-      config.eval_split, fallback.get(config.eval_split)) and "train" in have:
-    data = data.with_held_out("train", HELD_OUT_SPLIT, HELD_OUT_FRACTION)
-    have = data.split_names
-  changes = {}
-  for field in ("train_split", "eval_split", "test_split"):
-    name = getattr(config, field)
-    if name not in have:
-      alt = fallback.get(name)
-      if alt not in have:
-        raise ConfigError(f"--{field}={name}: the data has splits {', '.join(have)}")
-      changes[field] = alt
-  if changes:
-    log.warning("this data has splits %s; using %s", ", ".join(have),
-                ", ".join(f"{k}={v}" for k, v in changes.items()))
-  return dataclasses.replace(config, **changes), data
-
-
 def lock_workdir(workdir: str) -> int | None:
   """Takes ``workdir`` for this process: an open descriptor holding an exclusive lock.
 
@@ -403,8 +351,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
 def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, ferplus_path,
                         fresh: bool, on_error: str, hooks, locks: list[int | None]) -> dict:
   if data is None:
-    data = load_training_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
-  config, data = resolve_splits(config, data)
+    data = splits.load_run_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
+  config, data = splits.resolve_splits(config, data)
   train, val, test = (data.split(getattr(config, f)) for f in
                       ("train_split", "eval_split", "test_split"))
   mesh = parallel.make_mesh()
@@ -412,7 +360,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
   _check_before_writing(config, data.num_classes, len(train))
   teachers = _load_teachers(config, data.class_names, workdir, train)
-  data_digest = {getattr(config, f): _fingerprint(split) for f, split in
+  data_digest = {getattr(config, f): splits.fingerprint(split) for f, split in
                  (("train_split", train), ("eval_split", val), ("test_split", test))}
   if parallel.is_primary() and os.path.isdir(workdir):
     # Before --fresh moves anything: a run that another process is training is left alone.
@@ -613,7 +561,7 @@ def _saved_teacher_probs(path: str, class_names, train: data_lib.FerData | None)
     if probs.shape != (len(train), len(class_names)):
       raise ConfigError(f"--distill_from={path}: the predictions have shape {probs.shape}, this "
                         f"run's training split needs ({len(train)}, {len(class_names)})")
-    if str(saved["fingerprint"]) != _fingerprint(train):
+    if str(saved["fingerprint"]) != splits.fingerprint(train):
       raise ConfigError(f"--distill_from={path}: the predictions were made for other training "
                         "images or labels than this run's (their digests differ)")
   if not (np.all(np.isfinite(probs)) and np.all(probs >= 0)
@@ -657,7 +605,7 @@ def _teacher_predictions(teachers: list, train: data_lib.FerData, class_names: S
   sources = [source for source, _, _ in teachers]
   steps = [int(meta["step"]) for _, _, meta in teachers]
   path = os.path.join(workdir, TEACHER_FILE) if workdir else None
-  fingerprint = _fingerprint(train) if path else ""
+  fingerprint = splits.fingerprint(train) if path else ""
   saved = _read_saved_predictions(path) if path and os.path.exists(path) else None
   if saved is not None:
     if (saved["sources"].tolist() == sources and str(saved["fingerprint"]) == fingerprint
@@ -710,13 +658,6 @@ def _read_saved_predictions(path: str) -> dict[str, np.ndarray] | None:
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
     log.warning("%s is unreadable (%s); predicting again", path, e)
     return None
-
-
-def _fingerprint(split: data_lib.FerData) -> str:
-  """A digest of a split's images and labels, to tell whether saved predictions belong to it."""
-  digest = hashlib.sha256(np.ascontiguousarray(split.images).tobytes())
-  digest.update(np.ascontiguousarray(split.labels, np.int64).tobytes())
-  return digest.hexdigest()
 
 
 def _check_finite(metrics: dict, step: int, store) -> dict:

@@ -27,6 +27,7 @@ from ferjax.errors import CheckpointError, ConfigError, DataError, TrainingDiver
 from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, evaluate_ensemble,
                              make_predict_fn, predict_dataset)
 from ferjax.preprocess import preprocess
+from ferjax.splits import resolve_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ALSTM = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
@@ -444,18 +445,18 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data
 
 def test_image_folder_data_selects_on_held_out_train_not_on_test(tiny_data):
   config = tiny_config()
-  same_config, same_data = train_lib.resolve_splits(config, tiny_data)  # CSV: as it is.
+  same_config, same_data = resolve_splits(config, tiny_data)  # CSV: as it is.
   assert same_config == config and same_data is tiny_data
   splits = np.where(tiny_data.splits == "Training", "train", "test")
   folder = dataclasses.replace(tiny_data, splits=splits)
-  resolved, data = train_lib.resolve_splits(config, folder)
+  resolved, data = resolve_splits(config, folder)
   assert (resolved.train_split, resolved.eval_split, resolved.test_split) == (
       "train", "validation", "test")
   val, train, test = (data.split(s) for s in ("validation", "train", "test"))
   assert len(val) + len(train) == 64 and len(test) == 41
   assert not set(val.rows) & set(test.rows) and not set(val.rows) & set(train.rows)
   # A checkpoint saves the resolved config; evaluating it resolves again, on fresh folder data.
-  again, again_data = train_lib.resolve_splits(resolved, folder)
+  again, again_data = resolve_splits(resolved, folder)
   assert again == resolved
   np.testing.assert_array_equal(again_data.splits, data.splits)
 
