@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,13 +30,14 @@ from flax import nnx
 from ferjax import __version__
 from ferjax import checkpoint as checkpoint_lib
 from ferjax import data as data_lib
+from ferjax import distill
 from ferjax import evaluate as evaluate_lib
 from ferjax import parallel
 from ferjax import plots
 from ferjax import splits
 from ferjax.augment import augment, mix_batch
 from ferjax.config import TrainConfig
-from ferjax.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
+from ferjax.errors import ConfigError, TrainingDivergedError
 from ferjax.input_pipeline import TrainBatches
 from ferjax.models import create_model
 from ferjax.preprocess import preprocess
@@ -359,7 +359,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
   _check_before_writing(config, data.num_classes, len(train))
-  teachers = _load_teachers(config, data.class_names, workdir, train)
+  teachers = distill.load_teachers(config, data.class_names, workdir, train)
   data_digest = {getattr(config, f): splits.fingerprint(split) for f, split in
                  (("train_split", train), ("eval_split", val), ("test_split", test))}
   if parallel.is_primary() and os.path.isdir(workdir):
@@ -374,8 +374,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   parallel.barrier("prepare_workdir")
 
   batches = TrainBatches(train.images, train.labels, config.batch_size, config.seed,
-                         soft_labels=_training_targets(config, train, data.class_names, teachers,
-                                                       workdir=workdir))
+                         soft_labels=distill.training_targets(config, train, data.class_names,
+                                                             teachers, workdir=workdir))
   steps_per_epoch = batches.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
   stop_step = min(total_steps, config.max_steps or total_steps)
@@ -505,159 +505,6 @@ def _check_before_writing(config: TrainConfig, num_classes: int, num_train: int)
     options = " ".join(f"{k}={v!r}" for k, v in config.model_overrides.items())
     raise ConfigError(f"model {config.model!r} with options {options or '(none)'}: "
                       f"{e}") from None
-
-
-def distill_sources(config: TrainConfig) -> list[str]:
-  """The teachers named by ``config.distill_from`` (comma-separated)."""
-  if not config.distill_from:
-    return []
-  return [p.strip() for p in config.distill_from.split(",") if p.strip()]
-
-
-def _load_teachers(config: TrainConfig, class_names, workdir: str,
-                   train: data_lib.FerData | None = None) -> list:
-  """The teachers, checked before anything is written: (source, model, meta) each.
-
-  A source is a trained run's workdir (its best checkpoint), or a
-  ``TEACHER_FILE`` that another distilled run saved: the teachers' averaged
-  predictions, with no model (None) and the probabilities in ``meta["probs"]``.
-  """
-  sources = distill_sources(config)
-  teachers = []
-  for source in sources:
-    if os.path.isfile(source):
-      if len(sources) > 1:
-        raise ConfigError(f"--distill_from={source} is a file of saved predictions, already an "
-                          "average over its teachers: name it alone")
-      probs = _saved_teacher_probs(source, class_names, train)
-      teachers.append((source, None, {"model": "saved predictions", "step": 0, "probs": probs}))
-      continue
-    if os.path.exists(source) and os.path.exists(workdir) and os.path.samefile(source, workdir):
-      raise ConfigError(f"--distill_from={source} is this run's own --workdir; a teacher must be "
-                        "another, finished run")
-    try:
-      teacher, meta = checkpoint_lib.load_model(source, "best")
-    except CheckpointError as e:
-      raise CheckpointError(f"--distill_from: {e}") from None
-    if list(meta["class_names"]) != list(class_names):
-      raise ConfigError(f"--distill_from={source}: the teacher predicts "
-                        f"{meta['class_names']}, this run has {list(class_names)}")
-    teachers.append((source, teacher, meta))
-  return teachers
-
-
-def _saved_teacher_probs(path: str, class_names, train: data_lib.FerData | None) -> np.ndarray:
-  """The probabilities in a ``TEACHER_FILE`` named by --distill_from, checked against ``train``."""
-  try:
-    saved = _load_saved_predictions(path)
-  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-    raise DataError(f"--distill_from: not a file of saved teacher predictions ({TEACHER_FILE}, "
-                    f"written by a distilled run): {e}", path=path) from None
-  probs = saved["probs"]
-  if "class_names" in saved and saved["class_names"].tolist() != list(class_names):
-    raise ConfigError(f"--distill_from={path}: the predictions are over "
-                      f"{saved['class_names'].tolist()}, this run has {list(class_names)}")
-  if train is not None:
-    if probs.shape != (len(train), len(class_names)):
-      raise ConfigError(f"--distill_from={path}: the predictions have shape {probs.shape}, this "
-                        f"run's training split needs ({len(train)}, {len(class_names)})")
-    if str(saved["fingerprint"]) != splits.fingerprint(train):
-      raise ConfigError(f"--distill_from={path}: the predictions were made for other training "
-                        "images or labels than this run's (their digests differ)")
-  if not (np.all(np.isfinite(probs)) and np.all(probs >= 0)
-          and np.allclose(probs.sum(axis=-1), 1, atol=1e-3)):
-    raise DataError("--distill_from: the saved predictions are not probabilities", path=path)
-  log.info("distilling from the predictions saved in %s (teachers: %s)", path,
-           ", ".join(saved["sources"].tolist()))
-  return probs.astype(np.float32)
-
-
-def _training_targets(config: TrainConfig, train: data_lib.FerData, class_names,
-                      teachers: list, workdir: str | None = None) -> np.ndarray | None:
-  """Soft targets for the training examples, or None to train on the labels.
-
-  FER+ vote distributions with ``soft_targets``; with ``distill_from``, the
-  teachers' probabilities (each averaged over the face and its mirror image,
-  then averaged over the teachers, equally weighted) mixed with the one-hot
-  labels: ``(1 - w) * onehot + w * teacher``. With a ``workdir``, the
-  teachers' averaged predictions are kept there (``TEACHER_FILE``), and a
-  resumed run reuses them: its targets stay those it started with, and it
-  skips predicting the training set again.
-  """
-  if config.soft_targets:
-    targets = train.soft_labels
-  else:
-    targets = np.eye(len(class_names), dtype=np.float32)[train.labels]
-  if not teachers:
-    return targets if config.soft_targets else None
-  probs = _teacher_predictions(teachers, train, class_names, config.eval_batch_size, workdir)
-  w = config.distill_weight
-  return ((1 - w) * targets + w * probs).astype(np.float32)
-
-
-TEACHER_FILE = "teacher_predictions.npz"
-
-
-def _teacher_predictions(teachers: list, train: data_lib.FerData, class_names: Sequence[str],
-                         batch_size: int, workdir: str | None) -> np.ndarray:
-  """The teachers' averaged probabilities on ``train``, saved in (or read from) ``workdir``."""
-  class_names, num_classes = list(class_names), len(class_names)
-  sources = [source for source, _, _ in teachers]
-  steps = [int(meta["step"]) for _, _, meta in teachers]
-  path = os.path.join(workdir, TEACHER_FILE) if workdir else None
-  fingerprint = splits.fingerprint(train) if path else ""
-  saved = _read_saved_predictions(path) if path and os.path.exists(path) else None
-  if saved is not None:
-    if (saved["sources"].tolist() == sources and str(saved["fingerprint"]) == fingerprint
-        and saved["probs"].shape == (len(train), num_classes)):
-      changed = [f"{s} (step {old} then, {new} now)"
-                 for s, old, new in zip(sources, saved["steps"].tolist(), steps) if old != new]
-      if changed:
-        log.warning("the best checkpoint of %s changed since this run started; it goes on "
-                    "with the predictions it started with", ", ".join(changed))
-      log.info("distilling: reusing the teachers' predictions in %s", path)
-      return saved["probs"]
-    log.warning("%s does not match these teachers or this training data; predicting again",
-                path)
-  probs = np.zeros((len(train), num_classes), np.float64)
-  for source, teacher, meta in teachers:
-    if teacher is None:  # A file of saved predictions (_load_teachers checked it).
-      probs += meta["probs"]
-      continue
-    log.info("distilling from %s (%s, step %d): predicting %d training images", source,
-             meta["model"], meta["step"], len(train))
-    probs += evaluate_lib.predict_dataset(evaluate_lib.make_predict_fn(teacher, "flip"),
-                                          train.images, batch_size,
-                                          progress=f"distilling from {source}")
-  probs = (probs / len(teachers)).astype(np.float32)
-  if path and parallel.is_primary():
-    tmp = path + ".tmp.npz"
-    try:  # Only a saving: a failed write costs a resume the predictions, not the run.
-      np.savez(tmp, probs=probs, sources=np.array(sources), steps=np.array(steps),
-               fingerprint=np.array(fingerprint), class_names=np.array(class_names))
-      os.replace(tmp, path)  # Atomic: a resume never reads half a file.
-    except OSError as e:
-      log.warning("could not save the teachers' predictions to %s (%s); a resume will "
-                  "predict again", path, e)
-  return probs
-
-
-def _load_saved_predictions(path: str) -> dict[str, np.ndarray]:
-  """The arrays of a ``TEACHER_FILE`` (``class_names`` only in files written since it was added)."""
-  with np.load(path, allow_pickle=False) as f:
-    saved = {k: f[k] for k in ("probs", "sources", "steps", "fingerprint")}
-    if "class_names" in f:
-      saved["class_names"] = f["class_names"]
-  return saved
-
-
-def _read_saved_predictions(path: str) -> dict[str, np.ndarray] | None:
-  """The arrays of a ``TEACHER_FILE``, or None (with a warning) if it cannot be read."""
-  try:
-    return _load_saved_predictions(path)
-  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-    log.warning("%s is unreadable (%s); predicting again", path, e)
-    return None
 
 
 def _check_finite(metrics: dict, step: int, store) -> dict:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from conftest import fer_rows, write_csv
 from ferjax import checkpoint as checkpoint_lib
+from ferjax import distill as distill_lib
 from ferjax import train as train_lib
 from ferjax.augment import NO_AUGMENT
 from ferjax.config import TrainConfig, default_config
@@ -962,21 +963,21 @@ def test_distillation_mixes_the_teachers_predictions_into_the_targets(tmp_path, 
   train_lib.train_and_evaluate(tiny_config(max_steps=2), teacher_dir, data=tiny_data)
   config = tiny_config(max_steps=1, distill_from=teacher_dir, distill_weight=0.25)
   train = tiny_data.split("Training")
-  targets = train_lib._training_targets(
+  targets = distill_lib.training_targets(
       config, train, tiny_data.class_names,
-      train_lib._load_teachers(config, tiny_data.class_names, str(tmp_path / "student")))
+      distill_lib.load_teachers(config, tiny_data.class_names, str(tmp_path / "student")))
   teacher, _ = checkpoint_lib.load_model(teacher_dir)
   probs = predict_dataset(make_predict_fn(teacher, "flip"), train.images, 16)
   np.testing.assert_allclose(targets, 0.75 * np.eye(7)[train.labels] + 0.25 * probs, atol=1e-6)
   np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
-  assert train_lib._training_targets(tiny_config(), train, tiny_data.class_names, []) is None
+  assert distill_lib.training_targets(tiny_config(), train, tiny_data.class_names, []) is None
   # An exported folder (no optimiser state, as the shipped weights) teaches the same.
   exported = str(tmp_path / "exported")
   checkpoint_lib.export_model(teacher_dir, exported)
   config_exported = dataclasses.replace(config, distill_from=exported)
-  np.testing.assert_allclose(train_lib._training_targets(
+  np.testing.assert_allclose(distill_lib.training_targets(
       config_exported, train, tiny_data.class_names,
-      train_lib._load_teachers(config_exported, tiny_data.class_names, str(tmp_path / "s2"))),
+      distill_lib.load_teachers(config_exported, tiny_data.class_names, str(tmp_path / "s2"))),
       targets, atol=1e-6)
   results = train_lib.train_and_evaluate(config, str(tmp_path / "student"), data=tiny_data)
   assert results["config"]["distill_from"] == teacher_dir
@@ -991,10 +992,10 @@ def test_distillation_from_several_runs_averages_their_predictions(tmp_path, tin
                            train.images, 16) for d in dirs]
   assert not np.allclose(probs[0], probs[1], atol=1e-3)  # Two different teachers.
   config = tiny_config(distill_from=f"{dirs[0]}, {dirs[1]}", distill_weight=0.5)
-  assert train_lib.distill_sources(config) == dirs
-  targets = train_lib._training_targets(
+  assert distill_lib.distill_sources(config) == dirs
+  targets = distill_lib.training_targets(
       config, train, tiny_data.class_names,
-      train_lib._load_teachers(config, tiny_data.class_names, str(tmp_path / "student")))
+      distill_lib.load_teachers(config, tiny_data.class_names, str(tmp_path / "student")))
   np.testing.assert_allclose(targets, 0.5 * np.eye(7)[train.labels] + 0.25 * (probs[0] + probs[1]),
                              atol=1e-6)
 
@@ -1008,7 +1009,7 @@ def test_a_resumed_student_keeps_the_teacher_predictions_it_started_with(tmp_pat
   train = tiny_data.split("Training")
   first = predict_dataset(make_predict_fn(checkpoint_lib.load_model(teacher_dir)[0], "flip"),
                           train.images, 16)
-  with np.load(os.path.join(student, train_lib.TEACHER_FILE)) as saved:
+  with np.load(os.path.join(student, distill_lib.TEACHER_FILE)) as saved:
     np.testing.assert_allclose(saved["probs"], first, atol=1e-6)
     assert saved["steps"].tolist() == [2]
   # The teacher's workdir now holds another run, whose best checkpoint predicts differently.
@@ -1024,21 +1025,21 @@ def test_a_resumed_student_keeps_the_teacher_predictions_it_started_with(tmp_pat
   assert "reusing the teachers' predictions" in caplog.text
   assert f"{teacher_dir} (step 2 then, {meta['step']} now)" in caplog.text
   assert "distilling from" not in caplog.text
-  teachers = train_lib._load_teachers(config, tiny_data.class_names, student)
-  targets = train_lib._training_targets(config, train, tiny_data.class_names, teachers,
-                                        workdir=student)
+  teachers = distill_lib.load_teachers(config, tiny_data.class_names, student)
+  targets = distill_lib.training_targets(config, train, tiny_data.class_names, teachers,
+                                         workdir=student)
   np.testing.assert_allclose(targets, 0.5 * np.eye(7)[train.labels] + 0.5 * first, atol=1e-6)
   # Without a workdir (or with --fresh, which moves the run aside) the teacher predicts anew.
-  fresh = train_lib._training_targets(config, train, tiny_data.class_names, teachers)
+  fresh = distill_lib.training_targets(config, train, tiny_data.class_names, teachers)
   np.testing.assert_allclose(fresh, 0.5 * np.eye(7)[train.labels] + 0.5 * now, atol=1e-6)
   # A damaged file is not trusted: the teachers predict again and the file is rewritten.
-  saved_file = os.path.join(student, train_lib.TEACHER_FILE)
+  saved_file = os.path.join(student, distill_lib.TEACHER_FILE)
   with open(saved_file, "wb") as f:
     f.write(b"not an npz")
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="ferjax"):
-    again = train_lib._training_targets(config, train, tiny_data.class_names, teachers,
-                                        workdir=student)
+    again = distill_lib.training_targets(config, train, tiny_data.class_names, teachers,
+                                         workdir=student)
   assert "is unreadable" in caplog.text and "distilling from" in caplog.text
   np.testing.assert_allclose(again, fresh, atol=1e-6)
   with np.load(saved_file) as saved:
@@ -1050,8 +1051,8 @@ def test_a_resumed_student_keeps_the_teacher_predictions_it_started_with(tmp_pat
   for split, teacher_list in ((relabelled, teachers), (train, renamed)):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="ferjax"):
-      train_lib._training_targets(config, split, tiny_data.class_names, teacher_list,
-                                  workdir=student)
+      distill_lib.training_targets(config, split, tiny_data.class_names, teacher_list,
+                                   workdir=student)
     assert "does not match these teachers or this training data; predicting again" in caplog.text
     assert "distilling from" in caplog.text and "reusing" not in caplog.text
 
@@ -1061,7 +1062,7 @@ def test_a_student_distils_from_another_runs_saved_predictions(tmp_path, tiny_da
   train_lib.train_and_evaluate(tiny_config(max_steps=2), teacher_dir, data=tiny_data)
   train_lib.train_and_evaluate(tiny_config(max_steps=1, distill_from=teacher_dir), first,
                                data=tiny_data)
-  saved_file = os.path.join(first, train_lib.TEACHER_FILE)
+  saved_file = os.path.join(first, distill_lib.TEACHER_FILE)
   train = tiny_data.split("Training")
   probs = predict_dataset(make_predict_fn(checkpoint_lib.load_model(teacher_dir)[0], "flip"),
                           train.images, 16)
@@ -1070,28 +1071,28 @@ def test_a_student_distils_from_another_runs_saved_predictions(tmp_path, tiny_da
   config = tiny_config(max_steps=1, distill_from=saved_file, distill_weight=0.25)
   student = str(tmp_path / "student")
   with caplog.at_level(logging.INFO, logger="ferjax"):
-    teachers = train_lib._load_teachers(config, tiny_data.class_names, student, train)
+    teachers = distill_lib.load_teachers(config, tiny_data.class_names, student, train)
   assert f"predictions saved in {saved_file} (teachers: {teacher_dir})" in caplog.text
-  targets = train_lib._training_targets(config, train, tiny_data.class_names, teachers,
-                                        workdir=student)
+  targets = distill_lib.training_targets(config, train, tiny_data.class_names, teachers,
+                                         workdir=student)
   np.testing.assert_allclose(targets, 0.75 * np.eye(7)[train.labels] + 0.25 * probs, atol=1e-6)
   results = train_lib.train_and_evaluate(config, student, data=tiny_data)
   assert results["config"]["distill_from"] == saved_file
-  with np.load(os.path.join(student, train_lib.TEACHER_FILE)) as kept:  # Its own copy, to resume.
+  with np.load(os.path.join(student, distill_lib.TEACHER_FILE)) as kept:  # Its own copy, to resume.
     np.testing.assert_allclose(kept["probs"], probs, atol=1e-6)
     assert kept["sources"].tolist() == [saved_file]
   # Refused before anything is written: other training data, a file among workdirs, not a file
   # of predictions.
   fewer = train.select(np.arange(len(train) - 1))
   with pytest.raises(ConfigError, match="shape"):
-    train_lib._load_teachers(config, tiny_data.class_names, student, fewer)
+    distill_lib.load_teachers(config, tiny_data.class_names, student, fewer)
   relabelled = train.select(np.arange(len(train)))
   relabelled.labels[0] = (relabelled.labels[0] + 1) % 7
   with pytest.raises(ConfigError, match="other training images or labels"):
-    train_lib._load_teachers(config, tiny_data.class_names, student, relabelled)
+    distill_lib.load_teachers(config, tiny_data.class_names, student, relabelled)
   with pytest.raises(ConfigError, match="name it alone"):
-    train_lib._load_teachers(dataclasses.replace(config, distill_from=f"{saved_file},{first}"),
-                             tiny_data.class_names, student, train)
+    distill_lib.load_teachers(dataclasses.replace(config, distill_from=f"{saved_file},{first}"),
+                              tiny_data.class_names, student, train)
   junk = tmp_path / "junk.npz"
   junk.write_bytes(b"not an npz")
   fresh_dir = tmp_path / "never"
