@@ -5,17 +5,17 @@ PrivateTest. The steps work on the model's split state (``nnx.split`` around
 ``jax.jit``), which costs less Python per call than ``nnx.jit`` at these model
 sizes (BUILD_NOTES.md). Augmentation runs inside the step; metrics accumulate
 on the device and are read a step late, so the loop never waits on the device
-except at evaluations and checkpoints.
+except at evaluations and checkpoints. A run's data and splits (``ferjax.splits``),
+its folder and records (``ferjax.workdir``) and distillation (``ferjax.distill``)
+live in modules of their own.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +33,8 @@ from ferjax import data as data_lib
 from ferjax import distill
 from ferjax import evaluate as evaluate_lib
 from ferjax import parallel
-from ferjax import plots
 from ferjax import splits
+from ferjax import workdir as workdir_lib
 from ferjax.augment import augment, mix_batch
 from ferjax.config import TrainConfig
 from ferjax.errors import ConfigError, TrainingDivergedError
@@ -233,90 +233,6 @@ class Trainer:
                         self.state)
 
 
-def lock_workdir(workdir: str) -> int | None:
-  """Takes ``workdir`` for this process: an open descriptor holding an exclusive lock.
-
-  Two training processes in one workdir (the same command started twice) would
-  interleave their checkpoints and records, so the second is refused. The lock is
-  the folder's own ``flock``: nothing is written, and the system drops it when the
-  process ends, however it ends. Close the descriptor to release it. Without
-  ``fcntl`` (Windows) this returns None; a file system that refuses the lock (some
-  network mounts) leaves the run unguarded, with the descriptor still returned.
-  """
-  try:
-    import fcntl
-  except ImportError:
-    return None
-  fd = os.open(workdir, os.O_RDONLY)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    os.close(fd)
-    raise ConfigError(f"--workdir={workdir} is in use by another training process (the same "
-                      "command started twice?); wait for it to end, or use another "
-                      "--workdir") from None
-  except OSError as e:
-    log.debug("%s: no lock (%s); the run is not guarded against a second process", workdir, e)
-  return fd
-
-
-def _same_folder(fd: int, path: str) -> bool:
-  a, b = os.fstat(fd), os.stat(path)
-  return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool,
-                    data_digest: dict[str, str] | None = None) -> None:
-  """Refuses to mix runs: a workdir holding another run's config, or data, is an error.
-
-  With ``fresh`` an existing run is moved aside (never deleted) and a new one
-  starts. ``data_digest`` (split name → digest of its images and labels) is
-  compared with the one the run saved, when both exist: a run resumed on other
-  data would mix two data sets in one set of weights.
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={workdir} is a file, not a folder; give a folder for the run")
-  config_file = os.path.join(workdir, "config.json")
-  has_run = os.path.exists(config_file) or os.path.isdir(os.path.join(workdir, "checkpoints"))
-  if has_run and fresh:
-    if parallel.is_primary():  # In a multi-host run the other processes leave it to process 0.
-      stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-      aside = f"{workdir.rstrip(os.sep)}.old-{stamp}"
-      shutil.move(workdir, aside)
-      log.warning("--fresh: moved the previous run in %s to %s", workdir, aside)
-    has_run = False
-  if has_run:
-    if not os.path.exists(config_file):
-      raise ConfigError(f"{workdir} holds checkpoints but no config.json; use another "
-                        "--workdir (or --fresh to move it aside)")
-    try:
-      with open(config_file) as f:
-        saved = json.load(f)
-      theirs = TrainConfig.from_dict(saved["config"]).identity()
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      why = e.strerror if isinstance(e, OSError) else (
-          f"no {e} entry" if isinstance(e, KeyError) else str(e))
-      raise ConfigError(f"{config_file}: not a ferjax run's config ({why}); use another "
-                        "--workdir (or --fresh to move it aside)") from None
-    ours = config.identity()
-    diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-    if diff:
-      detail = "; ".join(f"{k}: saved {theirs.get(k)!r}, now {ours.get(k)!r}" for k in diff)
-      raise ConfigError(f"{workdir} holds a different run ({detail}). Use another --workdir, "
-                        "or --fresh to move the old run aside and start over")
-    saved_digest = saved.get("data_digest")
-    if data_digest and isinstance(saved_digest, dict):
-      changed = [name for name, value in data_digest.items()
-                 if name in saved_digest and saved_digest[name] != value]
-      if changed:
-        raise ConfigError(f"{workdir} holds a run trained on other data: the images or labels "
-                          f"of {', '.join(changed)} differ from the data it started with "
-                          "(another file, or --skip_bad_rows dropping other rows). Resume with "
-                          "the same data, use another --workdir, or --fresh to move the old "
-                          "run aside and start over")
-  os.makedirs(workdir, exist_ok=True)
-
-
 def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerData | None = None,
                        data_path: str | None = None, ferplus_path: str | None = None,
                        fresh: bool = False, on_error: str = "raise",
@@ -364,11 +280,11 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
                  (("train_split", train), ("eval_split", val), ("test_split", test))}
   if parallel.is_primary() and os.path.isdir(workdir):
     # Before --fresh moves anything: a run that another process is training is left alone.
-    locks.append(lock_workdir(workdir))
-  prepare_workdir(workdir, config, fresh=fresh, data_digest=data_digest)
+    locks.append(workdir_lib.lock_workdir(workdir))
+  workdir_lib.prepare_workdir(workdir, config, fresh=fresh, data_digest=data_digest)
   held = [fd for fd in locks if fd is not None]
-  if parallel.is_primary() and not any(_same_folder(fd, workdir) for fd in held):
-    locks.append(lock_workdir(workdir))  # A new folder (--fresh, or a first run).
+  if parallel.is_primary() and not any(workdir_lib.same_folder(fd, workdir) for fd in held):
+    locks.append(workdir_lib.lock_workdir(workdir))  # A new folder (--fresh, or a first run).
   # Every process has read the workdir (and process 0 moved an old run aside) before any
   # file is written; from here only process 0 writes the run's files (checkpoints: all).
   parallel.barrier("prepare_workdir")
@@ -396,14 +312,14 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   elapsed_before = 0.0  # Training time of earlier sessions of this run (resumes).
   metrics = trainer.zero_metrics()  # Sums since the last evaluation.
   if parallel.is_primary():
-    _drop_records_after(workdir, store.latest_step() or 0)
+    workdir_lib.drop_records_after(workdir, store.latest_step() or 0)
   if store.latest_step() is not None:
     step = store.latest_step()
     saved = store.read_meta(step)
     # A checkpoint between evaluations (--checkpoint_every) carries its own clock and the
     # metric sums since the last evaluation; one at an evaluation matches its record.
     elapsed_before = saved.get("elapsed_seconds",
-                               _last_record(workdir).get("elapsed_seconds", 0.0))
+                               workdir_lib.last_record(workdir).get("elapsed_seconds", 0.0))
     restored = store.restore(step, **{k: v for k, v in trainer.abstract_state().items()
                                       if v is not None})
     trainer.state = {**trainer.state, **restored}
@@ -412,11 +328,11 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
       metrics = jax.device_put(resumed_sums, parallel.replicated(mesh))
     best = store.best_step()
     if best is not None:
-      best_accuracy = _best_accuracy(workdir, best)
+      best_accuracy = workdir_lib.best_accuracy(workdir, best)
     log.info("resuming %s from step %d (epoch %.2f)", workdir, step, step / steps_per_epoch)
   _log_setup(config, data, train, val, mesh, steps_per_epoch, stop_step, workdir)
 
-  writer = _summary_writer(workdir)
+  writer = workdir_lib.summary_writer(workdir)
   progress = _Progress(steps_per_epoch, config.batch_size)
   previous = None
   run_start = time.time()
@@ -454,7 +370,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
       best_accuracy = max(best_accuracy, record["eval_accuracy"])
       record["best_eval_accuracy"] = best_accuracy
       progress.finish_epoch(record)
-      _write_record(workdir, record, writer)
+      workdir_lib.write_record(workdir, record, writer)
       store.save(step, model=trainer.state["model"], optimizer=trainer.state["optimizer"],
                  ema=trainer.state["ema"], meta={**meta, "step": step, "metrics": record},
                  eval_accuracy=record["eval_accuracy"])
@@ -470,26 +386,12 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   if writer is not None:
     writer.close()
   if step == start_step:  # A finished run started again: its report stands if it is complete.
-    done = _finished_results(workdir, store)
+    done = workdir_lib.finished_results(workdir, store)
     if done is not None:
       log.info("%s: nothing left to train (step %d); its results (best step %d) are in "
                "results.json", workdir, step, done["best_step"])
       return done
   return _final_evaluation(trainer, store, test, data.class_names, config, workdir)
-
-
-def _finished_results(workdir: str, store) -> dict | None:
-  """``results.json`` when it reports the run's current best checkpoint, else None."""
-  try:
-    with open(os.path.join(workdir, "results.json")) as f:
-      results = json.load(f)
-  except (OSError, ValueError):
-    return None
-  if not isinstance(results, dict) or results.get("best_step") != store.resolve("best"):
-    return None
-  if not all(f"test_tta_{tta}" in results for tta in evaluate_lib.TTA_MODES):
-    return None
-  return results
 
 
 def _check_before_writing(config: TrainConfig, num_classes: int, num_train: int) -> None:
@@ -549,7 +451,7 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
   restored = store.restore(best, **{k: v for k, v in trainer.abstract_state().items()
                                     if v is not None and k != "optimizer"})
   trainer.state = {**trainer.state, **restored}
-  last = _last_record(workdir)
+  last = workdir_lib.last_record(workdir)
   results = {"model": config.model, "labels": config.labels, "best_step": best,
              "selected_on": config.eval_split, "test_split": config.test_split,
              "epochs_trained": last.get("epoch"), "train_seconds": last.get("elapsed_seconds"),
@@ -568,67 +470,6 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   return results
-
-
-def _read_records(workdir: str) -> list[dict]:
-  """The evaluation records of ``metrics.jsonl``, oldest first."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _drop_records_after(workdir: str, step: int) -> None:
-  """Drops the records of steps after ``step``, the checkpoint this session starts from.
-
-  A session that stopped while saving an evaluation's checkpoint had already
-  written its record; this session evaluates that step again and writes it anew.
-  """
-  records = _read_records(workdir)
-  kept = [r for r in records if r.get("step", 0) <= step]
-  dropped = [r for r in records if r.get("step", 0) > step]
-  if not dropped:
-    return
-  path = os.path.join(workdir, "metrics.jsonl")
-  with open(path + ".tmp", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in kept)
-  os.replace(path + ".tmp", path)  # Atomic: a crash here leaves the old records.
-  log.warning("%s: dropped the records of steps %s, written after the last checkpoint (step %d)",
-              path, ", ".join(str(r["step"]) for r in dropped), step)
-
-
-def _last_record(workdir: str) -> dict:
-  records = _read_records(workdir)
-  return records[-1] if records else {}
-
-
-def _best_accuracy(workdir: str, best_step: int) -> float:
-  matches = [r["eval_accuracy"] for r in _read_records(workdir) if r.get("step") == best_step]
-  return float(matches[-1]) if matches else -1.0
-
-
-def _write_record(workdir: str, record: dict, writer) -> None:
-  if not parallel.is_primary():
-    return
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-    f.write(json.dumps(record) + "\n")
-  plots.plot_training_curves(_read_records(workdir), os.path.join(workdir, "curves.png"))
-  if writer is not None:
-    for k, v in record.items():
-      if isinstance(v, (int, float)) and k != "step":
-        writer.add_scalar(k, v, record["step"])
-    writer.flush()
-
-
-def _summary_writer(workdir: str):
-  if not parallel.is_primary():
-    return None
-  try:
-    from tensorboardX import SummaryWriter  # Optional dependency.
-  except ImportError:
-    return None
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
 def _log_setup(config, data, train, val, mesh, steps_per_epoch, stop_step, workdir) -> None:
