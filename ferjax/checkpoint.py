@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from ferjax.errors import CheckpointError
+from ferjax.errors import CheckpointError, check_folder_path
 
 BEST_METRIC = "eval_accuracy"
 
@@ -258,6 +258,7 @@ def export_model(path: str | os.PathLike, output: str | os.PathLike, which: str 
   output = os.path.abspath(os.fspath(output))
   if os.path.exists(output):
     raise CheckpointError(f"{output} already exists; remove it or choose another --output")
+  check_folder_path(output, "output")
   model, meta = load_model(path, which)
   meta = {**meta, "config": {**meta["config"], "ema_decay": 0.0},
           "exported_from": {"path": os.fspath(path), "step": meta["step"]}}

@@ -48,6 +48,21 @@ class ConfigError(FerjaxError, ValueError):
   """
 
 
+def check_folder_path(path: str | os.PathLike, flag: str) -> None:
+  """Raises ConfigError, naming ``--flag``, when folder ``path`` is or lies under a file.
+
+  Checked before the work whose results go there: ``os.makedirs`` would fail
+  only then, with a traceback (NotADirectoryError, FileExistsError).
+  """
+  given = os.fspath(path)
+  target = existing = os.path.abspath(given)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = "" if existing == target else f": {existing}"
+    raise ConfigError(f"--{flag}={given}{where} is a file, not a folder")
+
+
 class CheckpointError(FerjaxError):
   """A checkpoint is missing or does not match the model that should load it."""
 

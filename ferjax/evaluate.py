@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ferjax.augment import affine_warp
-from ferjax.errors import ConfigError, is_whole
+from ferjax.errors import ConfigError, check_folder_path, is_whole
 from ferjax.input_pipeline import eval_batches
 from ferjax.preprocess import preprocess
 from ferjax.splits import load_run_data, resolve_splits
@@ -220,14 +220,16 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added.
 
   Raises:
-    ConfigError: a bad ``tta`` or ``batch_size``, or data whose label set is
-      not the checkpoint's.
+    ConfigError: a bad ``tta`` or ``batch_size``, an ``output_dir`` that is
+      or lies under a file, or data whose label set is not the checkpoint's.
     CheckpointError: no such checkpoint, or not of ``expect_model``.
     DataError: the data cannot be read, or has no such split.
   """
   from ferjax import checkpoint as checkpoint_lib
 
   _check_eval_args(tta, batch_size)
+  if output_dir is not None:
+    check_folder_path(output_dir, "output_dir")
   model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
   subset, split = _test_subset(meta, split, data, data_path, ferplus_path, on_error)
   _log_start(workdir, meta, subset, split, tta)
@@ -273,7 +275,8 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
 
   Raises:
     ConfigError: fewer than two runs, members with other label sets, or an
-      ``output_dir`` that is a member's workdir or another ensemble's.
+      ``output_dir`` that is a member's workdir or another ensemble's, or is or
+      lies under a file.
     CheckpointError, DataError: as in :func:`evaluate_checkpoint`.
   """
   from ferjax import checkpoint as checkpoint_lib
@@ -281,6 +284,7 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
   if len(workdirs) < 2:
     raise ConfigError(f"an ensemble needs at least two runs, got {list(workdirs)}")
   _check_eval_args(tta, batch_size)
+  check_folder_path(output_dir, "output_dir")
   for workdir in workdirs:
     if os.path.exists(output_dir) and os.path.exists(workdir) and \
         os.path.samefile(output_dir, workdir):

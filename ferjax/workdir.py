@@ -17,7 +17,7 @@ from ferjax import evaluate as evaluate_lib
 from ferjax import parallel
 from ferjax import plots
 from ferjax.config import TrainConfig
-from ferjax.errors import ConfigError
+from ferjax.errors import ConfigError, check_folder_path
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool,
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} is a file, not a folder; give a folder for the run")
+  check_folder_path(workdir, "workdir")  # A file further up.
   config_file = os.path.join(workdir, "config.json")
   has_run = os.path.exists(config_file) or os.path.isdir(os.path.join(workdir, "checkpoints"))
   if has_run and fresh:

@@ -920,6 +920,26 @@ def test_export_writes_a_small_inference_checkpoint(tmp_path, tiny_data):
     checkpoint_lib.export_model(workdir, out)
 
 
+def test_an_output_folder_under_a_file_is_refused_before_any_work(tmp_path, tiny_data):
+  # os.makedirs would fail only at the end, after training or evaluating, with a traceback
+  # (NotADirectoryError, FileExistsError). Each is refused first, naming the flag.
+  from ferjax.inference import DEFAULT_WEIGHTS
+
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  with pytest.raises(ConfigError, match=r"--workdir=.*notes.txt/run: .*notes.txt is a file"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=1), str(a_file / "run"), data=tiny_data)
+  with pytest.raises(ConfigError, match=r"--output=.*notes.txt/w: .*notes.txt is a file"):
+    checkpoint_lib.export_model(DEFAULT_WEIGHTS, a_file / "w")
+  test = tiny_data.split("PrivateTest")
+  with pytest.raises(ConfigError, match=r"--output_dir=.*notes.txt is a file, not a folder"):
+    evaluate_checkpoint(DEFAULT_WEIGHTS, data=test, output_dir=str(a_file))
+  with pytest.raises(ConfigError, match=r"--output_dir=.*notes.txt/e: .*notes.txt is a file"):
+    evaluate_ensemble([DEFAULT_WEIGHTS, str(tmp_path / "other")], data=test,
+                      output_dir=str(a_file / "e"))
+  assert a_file.read_text() == "mine" and os.listdir(tmp_path) == ["notes.txt"]
+
+
 def test_export_weights_cli_exports_the_checkpoint_named_by_which(tmp_path, tiny_data):
   workdir = str(tmp_path / "run")
   train_lib.train_and_evaluate(tiny_config(max_steps=2, eval_every=1), workdir, data=tiny_data)
