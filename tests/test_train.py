@@ -590,6 +590,23 @@ def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path, tiny_data):
     checkpoint_lib.load_model(tmp_path / "empty")
 
 
+def test_an_ensemble_with_a_missing_member_fails_before_predicting(tmp_path, tiny_data,
+                                                                    monkeypatch):
+  # Before: the first member was evaluated in full (minutes with ten-crop on the real
+  # PrivateTest) and only then did the second turn out to be missing.
+  from ferjax import evaluate as evaluate_lib
+  from ferjax.inference import DEFAULT_WEIGHTS
+
+  def must_not_predict(*args, **kwargs):
+    raise AssertionError("predicted before every member had loaded")
+
+  monkeypatch.setattr(evaluate_lib, "predict_dataset", must_not_predict)
+  missing = str(tmp_path / "missing")
+  with pytest.raises(CheckpointError, match="missing: no such directory"):
+    evaluate_ensemble([DEFAULT_WEIGHTS, missing], data=tiny_data, output_dir=str(tmp_path / "e"))
+  assert not (tmp_path / "e").exists()
+
+
 def test_evaluate_checks_its_arguments_and_the_datas_label_set(tmp_path, tiny_data):
   from ferjax.data import FERPLUS_CLASSES
   from ferjax.inference import default_weights_dir
