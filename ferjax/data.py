@@ -118,6 +118,16 @@ class FerData:
   def __len__(self) -> int:
     return len(self.labels)
 
+  def __repr__(self) -> str:
+    # One line: the dataclass default prints every array, pages of pixels for FER2013.
+    parts = [f"{len(self)} faces", f"{self.num_classes} classes"]
+    parts += [f"{name} {int(np.sum(self.splits == name))}" for name in self.split_names]
+    if self.soft_labels is not None:
+      parts.append("soft labels")
+    if self.skipped:
+      parts.append(f"{len(self.skipped)} rows skipped")
+    return f"FerData({', '.join(parts)}, source={self.source!r})"
+
   @property
   def num_classes(self) -> int:
     return len(self.class_names)

@@ -35,6 +35,15 @@ def test_reads_plain_csv(tmp_path, cache_dir):
   assert len(d.split("PublicTest")) == 3
 
 
+def test_ferdata_prints_as_one_summary_line(tmp_path, cache_dir):
+  # Before: the dataclass repr printed every array, 4,700 characters for 10 faces (numpy
+  # elides the middle), a page in a notebook or a log for the real data.
+  path = write_csv(tmp_path / "fer2013.csv", fer_rows(10))
+  text = repr(data_lib.load_fer2013(path))
+  assert text == (f"FerData(10 faces, 7 classes, Training 4, PublicTest 3, PrivateTest 3, "
+                  f"source={path!r})"), text
+
+
 def test_gzip_and_tar_forms_equal_plain(tmp_path, cache_dir):
   rows = fer_rows(9)
   plain = write_csv(tmp_path / "fer2013.csv", rows)
