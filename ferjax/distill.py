@@ -52,6 +52,8 @@ def load_teachers(config: TrainConfig, class_names, workdir: str,
       probs = _saved_teacher_probs(source, class_names, train)
       teachers.append((source, None, {"model": "saved predictions", "step": 0, "probs": probs}))
       continue
+    if source.endswith(".npz") and not os.path.exists(source):
+      raise CheckpointError(f"--distill_from: {os.path.abspath(source)}: no such file")
     if os.path.exists(source) and os.path.exists(workdir) and os.path.samefile(source, workdir):
       raise ConfigError(f"--distill_from={source} is this run's own --workdir; a teacher must be "
                         "another, finished run")

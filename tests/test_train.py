@@ -1157,6 +1157,15 @@ def test_a_bad_teacher_is_refused_before_the_workdir_is_written(tmp_path, tiny_d
   assert not student.exists()
 
 
+def test_a_missing_file_of_saved_predictions_is_called_a_missing_file(tmp_path, tiny_data):
+  # Before: "no such directory", for a name that says it is a file.
+  npz = tmp_path / "run" / distill_lib.TEACHER_FILE
+  with pytest.raises(CheckpointError, match=f"^--distill_from: {npz}: no such file$"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=1, distill_from=str(npz)),
+                                 str(tmp_path / "student"), data=tiny_data)
+  assert not (tmp_path / "student").exists()
+
+
 def test_the_compiling_first_step_is_left_out_of_images_per_second(tmp_path, tiny_data, caplog,
                                                                   monkeypatch):
   clock = [1000.0]
