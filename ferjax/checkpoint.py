@@ -171,6 +171,10 @@ def find_checkpoints(path: str | os.PathLike) -> str:
             "and attention_maps --checkpoint names the run)"
             if given in ("best", "latest") or given.isdigit() else "")
     raise CheckpointError(f"{path}: no such directory{hint}")
+  parent, name = os.path.split(path)
+  if name.isdigit() and os.path.basename(parent) == "checkpoints":  # One step's own folder.
+    raise CheckpointError(f"{path} is one checkpoint (step {name}); name its run, "
+                          f"{os.path.dirname(parent)}, and the step with --which={name}")
   sub = os.path.join(path, "checkpoints")
   return sub if os.path.isdir(sub) else path
 

@@ -607,6 +607,15 @@ def test_an_ensemble_with_a_missing_member_fails_before_predicting(tmp_path, tin
   assert not (tmp_path / "e").exists()
 
 
+def test_a_step_folder_given_as_the_run_is_pointed_at_its_run_and_which():
+  # Before: "<run>/checkpoints/43953: no checkpoints here", for a folder that holds one.
+  from ferjax.inference import DEFAULT_WEIGHTS
+  step_dir = os.path.join(DEFAULT_WEIGHTS, "checkpoints", "43953")
+  with pytest.raises(CheckpointError, match=f"^{step_dir} is one checkpoint .step 43953.; name "
+                     f"its run, {DEFAULT_WEIGHTS}, and the step with --which=43953$"):
+    checkpoint_lib.load_model(step_dir)
+
+
 def test_evaluate_checks_its_arguments_and_the_datas_label_set(tmp_path, tiny_data):
   from ferjax.data import FERPLUS_CLASSES
   from ferjax.inference import default_weights_dir
