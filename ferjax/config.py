@@ -101,8 +101,9 @@ class TrainConfig:
       raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
     if not 0 <= self.ema_decay < 1:
       raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-    if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_epochs < 0:
-      raise ConfigError("weight_decay, grad_clip and warmup_epochs must not be negative")
+    for name in ("weight_decay", "grad_clip", "warmup_epochs"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
     if not 0 <= self.momentum < 1:
       raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
 

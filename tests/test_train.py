@@ -822,6 +822,9 @@ def test_from_dict_leaves_the_dict_it_reads_unchanged():
     (dict(weight_decay=float("nan")), "weight_decay must be a finite number, got nan"),
     (dict(grad_clip=float("nan")), "grad_clip must be a finite number, got nan"),
     (dict(momentum=1.5), r"momentum must be in \[0, 1\), got 1.5"),
+    # Before: "weight_decay, grad_clip and warmup_epochs must not be negative", for any one.
+    (dict(warmup_epochs=-1), r"^warmup_epochs must not be negative, got -1$"),
+    (dict(grad_clip=-0.5), r"^grad_clip must not be negative, got -0.5$"),
     (dict(model_overrides=None), "model_overrides must be a dict of model options, got None"),
     (dict(augment={"mixup_alpha": 0.2}), "augment must be a ferjax.augment.AugmentConfig"),
 ])
