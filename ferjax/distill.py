@@ -117,7 +117,6 @@ def training_targets(config: TrainConfig, train: data_lib.FerData, class_names,
   return ((1 - w) * targets + w * probs).astype(np.float32)
 
 
-TEACHER_FILE = "teacher_predictions.npz"
 def _teacher_predictions(teachers: list, train: data_lib.FerData, class_names: Sequence[str],
                          batch_size: int, workdir: str | None) -> np.ndarray:
   """The teachers' averaged probabilities on ``train``, saved in (or read from) ``workdir``."""
