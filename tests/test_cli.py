@@ -232,9 +232,23 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   script.write_text('A="--model=acnn_alstm --epochs=1"\nrun short-acnn $A \\\n  --batch_size=8\n')
   readme = tmp_path / "README.md"
   readme.write_text("# x\n\n<!-- results-table -->\n\nafter\n")
+  # Each run compiles the model for XLA's cost analysis (about 20 s on 2 cores); JAX's
+  # persistent cache lets the later runs read those programs back. The cells must not change.
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+  def table(*args):
+    return run("experiments.results_table", f"--results={results}", *args, env=cache)
+
+  from flax import nnx
+
+  from ferjax.models import create_model
+  from ferjax.models.summary import count_params
+  tiny = create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0),
+                      **result["config"]["model_overrides"])
+  mflops = []
   for _ in range(2):  # The tables go to stdout and the README; a second run replaces them.
-    r = run("experiments.results_table", f"--results={results}", f"--script={script}",
-            f"--readme={readme}")
+    r = table(f"--script={script}", f"--readme={readme}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "#### Every model on one short schedule" in r.stdout
     row = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn` |"))
@@ -243,6 +257,11 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
     assert cells[2] == f"{100 * result['test_tta_flip']['accuracy']:.2f}"
     assert cells[-1] == ("`python -m experiments.train --model=acnn_alstm --epochs=1 "
                          "--batch_size=8 --workdir=runs/short-acnn`")
+    # The cost of the run's own (tiny) model, not of the default acnn_alstm (406,375
+    # parameters, 92.12 MFLOPs): the run's model options reach the count.
+    assert cells[5] == f"{count_params(tiny):,}" and cells[5] != "406,375"
+    mflops.append(float(cells[6]))
+    assert 0 < mflops[-1] < 5 and mflops[-1] == mflops[0]
     text = readme.read_text()
     assert text.count(row) == 1 and text.endswith("<!-- /results-table -->\n\nafter\n")
     # The model's cost is compiled once, and says so while the user waits.
@@ -252,7 +271,7 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   assert cells[8] == f"{result['train_seconds'] / 60:.1f} min"  # Under 10 minutes.
   on_gpu = {**result, "device": {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 1}}
   json.dump(on_gpu, open(results / "short-acnn-gpu.json", "w"))
-  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  r = table(f"--script={script}")
   gpu_row = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn-gpu` |"))
   assert gpu_row.split(" | ")[8] == f"{cells[8]} on NVIDIA H100 80GB HBM3"
   os.remove(results / "short-acnn-gpu.json")
@@ -261,7 +280,7 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   repeat["config"]["seed"] += 1
   repeat["test_tta_none"]["accuracy"] = result["test_tta_none"]["accuracy"] + 0.02
   json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
-  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  r = table(f"--script={script}")
   assert r.returncode == 0, r.stderr[-3000:]
   names = [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("| `short")]
   assert names[:2] == ["| `short-acnn`", "| `short-acnn-seed1`"]  # A run, then its repeats.
@@ -274,21 +293,20 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   assert len(spread.strip("|").split("|")) == 14
   repeat["config"]["learning_rate"] *= 2  # Not a seed repeat any more: refused, named.
   json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
-  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  r = table(f"--script={script}")
   assert r.returncode == 2 and "short-acnn-seed1.json: a seed repeat of short-acnn must differ " \
       "only in its seed; it also differs in learning_rate" in r.stderr
-  r = run("experiments.results_table", f"--results={results}", f"--script={script}",
-          f"--readme={tmp_path / 'nothing.md'}")
+  r = table(f"--script={script}", f"--readme={tmp_path / 'nothing.md'}")
   assert r.returncode == 2 and "nothing.md: No such file or directory" in r.stderr
   r = run("experiments.results_table", f"--results={tmp_path / 'empty'}")
   assert r.returncode == 2 and "empty: no <run>.json files there" in r.stderr
   os.remove(results / "short-acnn-seed1.json")
   # Another kind of JSON among the runs (an evaluation's report), or a broken file: named.
   json.dump({"num_examples": 9, "accuracy": 0.5}, open(results / "eval-report.json", "w"))
-  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  r = table(f"--script={script}")
   assert r.returncode == 2 and "eval-report.json: not a training run's results.json" in r.stderr
   (results / "eval-report.json").write_text('{"config": ')
-  r = run("experiments.results_table", f"--results={results}", f"--script={script}")
+  r = table(f"--script={script}")
   assert r.returncode == 2 and "eval-report.json: cannot read it as JSON" in r.stderr
 
 
