@@ -42,3 +42,11 @@ def fer2013_path():
   if not path or not os.path.exists(path):
     pytest.skip("FER2013_PATH is not set to the real fer2013.csv(.gz); real-data test skipped")
   return path
+
+
+@pytest.fixture
+def ferplus_path():
+  path = os.environ.get("FERPLUS_PATH")
+  if not path or not os.path.exists(path):
+    pytest.skip("FERPLUS_PATH is not set to the real fer2013new.csv; real-data test skipped")
+  return path

@@ -417,3 +417,27 @@ def test_real_fer2013_counts(fer2013_path):
       "Training": 28709, "PublicTest": 3589, "PrivateTest": 3589}
   assert d.class_counts().tolist() == [4953, 547, 5121, 8989, 6077, 4002, 6198]
   assert not d.skipped
+
+
+def test_real_ferplus_joins_the_real_fer2013_by_row(fer2013_path, ferplus_path):
+  # The FER+ readers were tested on hand-made files only; FERPLUS_PATH was never read.
+  fer = data_lib.load_fer2013(fer2013_path)
+  d = data_lib.with_ferplus_labels(fer, data_lib.load_ferplus(ferplus_path))
+  assert d.class_names == data_lib.FERPLUS_CLASSES
+  assert set(np.unique(d.labels)) == set(range(8))
+  # The file's first eight rows, worked by hand (columns neutral, happiness, surprise,
+  # sadness, anger, disgust, fear, contempt, unknown, NF; single votes dropped):
+  # 0: 4,0,0,1,3,2,... neutral 4 of 9, no majority; 1: 6,0,1,1,...,2 unknown: neutral 6 of 8;
+  # 2: neutral 5 of 8; 3: neutral 4 and sadness 4, a tie; 4: neutral 9; 5: neutral 6 of 6;
+  # 6: sadness 8 of 10; 7: happiness 10.
+  assert d.rows[:6].tolist() == [1, 2, 4, 5, 6, 7]
+  assert d.labels[:6].tolist() == [6, 6, 6, 6, 4, 3]  # neutral x4, sad, happy
+  np.testing.assert_array_equal(d.images[:6], fer.images[[1, 2, 4, 5, 6, 7]])
+  np.testing.assert_array_equal(d.splits, fer.splits[d.rows])
+  # The 173 rows without an image name (no face in FER+) are among those dropped.
+  with open(ferplus_path) as f:
+    unnamed = {i for i, line in enumerate(f.read().splitlines()[1:]) if line.split(",")[1] == ""}
+  assert len(unnamed) == 173 and not unnamed & set(d.rows.tolist())
+  # README's FER+ paragraph: Training 25,060 rows, PublicTest 3,199, PrivateTest 3,153.
+  assert {s: len(d.split(s)) for s in data_lib.CSV_SPLITS} == {
+      "Training": 25060, "PublicTest": 3199, "PrivateTest": 3153}
