@@ -670,6 +670,18 @@ _RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+  """A JAX persistent compilation cache shared by this module's training subprocesses.
+
+  Each run compiles the same training step and prediction programs, for tens of seconds on
+  2 cores; a run of the same shapes, flags and device count reads them back instead. The
+  programs are the ones a fresh compile gives, so the runs' numbers do not change.
+  """
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 def _run(args, env_extra=None):
   env = {**os.environ, "PYTHONPATH": ROOT, **(env_extra or {})}
   return subprocess.run([sys.executable, "-c", _RUNNER, *map(str, args)], env=env,
@@ -681,13 +693,13 @@ def _final(workdir):
     return [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_csv):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_csv, xla_cache):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  assert _run([straight, tiny_csv, -1]).returncode == 0
-  first = _run([killed, tiny_csv, 7])  # Mid-epoch 2, after the checkpoint at step 6.
+  assert _run([straight, tiny_csv, -1], xla_cache).returncode == 0
+  first = _run([killed, tiny_csv, 7], xla_cache)  # Mid-epoch 2, after the checkpoint at step 6.
   assert first.returncode == -9, first.stderr[-2000:]
   assert checkpoint_lib.CheckpointStore(killed / "checkpoints").latest_step() == 6
-  resumed = _run([killed, tiny_csv, -1])
+  resumed = _run([killed, tiny_csv, -1], xla_cache)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resuming" in resumed.stderr
   for a, b in zip(_final(straight), _final(killed), strict=True):
@@ -702,10 +714,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_csv):
       assert records[killed][step][key] == pytest.approx(records[straight][step][key]), (step, key)
 
 
-def test_two_devices_match_one(tmp_path, tiny_csv):
+def test_two_devices_match_one(tmp_path, tiny_csv, xla_cache):
   one, two = tmp_path / "one", tmp_path / "two"
-  r1 = _run([one, tiny_csv, -1])
-  r2 = _run([two, tiny_csv, -1], {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  r1 = _run([one, tiny_csv, -1], xla_cache)
+  r2 = _run([two, tiny_csv, -1], {**xla_cache,
+                                  "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
   assert "devices 1" in r1.stdout and "devices 2" in r2.stdout
   for a, b in zip(_final(one), _final(two), strict=True):
