@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 # Keep JAX on the CPU and quiet in tests.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+_XLA_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+  """One JAX persistent compilation cache for this test process, deleted at the end.
+
+  Many tests train the same tiny model; each Trainer jits its own functions, so each run
+  compiled the same programs again (most of a tiny run's time on 2 cores). With the cache,
+  a later run reads the identical executables back. Tracing is unaffected, so the tests
+  that count traces still see recompiles. Set here, not through JAX_COMPILATION_CACHE_DIR,
+  so the subprocesses the tests start keep their own cache settings.
+  """
+  import jax
+  _XLA_CACHE.append(tempfile.mkdtemp(prefix="ferjax-test-xla-"))
+  jax.config.update("jax_compilation_cache_dir", _XLA_CACHE[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config):
+  for path in _XLA_CACHE:
+    shutil.rmtree(path, ignore_errors=True)
 
 HEADER = "emotion,pixels,Usage"
 
