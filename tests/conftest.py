@@ -60,17 +60,19 @@ def cache_dir(tmp_path, monkeypatch):
   return d
 
 
+def _real_file(variable: str, what: str) -> str:
+  """The real data file the environment variable names, or a skip saying why."""
+  path = os.environ.get(variable)
+  if not path or not os.path.exists(path):
+    pytest.skip(f"{variable} is not set to the real {what}; real-data test skipped")
+  return path
+
+
 @pytest.fixture
 def fer2013_path():
-  path = os.environ.get("FER2013_PATH")
-  if not path or not os.path.exists(path):
-    pytest.skip("FER2013_PATH is not set to the real fer2013.csv(.gz); real-data test skipped")
-  return path
+  return _real_file("FER2013_PATH", "fer2013.csv(.gz)")
 
 
 @pytest.fixture
 def ferplus_path():
-  path = os.environ.get("FERPLUS_PATH")
-  if not path or not os.path.exists(path):
-    pytest.skip("FERPLUS_PATH is not set to the real fer2013new.csv; real-data test skipped")
-  return path
+  return _real_file("FERPLUS_PATH", "fer2013new.csv")
