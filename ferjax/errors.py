@@ -48,6 +48,14 @@ class ConfigError(FerjaxError, ValueError):
   """
 
 
+def nearest_existing(path: str) -> str:
+  """``path`` itself if it exists, else its nearest existing ancestor (absolute)."""
+  existing = os.path.abspath(path)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  return existing
+
+
 def check_folder_path(path: str | os.PathLike, flag: str) -> None:
   """Raises ConfigError, naming ``--flag``, when folder ``path`` is or lies under a file.
 
@@ -55,9 +63,8 @@ def check_folder_path(path: str | os.PathLike, flag: str) -> None:
   only then, with a traceback (NotADirectoryError, FileExistsError).
   """
   given = os.fspath(path)
-  target = existing = os.path.abspath(given)
-  while not os.path.lexists(existing):
-    existing = os.path.dirname(existing)
+  target = os.path.abspath(given)
+  existing = nearest_existing(target)
   if not os.path.isdir(existing):
     where = "" if existing == target else f": {existing}"
     raise ConfigError(f"--{flag}={given}{where} is a file, not a folder")

@@ -27,7 +27,7 @@ import numpy as np
 from ferjax.annotate import (VIDEO_CODECS, AnnotatedImageWriter, AnnotatedVideoWriter,
                              OutputError, ResultsCSV, ResultsJSON, display_available,
                              draw_results)
-from ferjax.errors import ConfigError, is_whole
+from ferjax.errors import ConfigError, is_whole, nearest_existing
 from ferjax.faces import Box, FaceDetector, should_track, to_gray
 from ferjax.sources import DEMO_CLIP, IMAGE_EXTENSIONS, FrameSource, open_source
 
@@ -398,9 +398,7 @@ def _check_writable(flag: str, path: str, folder: bool) -> None:
   disk or a system folder is caught too).
   """
   target = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
-  existing = target
-  while not os.path.lexists(existing):
-    existing = os.path.dirname(existing)
+  existing = nearest_existing(target)
   if not os.path.isdir(existing):
     if folder and existing == target:
       raise OutputError(f"--{flag}={path} is a file; for image input --output names a folder "

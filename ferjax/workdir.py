@@ -64,9 +64,7 @@ def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool,
   compared with the one the run saved, when both exist: a run resumed on other
   data would mix two data sets in one set of weights.
   """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir={workdir} is a file, not a folder; give a folder for the run")
-  check_folder_path(workdir, "workdir")  # A file further up.
+  check_folder_path(workdir, "workdir")  # The folder, or one above it, a file.
   config_file = os.path.join(workdir, "config.json")
   has_run = os.path.exists(config_file) or os.path.isdir(os.path.join(workdir, "checkpoints"))
   if has_run and fresh:
