@@ -80,10 +80,10 @@ def time_model(model: nnx.Module, class_names, rng: np.random.Generator) -> dict
   row["predict_faces_b1"] = _time_calls(lambda: small.predict_faces(face_1x48x48),
                                         _CALLS.value, _WARMUP.value)
   row["raw_jit_b1"] = _time_calls(
-      lambda: jax.device_get(small._predict(small._state_leaves, host_1x48x48x1)[0]),
+      lambda: jax.device_get(small._predict(host_1x48x48x1)[0]),
       _CALLS.value, _WARMUP.value)
   row["device_only_b1"] = _time_calls(
-      lambda: jax.block_until_ready(small._predict(small._state_leaves, device_1x48x48x1)[0]),
+      lambda: jax.block_until_ready(small._predict(device_1x48x48x1)[0]),
       _CALLS.value, _WARMUP.value)
   big_row = _time_calls(lambda: big.predict_faces(faces_Bx48x48), _BIG_CALLS.value,
                         max(1, _WARMUP.value // 4))

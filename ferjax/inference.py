@@ -45,9 +45,10 @@ def default_batch_sizes(max_faces: int) -> tuple[int, ...]:
 class Predictor:
   """Class probabilities for 48x48 face crops, from one trained model in eval mode.
 
-  The model's state is split out once, flattened to a list of arrays, and
-  passed to a ``jax.jit``-compiled pure function (cheaper per call than
-  ``nnx.jit`` for a model this small). Crops are zero-padded to one of a few
+  The model's state is split out once and compiled into a ``jax.jit`` pure
+  function, its weights as constants (cheaper per call than ``nnx.jit``, or
+  than passing the weights as arguments, for a model this small); the
+  predictor keeps a copy and does not follow later changes to the model. Crops are zero-padded to one of a few
   fixed batch sizes, (1, 2, 4, 8) by default, each compiled once by
   :meth:`warmup` (which :func:`ferjax.video.analyze_video` and
   :func:`ferjax.video.run_pipeline` call; call it before your own loop of
@@ -114,10 +115,12 @@ class Predictor:
       raise ConfigError(f"batch_sizes must lie in 1..max_faces={max_faces}, got {batch_sizes}")
     model.eval()  # Dropout off, BatchNorm on its running statistics.
     graphdef, state = nnx.split(model)
-    # The state goes to the jitted function as a flat list of arrays: jit flattens a list in
-    # C++, while an nnx.State is flattened in Python on every call (a one-face call takes
-    # about 80 us less this way, some 6 %; BUILD_NOTES.md, Speed).
-    self._state_leaves, state_def = jax.tree.flatten(state)
+    # The weights go into each compiled function as constants, not arguments: XLA then
+    # prepares them once at compile time instead of on every call (YNNPACK repacks
+    # convolution weights it gets as arguments). A one-face acnn_alstm predict took about
+    # 12 % less, vgg_alstm about 25 % (BUILD_NOTES.md, Speed). Host copies of the arrays
+    # are what jit embeds; random keys (dropout's, unused in eval mode) stay as they are.
+    state = jax.tree.map(_as_constant, state)
     self.class_names = tuple(class_names)
     self.meta = dict(meta)
     self.max_faces = max_faces
@@ -125,9 +128,9 @@ class Predictor:
     self.compile_seconds: float | None = None
     self.trace_count = 0
 
-    def predict(state_leaves, images_Bx48x48x1):
+    def predict(images_Bx48x48x1):
       self.trace_count += 1  # Python side effect: runs only while tracing.
-      model = nnx.merge(graphdef, jax.tree.unflatten(state_def, state_leaves))
+      model = nnx.merge(graphdef, state)
       x_Bx48x48x1 = preprocess(images_Bx48x48x1)
       if hasattr(model, "forward"):
         logits_BxC, aux = model.forward(x_Bx48x48x1)
@@ -138,8 +141,7 @@ class Predictor:
     spec = jax.ShapeDtypeStruct((1, FACE_SIZE, FACE_SIZE, 1), np.uint8)
     # Through a wrapper: eval_shape(predict) would fill jit(predict)'s trace cache and hide
     # a trace from trace_count.
-    probs_shape, aux_shape = jax.eval_shape(lambda s, x: predict(s, x), self._state_leaves,
-                                            spec)
+    probs_shape, aux_shape = jax.eval_shape(lambda x: predict(x), spec)
     self.trace_count = 0
     if probs_shape.shape[-1] != len(self.class_names):
       raise CheckpointError(f"the model has {probs_shape.shape[-1]} outputs but "
@@ -220,7 +222,7 @@ class Predictor:
       batch_Bx48x48x1 = np.zeros((self._batch_size(len(chunk)), FACE_SIZE, FACE_SIZE, 1),
                                  np.uint8)
       batch_Bx48x48x1[:len(chunk), ..., 0] = chunk
-      probs_BxC, aux = self._predict(self._state_leaves, batch_Bx48x48x1)
+      probs_BxC, aux = self._predict(batch_Bx48x48x1)
       pending.append((probs_BxC, aux) if attention else probs_BxC)
       counts.append(len(chunk))
     # Everything is dispatched before the one transfer back to the host; padding rows are
@@ -232,6 +234,12 @@ class Predictor:
                             (0, *self._aux_tail[k])) for k in self.attention_keys}
       return _concat(probs, (0, self.num_classes)), weights
     return _concat([p[:c] for p, c in zip(fetched, counts)], (0, self.num_classes))
+
+
+def _as_constant(leaf):
+  if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    return leaf
+  return np.asarray(leaf)
 
 
 def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:

@@ -257,6 +257,23 @@ def test_predictor_equals_model_on_preprocessed_crop(tiny_run, clip_frames):
   np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_predictor_compiles_the_weights_in_and_keeps_its_own_copy(tiny_run):
+  """The faces are the compiled function's only argument (the speed-up), and later changes
+  to the model do not leak into the predictor built from it."""
+  model, meta = checkpoint_lib.load_model(tiny_run[0], "best")
+  predictor = Predictor.from_model(model, meta["class_names"], max_faces=2)
+  faces = np.random.default_rng(2).integers(0, 256, (2, 48, 48), dtype=np.uint8)
+  before = predictor.predict_faces(faces)
+  lowered = predictor._predict.lower(np.zeros((2, 48, 48, 1), np.uint8))
+  main = next(line for line in lowered.as_text().splitlines() if "func public @main" in line)
+  assert main.count("%arg") == 1, main  # No weight arrives as an argument.
+  assert "tensor<3x3x1x4xf32>" in lowered.as_text()  # The first convolution's kernel, inline.
+  model.classifier.bias[...] = model.classifier.bias[...].at[0].add(3.0)  # Changed after.
+  np.testing.assert_array_equal(predictor.predict_faces(faces), before)
+  assert not np.allclose(Predictor.from_model(model, meta["class_names"]).predict_faces(faces),
+                         before)
+
+
 def test_one_compile_per_batch_size_whatever_the_number_of_faces(tiny_run):
   predictor = Predictor(tiny_run[0], max_faces=4)
   assert predictor.batch_sizes == (1, 2, 4)
