@@ -26,6 +26,11 @@ _DISTILL = flags.DEFINE_string("distill_from", None, "Knowledge distillation: a 
                                "over the runs) are mixed into the targets. Or the "
                                "teacher_predictions.npz that a distilled run saved in its "
                                "workdir: the same targets without the teachers' checkpoints.")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Fine-tuning: a trained run's workdir (e.g. "
+                                 "ferjax/weights/default) of the same --model and options whose "
+                                 "best checkpoint gives the starting weights; a classifier for "
+                                 "another label set starts fresh. Optimiser and schedule start "
+                                 "afresh.")
 _DISTILL_WEIGHT = flags.DEFINE_float("distill_weight", None, "Weight of the teacher's "
                                      "predictions in the targets (0.5).")
 _FERPLUS = flags.DEFINE_string("ferplus", None,
@@ -111,8 +116,9 @@ def main(argv):
       ("ema_decay", _EMA), ("seed", _SEED), ("max_steps", _MAX_STEPS),
       ("eval_every", _EVAL_EVERY), ("checkpoint_every", _CKPT_EVERY),
       ("eval_batch_size", _EVAL_BATCH), ("soft_targets", _SOFT), ("distill_from", _DISTILL),
-      ("distill_weight", _DISTILL_WEIGHT), ("train_split", _TRAIN_SPLIT),
-      ("eval_split", _EVAL_SPLIT), ("test_split", _TEST_SPLIT)) if flag.value is not None}
+      ("distill_weight", _DISTILL_WEIGHT), ("init_from", _INIT_FROM),
+      ("train_split", _TRAIN_SPLIT), ("eval_split", _EVAL_SPLIT),
+      ("test_split", _TEST_SPLIT)) if flag.value is not None}
   config = cli.train_config(_MODEL.value, labels=_LABELS.value,
                             model_options=_MODEL_OPTION.value, augment_options=_AUGMENT.value,
                             **changes)

@@ -36,6 +36,10 @@ class TrainConfig:
   # teacher_predictions.npz a distilled run saved: those averaged predictions.
   distill_from: str | None = None
   distill_weight: float = 0.5
+  # Fine-tuning: a trained run's workdir whose best checkpoint (same model and options)
+  # gives the starting weights; weights of another shape (a classifier for another label
+  # set) start fresh. The optimiser and its schedule start afresh either way.
+  init_from: str | None = None
   epochs: int = 40
   batch_size: int = 64
   optimizer: str = "adamw"

@@ -34,6 +34,7 @@ from ferjax import distill
 from ferjax import evaluate as evaluate_lib
 from ferjax import parallel
 from ferjax import splits
+from ferjax import warmstart
 from ferjax import workdir as workdir_lib
 from ferjax.augment import augment, mix_batch
 from ferjax.config import TrainConfig
@@ -156,6 +157,21 @@ class Trainer:
     self._predict = jax.jit(self._predict_impl, static_argnames="tta",
                             out_shardings=parallel.replicated(mesh))
 
+  def start_from(self, source: nnx.Module) -> list[str]:
+    """Replaces the fresh weights (parameters, BatchNorm statistics, EMA) by ``source``'s.
+
+    Returns the names of the weights left as initialised because their shape
+    differs (:func:`ferjax.warmstart.copy_weights`).
+    """
+    model_state, kept = warmstart.copy_weights(self.state["model"], source)
+    ema = self.state["ema"]
+    if ema is not None:  # A copy: the EMA must not share (donated) buffers with the model.
+      model = nnx.merge(self.graphdef, self.rng_state, model_state)
+      ema = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    self.state = {**self.state, **jax.device_put({"model": model_state, "ema": ema},
+                                                 parallel.replicated(self.mesh))}
+    return kept
+
   def train_step(self, state, metrics: Metrics, batch: Batch, step: jax.Array):
     """One optimiser step; returns the new state and the updated metric sums."""
     return self._train_step_jit(self.rng_state, state, metrics, batch, step)
@@ -276,6 +292,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   parallel.check_batch_size(config.eval_batch_size, mesh, "--eval_batch_size")
   _check_before_writing(config, data.num_classes, len(train))
   teachers = distill.load_teachers(config, data.class_names, workdir, train)
+  init_source = warmstart.load_source(config, workdir)
   data_digest = {getattr(config, f): splits.fingerprint(split) for f, split in
                  (("train_split", train), ("eval_split", val), ("test_split", test))}
   if parallel.is_primary() and os.path.isdir(workdir):
@@ -313,6 +330,12 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   metrics = trainer.zero_metrics()  # Sums since the last evaluation.
   if parallel.is_primary():
     workdir_lib.drop_records_after(workdir, store.latest_step() or 0)
+  if init_source is not None and store.latest_step() is None:
+    source_model, source_meta = init_source
+    kept = trainer.start_from(source_model)
+    log.info("starting from %s (step %d)%s", config.init_from, source_meta["step"],
+             f"; as initialised, for their shape: {', '.join(kept)}" if kept else "")
+  del init_source
   if store.latest_step() is not None:
     step = store.latest_step()
     saved = store.read_meta(step)

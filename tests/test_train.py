@@ -1182,6 +1182,71 @@ def test_a_bad_teacher_is_refused_before_the_workdir_is_written(tmp_path, tiny_d
   assert not student.exists()
 
 
+def test_init_from_starts_a_run_from_another_runs_best_weights(tmp_path, tiny_data, caplog):
+  source = str(tmp_path / "source")
+  train_lib.train_and_evaluate(tiny_config(max_steps=3, ema_decay=0.5), source, data=tiny_data)
+  source_model, _ = checkpoint_lib.load_model(source)  # Its EMA: what evaluation uses.
+  source_params = jax.tree.map(np.asarray, nnx.state(source_model, nnx.Param))
+  # A learning rate too small to move anything: the first step's weights are the source's.
+  config = tiny_config(max_steps=1, learning_rate=1e-12, init_from=source, seed=5,
+                       ema_decay=0.9)
+  with caplog.at_level(logging.INFO, logger="ferjax.train"):
+    results = train_lib.train_and_evaluate(config, str(tmp_path / "tuned"), data=tiny_data)
+  assert results["config"]["init_from"] == source
+  assert f"starting from {source} (step 3)" in caplog.text
+  assert "as initialised" not in caplog.text  # Same label set: every weight came across.
+  tuned, _ = _params(str(tmp_path / "tuned"))  # Its EMA starts from the source too.
+  for got, want in zip(jax.tree.leaves(tuned), jax.tree.leaves(source_params), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  train_lib.train_and_evaluate(dataclasses.replace(config, init_from=None),
+                               str(tmp_path / "fresh"), data=tiny_data)
+  fresh, _ = _params(str(tmp_path / "fresh"))
+  assert not np.allclose(jax.tree.leaves(fresh)[0], jax.tree.leaves(tuned)[0], atol=1e-3)
+
+
+def test_init_from_a_run_with_another_label_set_starts_a_fresh_classifier(tiny_data):
+  from ferjax import parallel
+
+  source = train_lib.build_model(tiny_config(seed=1), 8)  # As a FER+ run's model: 8 classes.
+  source_state = nnx.state(source, nnx.Not(nnx.RngState))
+  trainer = train_lib.Trainer(tiny_config(), 7, parallel.make_mesh(), total_steps=4,
+                              steps_per_epoch=2, weights=np.ones(7, np.float32))
+  before = jax.tree.map(np.asarray, trainer.state["model"])
+  assert not np.allclose(before["trunk"]["blocks"][0]["conv"]["kernel"][...],
+                         source_state["trunk"]["blocks"][0]["conv"]["kernel"][...])
+  assert trainer.start_from(source) == ["classifier.bias", "classifier.kernel"]
+  after = trainer.state["model"]
+  np.testing.assert_array_equal(after["classifier"]["kernel"][...],
+                                before["classifier"]["kernel"][...])
+  np.testing.assert_array_equal(after["trunk"]["blocks"][0]["conv"]["kernel"][...],
+                                source_state["trunk"]["blocks"][0]["conv"]["kernel"][...])
+  recurrent = lambda state: state["lstm"]["forward_layers"][0]["hidden_proj"]["kernel"][...]
+  np.testing.assert_array_equal(recurrent(after), recurrent(source_state))
+
+
+def test_a_bad_init_from_is_refused_before_the_workdir_is_written(tmp_path, tiny_data):
+  source = str(tmp_path / "source")
+  train_lib.train_and_evaluate(tiny_config(max_steps=1), source, data=tiny_data)
+  run = tmp_path / "run"
+  cases = [
+      (dict(init_from=str(tmp_path / "missing")), CheckpointError,
+       "^--init_from: .*missing: no such directory"),
+      (dict(init_from=source, model="cnn_lstm"), ConfigError,
+       "holds a 'acnn_alstm' model; this run trains 'cnn_lstm'"),
+      (dict(init_from=source, model_overrides={**TINY_ALSTM, "lstm_hidden": 16}), ConfigError,
+       "trained with model options .*lstm_hidden.: 8.*this run has .*lstm_hidden.: 16"),
+  ]
+  for changes, error, message in cases:
+    with pytest.raises(error, match=message):
+      train_lib.train_and_evaluate(tiny_config(max_steps=1, **changes), str(run), data=tiny_data)
+    assert not run.exists()
+  before = sorted(os.listdir(source))
+  with pytest.raises(ConfigError, match="own --workdir; to go on training a run, run its command"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=2, init_from=source), source,
+                                 data=tiny_data)
+  assert sorted(os.listdir(source)) == before
+
+
 def test_a_missing_file_of_saved_predictions_is_called_a_missing_file(tmp_path, tiny_data):
   # Before: "no such directory", for a name that says it is a file.
   npz = tmp_path / "run" / distill_lib.TEACHER_FILE
