@@ -45,7 +45,7 @@ def load_source(config: TrainConfig, workdir: str) -> tuple[nnx.Module, dict] | 
   except CheckpointError as e:
     raise CheckpointError(f"--init_from: {e}") from None
   if meta["model"] != config.model:
-    raise ConfigError(f"--init_from={source} holds a {meta['model']!r} model; this run trains "
+    raise ConfigError(f"--init_from={source} holds model {meta['model']!r}; this run trains "
                       f"{config.model!r} (--model)")
   theirs = meta["config"].get("model_overrides", {})
   ours = json.loads(json.dumps(config.model_overrides))  # Tuples as lists, as saved.

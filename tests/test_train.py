@@ -1232,7 +1232,7 @@ def test_a_bad_init_from_is_refused_before_the_workdir_is_written(tmp_path, tiny
       (dict(init_from=str(tmp_path / "missing")), CheckpointError,
        "^--init_from: .*missing: no such directory"),
       (dict(init_from=source, model="cnn_lstm"), ConfigError,
-       "holds a 'acnn_alstm' model; this run trains 'cnn_lstm'"),
+       "holds model 'acnn_alstm'; this run trains 'cnn_lstm'"),
       (dict(init_from=source, model_overrides={**TINY_ALSTM, "lstm_hidden": 16}), ConfigError,
        "trained with model options .*lstm_hidden.: 8.*this run has .*lstm_hidden.: 16"),
   ]
