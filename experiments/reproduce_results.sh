@@ -158,3 +158,12 @@ run acnn_alstm-distilled-vgg3-batch32-60epochs-seed2 --model=acnn_alstm --epochs
 # teachers went as their saved predictions (teacher_predictions.npz).
 run vgg_alstm-distilled-vgg3-acnn60 --model=vgg_alstm --epochs=60 \
   --distill_from=runs/vgg_alstm-distilled-vgg120,runs/vgg_alstm-120epochs,runs/vgg_alstm-60epochs-mixup0.2,runs/acnn_alstm-distilled-vgg3-batch32-60epochs-seed2
+# Fine-tuning (--init_from, 2026-11-27, CPU): the strongest vgg_alstm (distilled-vgg120)
+# trained on for 15 epochs at a lower peak learning rate, distilled from the four vgg_alstm
+# runs above (their plain ensemble: 72.47 % on PrivateTest); and the same start on FER+
+# majority labels with a fresh 8-class classifier, 8 epochs against the 15 from scratch.
+run vgg_alstm-finetuned-vgg4 --model=vgg_alstm --epochs=15 --learning_rate=3e-4 \
+  --init_from=runs/vgg_alstm-distilled-vgg120 \
+  --distill_from=runs/vgg_alstm-distilled-vgg120,runs/vgg_alstm-120epochs,runs/vgg_alstm-distilled-vgg3-acnn60,runs/vgg_alstm-60epochs-mixup0.2
+run vgg_alstm-ferplus-finetuned --model=vgg_alstm --epochs=8 --learning_rate=3e-4 \
+  --labels=ferplus --ferplus="${FERPLUS_PATH:-}" --init_from=runs/vgg_alstm-distilled-vgg120
