@@ -48,14 +48,15 @@ class Predictor:
   The model's state is split out once and compiled into a ``jax.jit`` pure
   function, its weights as constants (cheaper per call than ``nnx.jit``, or
   than passing the weights as arguments, for a model this small); the
-  predictor keeps a copy and does not follow later changes to the model. Crops are zero-padded to one of a few
-  fixed batch sizes, (1, 2, 4, 8) by default, each compiled once by
-  :meth:`warmup` (which :func:`ferjax.video.analyze_video` and
-  :func:`ferjax.video.run_pipeline` call; call it before your own loop of
-  :meth:`predict_faces` or :func:`ferjax.video.analyze_frame`): after it the
-  number of faces in a frame never causes a compile, and one face does not pay
-  for eight (the model's cost grows about linearly with the batch; see
-  BUILD_NOTES.md). ``batch_sizes=(max_faces,)`` gives a single compiled shape.
+  predictor keeps a copy and does not follow later changes to the model.
+  Crops are zero-padded to one of a few fixed batch sizes, (1, 2, 4, 8) by
+  default, each compiled once by :meth:`warmup` (which
+  :func:`ferjax.video.analyze_video` and :func:`ferjax.video.run_pipeline`
+  call; call it before your own loop of :meth:`predict_faces` or
+  :func:`ferjax.video.analyze_frame`): after it the number of faces in a frame
+  never causes a compile, and one face does not pay for eight (the model's cost
+  grows about linearly with the batch; see BUILD_NOTES.md).
+  ``batch_sizes=(max_faces,)`` gives a single compiled shape.
   Crops go through :func:`ferjax.preprocess.preprocess`, as in training.
 
   Attributes:
@@ -115,11 +116,12 @@ class Predictor:
       raise ConfigError(f"batch_sizes must lie in 1..max_faces={max_faces}, got {batch_sizes}")
     model.eval()  # Dropout off, BatchNorm on its running statistics.
     graphdef, state = nnx.split(model)
-    # The weights go into each compiled function as constants, not arguments: XLA then
-    # prepares them once at compile time instead of on every call (YNNPACK repacks
-    # convolution weights it gets as arguments). A one-face acnn_alstm predict took about
-    # 12 % less, vgg_alstm about 25 % (BUILD_NOTES.md, Speed). Host copies of the arrays
-    # are what jit embeds; random keys (dropout's, unused in eval mode) stay as they are.
+    # The weights go into each compiled function as constants, not arguments, so the
+    # compiled code can treat them as fixed: the BatchNorm statistics fold away, and
+    # YNNPACK, which runs the whole trunk at small batches, can prepare its convolution
+    # weights once instead of per call. A one-face acnn_alstm predict took about 12 % less,
+    # vgg_alstm about 25 % (BUILD_NOTES.md, Speed). Host copies of the arrays are what jit
+    # embeds; random keys (dropout's, unused in eval mode) stay as they are.
     state = jax.tree.map(_as_constant, state)
     self.class_names = tuple(class_names)
     self.meta = dict(meta)
@@ -239,7 +241,7 @@ class Predictor:
 def _as_constant(leaf):
   if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     return leaf
-  return np.asarray(leaf)
+  return np.array(leaf)  # A copy, not a view: the model's buffers may be donated later.
 
 
 def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:
