@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from ferjax.errors import CheckpointError, check_folder_path
+from ferjax.errors import CheckpointError, ConfigError, check_folder_path
 
 BEST_METRIC = "eval_accuracy"
 
@@ -230,6 +230,20 @@ def load_model(path: str | os.PathLike, which: str | int = "best", *,
     nnx.update(model, restored["ema"])
   model.eval()
   return model, {**meta, "step": step}
+
+
+def load_other_run(source: str, workdir: str, flag: str, own_run: str):
+  """``load_model(source, "best")`` for a training run's ``flag`` that names another run.
+
+  Errors name the flag; ``own_run`` ends the message when ``source`` is the run's own
+  ``workdir``.
+  """
+  if os.path.exists(source) and os.path.exists(workdir) and os.path.samefile(source, workdir):
+    raise ConfigError(f"{flag}={source} is this run's own --workdir; {own_run}")
+  try:
+    return load_model(source, "best")
+  except CheckpointError as e:
+    raise CheckpointError(f"{flag}: {e}") from None
 
 
 def _fresh_rng_leaf(x: jax.ShapeDtypeStruct) -> jax.Array:

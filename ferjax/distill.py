@@ -54,13 +54,8 @@ def load_teachers(config: TrainConfig, class_names, workdir: str,
       continue
     if source.endswith(".npz") and not os.path.exists(source):
       raise CheckpointError(f"--distill_from: {os.path.abspath(source)}: no such file")
-    if os.path.exists(source) and os.path.exists(workdir) and os.path.samefile(source, workdir):
-      raise ConfigError(f"--distill_from={source} is this run's own --workdir; a teacher must be "
-                        "another, finished run")
-    try:
-      teacher, meta = checkpoint_lib.load_model(source, "best")
-    except CheckpointError as e:
-      raise CheckpointError(f"--distill_from: {e}") from None
+    teacher, meta = checkpoint_lib.load_other_run(
+        source, workdir, "--distill_from", "a teacher must be another, finished run")
     if list(meta["class_names"]) != list(class_names):
       raise ConfigError(f"--distill_from={source}: the teacher predicts "
                         f"{meta['class_names']}, this run has {list(class_names)}")

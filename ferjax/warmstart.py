@@ -11,8 +11,6 @@ image-folder data set) gets a new classifier on a trained trunk.
 from __future__ import annotations
 
 import json
-import logging
-import os
 from typing import Any
 
 import jax
@@ -20,9 +18,7 @@ from flax import nnx
 
 from ferjax import checkpoint as checkpoint_lib
 from ferjax.config import TrainConfig
-from ferjax.errors import CheckpointError, ConfigError
-
-log = logging.getLogger(__name__)
+from ferjax.errors import ConfigError
 
 
 def load_source(config: TrainConfig, workdir: str) -> tuple[nnx.Module, dict] | None:
@@ -37,13 +33,9 @@ def load_source(config: TrainConfig, workdir: str) -> tuple[nnx.Module, dict] | 
   source = config.init_from
   if source is None:
     return None
-  if os.path.exists(source) and os.path.exists(workdir) and os.path.samefile(source, workdir):
-    raise ConfigError(f"--init_from={source} is this run's own --workdir; to go on training a "
-                      "run, run its command again (it resumes from the latest checkpoint)")
-  try:
-    model, meta = checkpoint_lib.load_model(source, "best")
-  except CheckpointError as e:
-    raise CheckpointError(f"--init_from: {e}") from None
+  model, meta = checkpoint_lib.load_other_run(
+      source, workdir, "--init_from",
+      "to go on training a run, run its command again (it resumes from the latest checkpoint)")
   if meta["model"] != config.model:
     raise ConfigError(f"--init_from={source} holds model {meta['model']!r}; this run trains "
                       f"{config.model!r} (--model)")
