@@ -339,4 +339,4 @@ def _print_table(report: dict) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

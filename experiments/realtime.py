@@ -122,4 +122,4 @@ def _run(source):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -221,4 +221,4 @@ def _write_between_markers(path: str, lines: list[str], text: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

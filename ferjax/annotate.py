@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import sys
@@ -318,11 +319,19 @@ class ResultsJSON:
 
 
 def display_available() -> tuple[bool, str]:
-  """Whether OpenCV can open a window here, and if not, why."""
+  """Whether OpenCV can open a window here, and if not, why.
+
+  The answer is kept for the process (per ``DISPLAY`` and ``WAYLAND_DISPLAY``):
+  the probe opens and closes a window, which a user would see each time.
+  """
+  return _probe_display(os.environ.get("DISPLAY"), os.environ.get("WAYLAND_DISPLAY"))
+
+
+@functools.cache
+def _probe_display(display: str | None, wayland_display: str | None) -> tuple[bool, str]:
   import cv2
 
-  if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
-                                               or os.environ.get("WAYLAND_DISPLAY")):
+  if sys.platform.startswith("linux") and not (display or wayland_display):
     # Checked first: some GUI back-ends abort the process without a display.
     return False, "DISPLAY is not set"
   try:

@@ -74,6 +74,37 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str 
   return directory
 
 
+def run(main: Callable[..., Any]) -> None:
+  """``absl.app.run(main)``, except that asking for help exits with status 0.
+
+  absl prints the usage for ``--help``, ``-?``, ``--helpshort``, ``--helpfull``
+  and ``--helpxml`` and then exits with status 1, the status of a bad flag, so
+  ``python -m experiments.train --help && ...`` in a script would stop there.
+  Only an exit raised by one of those help flags is changed; a flag error
+  still exits with 1.
+  """
+  from absl import app
+
+  try:
+    app.run(main)
+  except SystemExit as e:
+    if e.code == 1 and _raised_by_help_flag(e):
+      sys.exit(0)
+    raise
+
+
+def _raised_by_help_flag(e: BaseException) -> bool:
+  from absl import app
+
+  helps = (app.HelpFlag, app.HelpshortFlag, app.HelpfullFlag, app.HelpXMLFlag)
+  tb = e.__traceback__
+  while tb is not None:  # The exit is raised a call or two below the flag's parse().
+    if isinstance(tb.tb_frame.f_locals.get("self"), helps):
+      return True
+    tb = tb.tb_next
+  return False
+
+
 def exit_on_errors(main: Callable[..., Any]) -> Callable[..., Any]:
   """Turns ferjax's errors into one line on stderr and exit status 2.
 

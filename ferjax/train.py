@@ -12,6 +12,7 @@ live in modules of their own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -270,18 +271,22 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
     The final results (also written to ``workdir/results.json``).
   """
   locks: list[int | None] = []
-  try:
+  with contextlib.ExitStack() as cleanup:  # Closed last to first, also on an error.
+    cleanup.callback(_release_locks, locks)
     return _train_and_evaluate(config, os.path.abspath(workdir), data=data, data_path=data_path,
                                ferplus_path=ferplus_path, fresh=fresh, on_error=on_error,
-                               hooks=hooks, locks=locks)
-  finally:
-    for fd in locks:
-      if fd is not None:
-        os.close(fd)  # Releases the workdir's lock.
+                               hooks=hooks, locks=locks, cleanup=cleanup)
+
+
+def _release_locks(locks: list[int | None]) -> None:
+  for fd in locks:
+    if fd is not None:
+      os.close(fd)  # Releases the workdir's lock.
 
 
 def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, ferplus_path,
-                        fresh: bool, on_error: str, hooks, locks: list[int | None]) -> dict:
+                        fresh: bool, on_error: str, hooks, locks: list[int | None],
+                        cleanup: contextlib.ExitStack) -> dict:
   if data is None:
     data = splits.load_run_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
   config, data = splits.resolve_splits(config, data)
@@ -317,6 +322,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
                     steps_per_epoch=steps_per_epoch,
                     weights=class_weights(train.labels, data.num_classes, config.class_weighting))
   store = checkpoint_lib.CheckpointStore(os.path.join(workdir, "checkpoints"))
+  cleanup.callback(store.close)
   meta = {"config": config.to_dict(), "model": config.model, "labels": config.labels,
           "class_names": list(data.class_names), "num_classes": data.num_classes,
           "ferjax_version": __version__, "data_digest": data_digest}

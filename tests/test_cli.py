@@ -140,6 +140,19 @@ def test_usage_errors_are_one_line(module, args, message):
   assert r.stderr.strip().splitlines() == [f"{message} (--helpshort lists the flags)"]
 
 
+@pytest.mark.parametrize("module,flag", [
+    ("experiments.train", "--help"), ("experiments.evaluate", "--helpshort"),
+    ("experiments.realtime", "--helpfull"), ("benchmarks.predict_latency", "-?"),
+])
+def test_asking_for_help_exits_0_and_a_bad_flag_still_fails(module, flag):
+  # absl exits 1 after printing the help, as for a flag error.
+  r = run(module, flag)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"{module.replace('.', '/')}.py:" in r.stdout, r.stdout[:500]  # Its flags listed.
+  bad = run(module, "--no_such_flag")
+  assert bad.returncode == 1 and "no_such_flag" in bad.stderr, bad.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model_option=bidirectional=no"], "error: model option bidirectional='no': must be "
      "true or false"),

@@ -284,6 +284,28 @@ def test_bad_output_names_are_refused(predictor, tmp_path):
     video.run_pipeline(CLIP, predictor, output=str(tmp_path / "out.gif"))
 
 
+def test_the_display_is_probed_once_per_display(monkeypatch):
+  import cv2
+
+  opened = []
+  monkeypatch.setattr(cv2, "namedWindow", lambda name, flags: opened.append(name))
+  monkeypatch.setattr(cv2, "destroyWindow", lambda name: None)
+  monkeypatch.setattr(sys, "platform", "linux")
+  monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+  annotate._probe_display.cache_clear()
+  try:
+    monkeypatch.setenv("DISPLAY", ":77")
+    # The realtime script asks, then run_pipeline asks again: one window opened and closed.
+    assert annotate.display_available() == annotate.display_available() == (True, "")
+    assert len(opened) == 1
+    monkeypatch.setenv("DISPLAY", ":78")
+    assert annotate.display_available() == (True, "") and len(opened) == 2
+    monkeypatch.delenv("DISPLAY")
+    assert annotate.display_available() == (False, "DISPLAY is not set") and len(opened) == 2
+  finally:
+    annotate._probe_display.cache_clear()
+
+
 def _script(*args):
   env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
   env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")

@@ -444,6 +444,29 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_data
   jax.tree.map(np.testing.assert_array_equal, good, after)
 
 
+def test_a_run_closes_its_checkpoint_store_when_it_ends_or_fails(tmp_path, tiny_data,
+                                                                 monkeypatch):
+  closed = []
+  real_close = checkpoint_lib.CheckpointStore.close
+  monkeypatch.setattr(checkpoint_lib.CheckpointStore, "close",
+                      lambda self: (closed.append(self.directory), real_close(self)))
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(max_steps=1), workdir, data=tiny_data)
+  assert closed == [os.path.join(workdir, "checkpoints")]
+
+  def fail(step):
+    raise RuntimeError(f"stopped at step {step}")
+
+  with pytest.raises(RuntimeError, match="stopped at step 1"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=2), str(tmp_path / "failed"),
+                                 data=tiny_data, hooks=[fail])
+  assert closed[1:] == [os.path.join(str(tmp_path / "failed"), "checkpoints")]
+  # The lock went with it: the failed run resumes in this process.
+  results = train_lib.train_and_evaluate(tiny_config(max_steps=2), str(tmp_path / "failed"),
+                                         data=tiny_data)
+  assert results["best_step"] == 2 and len(closed) == 3
+
+
 def test_image_folder_data_selects_on_held_out_train_not_on_test(tiny_data):
   config = tiny_config()
   same_config, same_data = resolve_splits(config, tiny_data)  # CSV: as it is.
