@@ -25,9 +25,26 @@ run() {  # run NAME ARGS...: train into runs/NAME, keep its results.json
   tail -1 "runs/$name.log"
 }
 
+recalibrate() {  # recalibrate NAME SOURCE: runs/SOURCE with its BatchNorm statistics
+                 # recomputed on the unaugmented training split, into runs/NAME
+  local name=$1 source=$2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  echo "=== $name: python -m experiments.recalibrate_bn --workdir=runs/$source --output=runs/$name"
+  if [ ! -d "runs/$name" ]; then  # Done before: its output stands (an output is never replaced).
+    if ! python -m experiments.recalibrate_bn --workdir="runs/$source" --output="runs/$name" \
+        > "runs/$name.log" 2>&1; then
+      echo "$name failed; the end of runs/$name.log:" >&2
+      tail -5 "runs/$name.log" >&2
+      exit 1
+    fi
+  fi
+  cp "runs/$name/results.json" "results/$name.json"
+}
+
 ONLY="${*:-}"
 # A name that is no row here would run nothing and "succeed": refuse it up front.
-known=" $(grep -oE '^run [^ ]+' experiments/reproduce_results.sh | cut -d' ' -f2 | tr '\n' ' ')"
+known=" $(grep -oE '^(run|recalibrate) [^ ]+' experiments/reproduce_results.sh | cut -d' ' -f2 |
+  tr '\n' ' ')"
 for name in "$@"; do
   if [[ "$known" != *" $name "* ]]; then
     echo "reproduce_results.sh: no row named '$name'; rows:$known" >&2
@@ -167,3 +184,15 @@ run vgg_alstm-finetuned-vgg4 --model=vgg_alstm --epochs=15 --learning_rate=3e-4 
   --distill_from=runs/vgg_alstm-distilled-vgg120,runs/vgg_alstm-120epochs,runs/vgg_alstm-distilled-vgg3-acnn60,runs/vgg_alstm-60epochs-mixup0.2
 run vgg_alstm-ferplus-finetuned --model=vgg_alstm --epochs=8 --learning_rate=3e-4 \
   --labels=ferplus --ferplus="${FERPLUS_PATH:-}" --init_from=runs/vgg_alstm-distilled-vgg120
+# BatchNorm statistics recomputed on the unaugmented training split
+# (experiments.recalibrate_bn, 2026-11-27, CPU, about a minute each): the vgg_alstm runs,
+# the fine-tunes and the three seeds of the 60-epoch acnn_alstm recipe. Nothing is trained.
+recalibrate vgg_alstm-distilled-vgg120-bnrecal vgg_alstm-distilled-vgg120
+recalibrate vgg_alstm-120epochs-bnrecal vgg_alstm-120epochs
+recalibrate vgg_alstm-distilled-vgg3-acnn60-bnrecal vgg_alstm-distilled-vgg3-acnn60
+recalibrate vgg_alstm-60epochs-mixup0.2-bnrecal vgg_alstm-60epochs-mixup0.2
+recalibrate vgg_alstm-finetuned-vgg4-bnrecal vgg_alstm-finetuned-vgg4
+recalibrate vgg_alstm-ferplus-finetuned-bnrecal vgg_alstm-ferplus-finetuned
+recalibrate acnn_alstm-distilled-vgg3-batch32-60epochs-bnrecal acnn_alstm-distilled-vgg3-batch32-60epochs
+recalibrate acnn_alstm-distilled-vgg3-batch32-60epochs-bnrecal-seed1 acnn_alstm-distilled-vgg3-batch32-60epochs-seed1
+recalibrate acnn_alstm-distilled-vgg3-batch32-60epochs-bnrecal-seed2 acnn_alstm-distilled-vgg3-batch32-60epochs-seed2

@@ -41,7 +41,11 @@ _SCRIPT = flags.DEFINE_string("script", "experiments/reproduce_results.sh",
 
 
 def _commands(script: str) -> dict[str, str]:
-  """Run name → its full experiments.train command, read from the script."""
+  """Run name → its full command, read from the script.
+
+  A ``recalibrate NAME SOURCE`` row's command is SOURCE's training command followed
+  by the recalibration.
+  """
   out = {}
   if not os.path.exists(script):
     return out
@@ -52,6 +56,9 @@ def _commands(script: str) -> dict[str, str]:
       args = args.replace(f"${var}", value)
     args = re.sub(r'--ferplus="\$\{FERPLUS_PATH[^"]*"', "--ferplus=$FERPLUS_PATH", args)
     out[name] = f"python -m experiments.train {args} --workdir=runs/{name}"
+  for name, source in re.findall(r"^recalibrate (\S+) (\S+)$", text, re.M):
+    out[name] = (f"{out.get(source, f'(runs/{source})')}; python -m experiments.recalibrate_bn "
+                 f"--workdir=runs/{source} --output=runs/{name}")
   return out
 
 

@@ -271,19 +271,31 @@ def export_model(path: str | os.PathLike, output: str | os.PathLike, which: str 
   Returns:
     The meta dict written with it.
   """
-  from flax import nnx
-
   output = os.path.abspath(os.fspath(output))
   if os.path.exists(output):
     raise CheckpointError(f"{output} already exists; remove it or choose another --output")
   check_folder_path(output, "output")
   model, meta = load_model(path, which)
-  meta = {**meta, "config": {**meta["config"], "ema_decay": 0.0},
-          "exported_from": {"path": os.fspath(path), "step": meta["step"]}}
-  store = CheckpointStore(os.path.join(output, "checkpoints"))
+  meta = {**meta, "exported_from": {"path": os.fspath(path), "step": meta["step"]}}
+  return save_inference_checkpoint(model, output, meta,
+                                   eval_accuracy=meta.get("metrics", {}).get("eval_accuracy"))
+
+
+def save_inference_checkpoint(model, output: str | os.PathLike, meta: dict, *,
+                              eval_accuracy: float | None = None) -> dict:
+  """Writes ``model`` (as :func:`load_model` returns it) to ``output/checkpoints``.
+
+  No optimiser state, and no EMA: ``load_model`` has folded it into the
+  parameters already, so the saved config says ``ema_decay`` 0. Returns the
+  meta dict written with it (at ``meta["step"]``).
+  """
+  from flax import nnx
+
+  meta = {**meta, "config": {**meta["config"], "ema_decay": 0.0}}
+  store = CheckpointStore(os.path.join(os.fspath(output), "checkpoints"))
   try:
     store.save(meta["step"], model=nnx.state(model, nnx.Not(nnx.RngState)), optimizer=None,
-               ema=None, meta=meta, eval_accuracy=meta.get("metrics", {}).get("eval_accuracy"))
+               ema=None, meta=meta, eval_accuracy=eval_accuracy)
   finally:
     store.close()
   return meta

@@ -284,10 +284,21 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   assert cells[8] == f"{result['train_seconds'] / 60:.1f} min"  # Under 10 minutes.
   on_gpu = {**result, "device": {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 1}}
   json.dump(on_gpu, open(results / "short-acnn-gpu.json", "w"))
+  # A recalibrated copy of a run (experiments.recalibrate_bn): its command is the source's
+  # training command, then the recalibration.
+  json.dump(result, open(results / "short-acnn-bnrecal.json", "w"))
+  script.write_text(script.read_text() + "recalibrate short-acnn-bnrecal short-acnn\n")
   r = table(f"--script={script}")
   gpu_row = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn-gpu` |"))
   assert gpu_row.split(" | ")[8] == f"{cells[8]} on NVIDIA H100 80GB HBM3"
+  recal_row = next(line for line in r.stdout.splitlines()
+                   if line.startswith("| `short-acnn-bnrecal` |"))
+  assert recal_row.split(" | ")[-1] == (
+      "`python -m experiments.train --model=acnn_alstm --epochs=1 --batch_size=8 "
+      "--workdir=runs/short-acnn; python -m experiments.recalibrate_bn "
+      "--workdir=runs/short-acnn --output=runs/short-acnn-bnrecal` |")
   os.remove(results / "short-acnn-gpu.json")
+  os.remove(results / "short-acnn-bnrecal.json")
   # The same run with another seed: its own row, and one seed-spread row for the two.
   repeat = json.loads(json.dumps(result))
   repeat["config"]["seed"] += 1
