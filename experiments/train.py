@@ -133,6 +133,11 @@ def main(argv):
         f"(flip TTA {flip['accuracy']:.2%}, ten-crop TTA {ten['accuracy']:.2%}), "
         f"macro-F1 {none['macro_f1']:.4f}; "
         f"best checkpoint step {results['best_step']} in {workdir}")
+  from ferjax.recalibrate import model_has_batch_norm
+  if model_has_batch_norm(config.model, results["config"]["model_overrides"]):
+    print(f"next: python -m experiments.recalibrate_bn --workdir={workdir} "
+          f"--output={workdir.rstrip('/')}-bnrecal  (BatchNorm statistics of unaugmented "
+          "faces; README, Training)")
 
 
 if __name__ == "__main__":

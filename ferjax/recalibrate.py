@@ -38,6 +38,17 @@ def batch_norm_layers(model) -> list[tuple[str, Any]]:
           if isinstance(m, nnx.BatchNorm)]
 
 
+def model_has_batch_norm(model: str, model_overrides: dict | None = None) -> bool:
+  """Whether the registered ``model`` with these options has a BatchNorm layer."""
+  from flax import nnx
+
+  from ferjax.models import create_model
+
+  abstract = nnx.eval_shape(lambda: create_model(model, num_classes=7, rngs=nnx.Rngs(0),
+                                                 **(model_overrides or {})))
+  return bool(batch_norm_layers(abstract))
+
+
 def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 256, seed: int = 0):
   """A copy of ``model`` whose BatchNorm statistics are those of ``images``.
 

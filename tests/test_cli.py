@@ -45,6 +45,8 @@ def test_train_then_evaluate(trained, csv_path):
   workdir, r = trained
   assert r.returncode == 0, r.stderr[-3000:]
   assert "acnn_alstm: PrivateTest accuracy" in r.stdout
+  assert f"next: python -m experiments.recalibrate_bn --workdir={workdir} " \
+      f"--output={workdir}-bnrecal" in r.stdout  # A model with BatchNorm.
   assert "PublicTest loss" in r.stderr  # The per-epoch line.
   assert "labels (7 classes) | 1 device (" in r.stderr  # Not "1 devices".
   assert os.path.exists(os.path.join(workdir, "results.json"))

@@ -97,6 +97,13 @@ def test_a_model_without_batch_norm_or_faces_is_refused():
     recalibrate.recalibrate_batch_norm(model, _faces(0))
 
 
+def test_which_models_have_batch_norm():
+  assert recalibrate.model_has_batch_norm("acnn_alstm", TINY_ALSTM)
+  assert recalibrate.model_has_batch_norm("vgg_alstm")
+  assert not recalibrate.model_has_batch_norm("dnn")
+  assert not recalibrate.model_has_batch_norm("cnn_lstm", {"batch_norm": False})
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   rows = fer_rows(64, usages=("Training",)) + fer_rows(20, usages=("PublicTest",)) + \
