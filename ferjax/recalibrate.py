@@ -103,6 +103,8 @@ def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 256, 
     copy(preprocess(faces_BxHxWx1))
     return [(norm.mean.value, norm.var.value) for norm in norms]
 
+  log.info("recomputing the statistics of %d BatchNorm layers over %d batches of %d faces",
+           len(batch_norm_layers(model)), steps, batch_size)
   start = time.time()
   sums = None
   for i in range(steps):  # Sums stay on the device: no host sync per batch.
@@ -172,6 +174,8 @@ def recalibrate_run(workdir: str, output: str, *, which: str | int = "best", dat
                                          eval_batch_size)
     return evaluate_lib.classification_metrics(probs, split.labels, meta["class_names"])
 
+  log.info("%s: %s step %d; %s accuracy as trained", workdir, meta["model"], meta["step"],
+           config.eval_split)
   before = accuracy(model, val)["accuracy"]
   start = time.time()
   recalibrated = recalibrate_batch_norm(model, train.images, batch_size=batch_size,
