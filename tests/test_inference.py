@@ -416,7 +416,8 @@ def test_shipped_default_weights_load_and_predict():
 
 def test_shipped_default_weights_score_their_stated_privatetest_accuracy(fer2013_path, tmp_path):
   """The test above passes for any finite probabilities; here the weights are the ones
-  README describes: 68.18 % on PrivateTest (plain, no TTA), 2,447 of its 3,589 faces."""
+  README describes: 68.82 % on PrivateTest (plain, no TTA), 2,470 of its 3,589 faces (68.18 %,
+  2,447, before their BatchNorm statistics were recomputed on the training faces)."""
   from ferjax.data import load_fer2013
   from ferjax.evaluate import evaluate_checkpoint
   from ferjax.inference import default_weights_dir
@@ -425,4 +426,4 @@ def test_shipped_default_weights_score_their_stated_privatetest_accuracy(fer2013
   assert metrics["num_examples"] == 3589
   # A face or two may flip with float rounding on another CPU; a wrong preprocess, crop or
   # parameter set costs far more.
-  assert abs(metrics["accuracy"] * 3589 - 2447) <= 2, metrics["accuracy"]
+  assert abs(metrics["accuracy"] * 3589 - 2470) <= 2, metrics["accuracy"]
