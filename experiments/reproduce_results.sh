@@ -196,3 +196,10 @@ recalibrate vgg_alstm-ferplus-finetuned-bnrecal vgg_alstm-ferplus-finetuned
 recalibrate acnn_alstm-distilled-vgg3-batch32-60epochs-bnrecal acnn_alstm-distilled-vgg3-batch32-60epochs
 recalibrate acnn_alstm-distilled-vgg3-batch32-60epochs-bnrecal-seed1 acnn_alstm-distilled-vgg3-batch32-60epochs-seed1
 recalibrate acnn_alstm-distilled-vgg3-batch32-60epochs-bnrecal-seed2 acnn_alstm-distilled-vgg3-batch32-60epochs-seed2
+# The other acnn_alstm runs whose checkpoints are at hand: the two 40-epoch batch-32 recipes
+# and the mixing rows.
+recalibrate acnn_alstm-distilled-vgg3-batch32-bnrecal acnn_alstm-distilled-vgg3-batch32
+recalibrate acnn_alstm-distilled-vgg120-batch32-bnrecal acnn_alstm-distilled-vgg120-batch32
+recalibrate acnn_alstm-distilled-vgg120-batch32-bnrecal-seed1 acnn_alstm-distilled-vgg120-batch32-seed1
+recalibrate acnn_alstm-mixup0.2-bnrecal acnn_alstm-mixup0.2
+recalibrate acnn_alstm-cutmix1.0-bnrecal acnn_alstm-cutmix1.0
