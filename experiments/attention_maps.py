@@ -7,9 +7,9 @@ Each face is titled true→predicted label and the prediction's probability.
 Only models with local attention (acnn_alstm, vgg_alstm) have α to draw.
 """
 
-from absl import app, flags
+from absl import flags
 
-from ferjax import cli, hostmem
+from ferjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir. Default: the "
                                "weights shipped in ferjax/weights/default.")
@@ -28,11 +28,7 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows 
 
 @cli.exit_on_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
-  cli.setup_logging()
-  cli.enable_compilation_cache()
+  cli.start(argv)
   from ferjax.inference import render_attention_maps
 
   result = render_attention_maps(_OUTPUT.value, checkpoint=_WORKDIR.value, which=_WHICH.value,

@@ -16,7 +16,7 @@ runs' probabilities, each run weighted equally, written to --output_dir:
 
 from absl import app, flags
 
-from ferjax import cli, hostmem
+from ferjax import cli
 from ferjax.evaluate import TTA_MODES
 
 _WORKDIR = flags.DEFINE_list("workdir", None, "The training run's workdir; several, "
@@ -43,11 +43,7 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Defau
 
 @cli.exit_on_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
-  cli.setup_logging()
-  cli.enable_compilation_cache()
+  cli.start(argv)
   workdirs = _WORKDIR.value
   if len(workdirs) > 1 and not _OUTPUT.value:
     raise app.UsageError("--workdir names several runs (an ensemble): set --output_dir for its "

@@ -7,7 +7,7 @@ a new folder: an existing one is refused. The output loads like a workdir:
 ``Predictor("out")``, ``--workdir=out``.
 """
 
-from absl import app, flags
+from absl import flags
 
 from ferjax import cli
 
@@ -19,10 +19,7 @@ flags.DEFINE_alias("checkpoint", "which")  # The earlier name of --which here.
 
 @cli.exit_on_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
-  cli.enable_compilation_cache()
+  cli.start(argv, runs_model=False)
   from ferjax.checkpoint import export_model
 
   meta = export_model(_WORKDIR.value, _OUTPUT.value, _WHICH.value)

@@ -6,7 +6,7 @@ r"""Prints the layer table (output shapes, parameters, MFLOPs per image) of each
 FLOPs come from XLA's cost analysis of the compiled forward pass at batch 1.
 """
 
-from absl import app, flags
+from absl import flags
 
 from ferjax import cli, models
 
@@ -18,10 +18,7 @@ _OPTION = flags.DEFINE_multi_string("model_option", [], "Model option key=value 
 
 @cli.exit_on_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
-  cli.enable_compilation_cache()
+  cli.start(argv, runs_model=False)
   from ferjax.errors import ConfigError
   from ferjax.models.summary import summarize
 

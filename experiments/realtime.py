@@ -15,9 +15,9 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from ferjax import cli, hostmem
+from ferjax import cli
 
 log = logging.getLogger("ferjax.realtime")
 
@@ -62,14 +62,10 @@ _DOWNSCALE = flags.DEFINE_float("downscale", 2.0, "Detect faces on the frame shr
 
 @cli.exit_on_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
-  cli.setup_logging()
+  cli.start(argv)
   if hasattr(sys.stdout, "reconfigure"):
     # Image names that are not UTF-8 are printed escaped, as stderr does, not a crash.
     sys.stdout.reconfigure(errors="backslashreplace")
-  cli.enable_compilation_cache()
   # FFmpeg prints its own lines (e.g. "moov atom not found") above ours for a video it
   # cannot read; ferjax names the file and the fault itself. Read when OpenCV first
   # starts FFmpeg, so set before the source opens; a user's own setting is kept.

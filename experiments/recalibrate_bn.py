@@ -12,9 +12,9 @@ workdir, and a results.json like a training run's, with the test split's
 metrics (plain and with each TTA). The run itself is left untouched.
 """
 
-from absl import app, flags
+from absl import flags
 
-from ferjax import cli, hostmem
+from ferjax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to create for the recalibrated model.",
@@ -34,11 +34,7 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows 
 
 @cli.exit_on_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
-  cli.setup_logging()
-  cli.enable_compilation_cache()
+  cli.start(argv)
   from ferjax.recalibrate import recalibrate_run
 
   results = recalibrate_run(_WORKDIR.value, _OUTPUT.value, which=_WHICH.value,

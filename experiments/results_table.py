@@ -24,7 +24,7 @@ import os
 import re
 import statistics
 
-from absl import app, flags
+from absl import flags
 
 from ferjax import cli
 from ferjax.errors import ConfigError
@@ -151,9 +151,7 @@ def _read_run(path: str) -> dict:
 
 @cli.exit_on_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
+  cli.start(argv, runs_model=False, compiles=False)
   from ferjax.models.summary import summarize
 
   commands = _commands(_SCRIPT.value)

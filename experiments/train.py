@@ -9,7 +9,7 @@ curves.png, results.json (PrivateTest metrics of the best checkpoint).
 
 from absl import app, flags
 
-from ferjax import cli, hostmem, models
+from ferjax import cli, models
 from ferjax.config import CLASS_WEIGHTING, LABEL_SETS, OPTIMIZERS
 
 _MODEL = flags.DEFINE_enum("model", "acnn_alstm", models.model_names(), "Model to train.")
@@ -88,11 +88,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None,
 
 @cli.exit_on_errors
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  hostmem.retain_freed_memory()  # Before JAX starts (see ferjax/hostmem.py).
-  cli.setup_logging()
-  cli.enable_compilation_cache()
+  cli.start(argv)
   if _DISTRIBUTED.value:
     import jax
     # Collectives between CPU devices of different processes (the CPU back-end has none

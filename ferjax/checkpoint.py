@@ -179,6 +179,13 @@ def find_checkpoints(path: str | os.PathLike) -> str:
   return sub if os.path.isdir(sub) else path
 
 
+def run_folder(path: str | os.PathLike) -> str:
+  """The run folder of a workdir or its ``checkpoints/`` (where its reports and results go)."""
+  checkpoints = find_checkpoints(path)
+  return (os.path.dirname(checkpoints) if os.path.basename(checkpoints) == "checkpoints"
+          else checkpoints)
+
+
 def load_model(path: str | os.PathLike, which: str | int = "best", *,
                expect_model: str | None = None):
   """Rebuilds a trained model in eval mode from a run's checkpoint.

@@ -74,6 +74,26 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str 
   return directory
 
 
+def start(argv: Sequence[str], *, runs_model: bool = True, compiles: bool = True) -> None:
+  """The first lines of an ``experiments`` entrypoint's ``main``.
+
+  Refuses stray arguments (``absl.app.UsageError``), keeps freed memory for
+  XLA when the entrypoint runs a model on data (before JAX starts: see
+  ``ferjax.hostmem``), sets up logging, and turns on the compilation cache
+  when it compiles anything.
+  """
+  from absl import app
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if runs_model:
+    from ferjax import hostmem
+    hostmem.retain_freed_memory()
+  setup_logging()
+  if compiles:
+    enable_compilation_cache()
+
+
 def run(main: Callable[..., Any]) -> None:
   """``absl.app.run(main)``, except that asking for help exits with status 0.
 

@@ -239,9 +239,7 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
   metrics.update(step=meta["step"], split=split, tta=tta, model=meta["model"],
                  labels=meta["labels"])
   if output_dir is None:
-    ckpt_dir = checkpoint_lib.find_checkpoints(workdir)
-    output_dir = (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints"
-                  else ckpt_dir)
+    output_dir = checkpoint_lib.run_folder(workdir)
   _write_report(metrics, output_dir, f"eval-{split}-step{meta['step']}-tta_{tta}",
                 f"{meta['model']} {split} (step {meta['step']}, tta={tta})")
   return metrics

@@ -222,13 +222,10 @@ def recalibrate_run(workdir: str, output: str, *, which: str | int = "best", dat
 
 def _read_results(workdir: str) -> dict:
   """The run's own results.json (training time, epochs, device), or {} without one."""
-  from ferjax.checkpoint import find_checkpoints
+  from ferjax.checkpoint import run_folder
 
-  folder = find_checkpoints(workdir)
-  if os.path.basename(folder) == "checkpoints":
-    folder = os.path.dirname(folder)
   try:
-    with open(os.path.join(folder, "results.json")) as f:
+    with open(os.path.join(run_folder(workdir), "results.json")) as f:
       return json.load(f)
   except (OSError, ValueError):
     return {}
