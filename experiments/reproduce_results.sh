@@ -210,3 +210,8 @@ run vgg_alstm-finetuned-vgg4bnrecal --model=vgg_alstm --epochs=3 --learning_rate
   --warmup_epochs=0.2 --init_from=runs/vgg_alstm-distilled-vgg120-bnrecal \
   --distill_from=runs/vgg_alstm-distilled-vgg120-bnrecal,runs/vgg_alstm-120epochs-bnrecal,runs/vgg_alstm-distilled-vgg3-acnn60-bnrecal,runs/vgg_alstm-60epochs-mixup0.2-bnrecal
 recalibrate vgg_alstm-finetuned-vgg4bnrecal-bnrecal vgg_alstm-finetuned-vgg4bnrecal
+# Stochastic weight averaging (2026-11-28, CPU): acnn_alstm's 40 epochs, the last 10 at a
+# constant learning rate of 2e-4 with their end-of-epoch weights averaged; and that run's
+# best checkpoint recalibrated, to tell the averaging from the recalibration it includes.
+run acnn_alstm-swa10 --model=acnn_alstm --epochs=40 --swa_epochs=10
+recalibrate acnn_alstm-swa10-best-bnrecal acnn_alstm-swa10

@@ -4,8 +4,11 @@ r"""Trains a FER model on FER2013 (learn on Training, select on PublicTest, repo
 
 Running the same command again on the same --workdir resumes from the latest
 checkpoint (on a finished run, it prints the report again). Results land in the workdir: checkpoints/, metrics.jsonl,
-curves.png, results.json (PrivateTest metrics of the best checkpoint).
+curves.png, results.json (PrivateTest metrics of the best checkpoint, or with
+--swa_epochs of the weight average, written to swa/).
 """
+
+import os
 
 from absl import app, flags
 
@@ -51,6 +54,14 @@ _SMOOTH = flags.DEFINE_float("label_smoothing", None, "Label smoothing. Default:
 _WEIGHTING = flags.DEFINE_enum("class_weighting", None, CLASS_WEIGHTING,
                                "Loss weights per class: none, balanced or sqrt.")
 _EMA = flags.DEFINE_float("ema_decay", None, "Parameter EMA decay used for evaluation; 0: off.")
+_SWA = flags.DEFINE_integer(
+    "swa_epochs", None, "Stochastic weight averaging: the last N of --epochs run at the constant "
+    "--swa_learning_rate and the weights at the end of each are averaged; the average, its "
+    "BatchNorm statistics recomputed on the training faces, is the run's result, written to "
+    "<workdir>/swa. Default: 0 (off).")
+_SWA_LR = flags.DEFINE_float("swa_learning_rate", None, "With --swa_epochs: the constant "
+                             "learning rate of the averaged epochs (where the cosine decay "
+                             "ends). Default: --learning_rate / 10.")
 _SEED = flags.DEFINE_integer("seed", None, "Seed for initialisation, data order, augmentation "
                              "and dropout. Default: 0.")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps (smoke runs).")
@@ -109,7 +120,8 @@ def main(argv):
       ("epochs", _EPOCHS), ("batch_size", _BATCH), ("learning_rate", _LR),
       ("optimizer", _OPTIMIZER), ("weight_decay", _WD), ("warmup_epochs", _WARMUP),
       ("grad_clip", _CLIP), ("label_smoothing", _SMOOTH), ("class_weighting", _WEIGHTING),
-      ("ema_decay", _EMA), ("seed", _SEED), ("max_steps", _MAX_STEPS),
+      ("ema_decay", _EMA), ("swa_epochs", _SWA), ("swa_learning_rate", _SWA_LR),
+      ("seed", _SEED), ("max_steps", _MAX_STEPS),
       ("eval_every", _EVAL_EVERY), ("checkpoint_every", _CKPT_EVERY),
       ("eval_batch_size", _EVAL_BATCH), ("soft_targets", _SOFT), ("distill_from", _DISTILL),
       ("distill_weight", _DISTILL_WEIGHT), ("init_from", _INIT_FROM),
@@ -123,12 +135,23 @@ def main(argv):
   results = train_and_evaluate(config, workdir, data_path=_DATA.value,
                                ferplus_path=_FERPLUS.value, fresh=_FRESH.value,
                                on_error="skip" if _SKIP_BAD.value else "raise")
-  none, flip = results["test_tta_none"], results["test_tta_flip"]
-  ten = results["test_tta_ten_crop"]
+  best = results.get("best_checkpoint", results)
+  none, flip = best["test_tta_none"], best["test_tta_flip"]
+  ten = best["test_tta_ten_crop"]
   print(f"{config.model}: {results['test_split']} accuracy {none['accuracy']:.2%} "
         f"(flip TTA {flip['accuracy']:.2%}, ten-crop TTA {ten['accuracy']:.2%}), "
         f"macro-F1 {none['macro_f1']:.4f}; "
         f"best checkpoint step {results['best_step']} in {workdir}")
+  swa = results.get("swa")
+  if swa and swa["count"]:
+    none, flip = results["test_tta_none"], results["test_tta_flip"]
+    ten = results["test_tta_ten_crop"]
+    print(f"{config.model}, average of epochs {swa['epochs'][0]}-{swa['epochs'][-1]}: "
+          f"{results['test_split']} accuracy {none['accuracy']:.2%} "
+          f"(flip TTA {flip['accuracy']:.2%}, ten-crop TTA {ten['accuracy']:.2%}), "
+          f"macro-F1 {none['macro_f1']:.4f}; in {os.path.join(workdir, 'swa')} (the run's "
+          "result: evaluate and realtime take it as --workdir)")
+    return
   from ferjax.recalibrate import model_has_batch_norm
   if model_has_batch_norm(config.model, results["config"]["model_overrides"]):
     print(f"next: python -m experiments.recalibrate_bn --workdir={workdir} "

@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: the latest (for resuming) and the best (for use).
 
 Each checkpoint holds the model state (parameters and BatchNorm statistics),
-the optimiser state, the parameter EMA when used, and a JSON ``meta`` item with
+the optimiser state, the parameter EMA or the weight average (``swa_epochs``)
+when used, and a JSON ``meta`` item with
 the run's config, model name, label set and ferjax version, so evaluation and
 inference rebuild the right model without the user repeating flags. States are
 restored into abstract states from ``nnx.eval_shape``, as the Flax NNX guides
@@ -50,7 +51,7 @@ class CheckpointStore:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, *, model: Any, optimizer: Any | None, ema: Any | None, meta: dict,
-           eval_accuracy: float | None = None) -> None:
+           swa: Any | None = None, eval_accuracy: float | None = None) -> None:
     """Writes a checkpoint; ``eval_accuracy`` makes it a candidate for best.
 
     ``optimizer=None`` writes an inference-only checkpoint (it cannot resume).
@@ -60,6 +61,8 @@ class CheckpointStore:
       items["optimizer"] = ocp.args.StandardSave(optimizer)
     if ema is not None:
       items["ema"] = ocp.args.StandardSave(ema)
+    if swa is not None:
+      items["swa"] = ocp.args.StandardSave(swa)
     metrics = None if eval_accuracy is None else {BEST_METRIC: float(eval_accuracy)}
     self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
     self._manager.wait_until_finished()
@@ -112,7 +115,7 @@ class CheckpointStore:
       raise _unreadable(self.directory, step, e) from None
 
   def restore(self, step: int, **abstract: Any) -> dict[str, Any]:
-    """Restores the named items (``model=``, ``optimizer=``, ``ema=``) at ``step``.
+    """Restores the named items (``model=``, ``optimizer=``, ``ema=``, ``swa=``) at ``step``.
 
     Each keyword gives the abstract state (from ``nnx.eval_shape``) to restore
     into; its shardings decide where the arrays land.

@@ -51,6 +51,12 @@ class TrainConfig:
   label_smoothing: float = 0.1
   class_weighting: str = "none"
   ema_decay: float = 0.0  # 0 turns the parameter EMA off.
+  # Stochastic weight averaging: the last swa_epochs epochs run at the constant
+  # swa_learning_rate (default: learning_rate / 10; the cosine decay before them ends
+  # there), and the weights at the end of each of them are averaged. The average,
+  # its BatchNorm statistics recomputed on the training faces, is the run's result.
+  swa_epochs: int = 0
+  swa_learning_rate: float | None = None
   seed: int = 0
   augment: AugmentConfig = AugmentConfig()
   train_split: str = "Training"
@@ -65,14 +71,16 @@ class TrainConfig:
   def __post_init__(self):
     # Types first: a float batch size or a dict for augment would otherwise pass the checks
     # below and fail deep inside training, after the workdir is written.
-    for name in ("epochs", "batch_size", "eval_batch_size", "seed", "max_steps", "eval_every",
-                 "checkpoint_every"):
+    for name in ("epochs", "batch_size", "eval_batch_size", "seed", "swa_epochs", "max_steps",
+                 "eval_every", "checkpoint_every"):
       value = getattr(self, name)
       if not (value is None and name in _OPTIONAL_INT_FIELDS or is_whole(value)):
         raise ConfigError(f"{name} must be a whole number, got {value!r}")
     for name in ("distill_weight", "learning_rate", "weight_decay", "momentum", "warmup_epochs",
-                 "grad_clip", "label_smoothing", "ema_decay"):
+                 "grad_clip", "label_smoothing", "ema_decay", "swa_learning_rate"):
       value = getattr(self, name)
+      if value is None and name == "swa_learning_rate":
+        continue
       if (isinstance(value, bool) or not isinstance(value, numbers.Real)
           or not math.isfinite(value)):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
@@ -105,11 +113,27 @@ class TrainConfig:
       raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
     if not 0 <= self.ema_decay < 1:
       raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+    if not 0 <= self.swa_epochs <= self.epochs:
+      raise ConfigError(f"swa_epochs must be between 0 and epochs ({self.epochs}), got "
+                        f"{self.swa_epochs}")
+    if self.swa_learning_rate is not None and not self.swa_learning_rate > 0:
+      raise ConfigError(f"swa_learning_rate must be positive, got {self.swa_learning_rate}")
+    if self.swa_learning_rate is not None and not self.swa_epochs:
+      raise ConfigError("swa_learning_rate needs swa_epochs (the epochs whose weights are "
+                        "averaged)")
+    if self.swa_epochs and self.ema_decay:
+      raise ConfigError("ema_decay and swa_epochs both average the weights; use one of them")
     for name in ("weight_decay", "grad_clip", "warmup_epochs"):
       if getattr(self, name) < 0:
         raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
     if not 0 <= self.momentum < 1:
       raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+
+  @property
+  def swa_lr(self) -> float:
+    """The learning rate of the averaged epochs (``swa_learning_rate`` or its default)."""
+    return (self.learning_rate / 10 if self.swa_learning_rate is None
+            else self.swa_learning_rate)
 
   def to_dict(self) -> dict[str, Any]:
     """Every field, ``augment`` as a nested dict (what ``config.json`` and checkpoints hold)."""

@@ -186,6 +186,14 @@ def make_predict_fn(model, tta: str = "none") -> Callable[[np.ndarray], jax.Arra
   return lambda images: predict(state, images)
 
 
+def model_metrics(model, split, class_names: Sequence[str], tta: str = "none", *,
+                  batch_size: int = 256, progress: str | None = None) -> dict:
+  """:func:`classification_metrics` of ``model`` (eval mode) on a labelled split."""
+  probs = predict_dataset(make_predict_fn(model, tta), split.images, batch_size,
+                          progress=progress)
+  return classification_metrics(probs, split.labels, class_names)
+
+
 def _log_start(workdir, meta, subset, split: str, tta: str) -> None:
   # The first line an evaluation prints: without it the entrypoint is silent until the
   # report (half a minute for PrivateTest with flip TTA on a CPU, minutes with ten-crop).

@@ -170,9 +170,8 @@ def recalibrate_run(workdir: str, output: str, *, which: str | int = "best", dat
                       ("train_split", "eval_split", "test_split"))
 
   def accuracy(m, split, tta="none"):
-    probs = evaluate_lib.predict_dataset(evaluate_lib.make_predict_fn(m, tta), split.images,
-                                         eval_batch_size)
-    return evaluate_lib.classification_metrics(probs, split.labels, meta["class_names"])
+    return evaluate_lib.model_metrics(m, split, meta["class_names"], tta,
+                                      batch_size=eval_batch_size)
 
   log.info("%s: %s step %d; %s accuracy as trained", workdir, meta["model"], meta["step"],
            config.eval_split)

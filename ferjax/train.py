@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -60,10 +61,7 @@ def build_model(config: TrainConfig, num_classes: int) -> nnx.Module:
 def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int
                    ) -> optax.GradientTransformation:
   """The optax optimiser: clipping, warm-up + cosine schedule, weight decay on kernels."""
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=config.learning_rate * 1e-3)
+  schedule = learning_rate_schedule(config, total_steps, steps_per_epoch)
 
   def decay_mask(params):  # Decay weight matrices and kernels, not biases, norms or queries.
     return jax.tree.map(lambda p: p.ndim > 1, params)
@@ -79,6 +77,33 @@ def make_optimizer(config: TrainConfig, total_steps: int, steps_per_epoch: int
   if config.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
   return tx
+
+
+def learning_rate_schedule(config: TrainConfig, total_steps: int, steps_per_epoch: int
+                           ) -> optax.Schedule:
+  """Linear warm-up to ``learning_rate``, then cosine decay to 1e-3 of it.
+
+  With ``swa_epochs``, the cosine decay ends at ``swa_lr`` where the averaged
+  epochs begin, and the rate stays there to the end. Where every epoch is
+  averaged, the warm-up leads to ``swa_lr`` and the rate stays there.
+  """
+  swa_steps = min(config.swa_epochs * steps_per_epoch, total_steps)
+  decay_steps = total_steps - swa_steps
+  if config.swa_epochs and not decay_steps:
+    warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    if not warmup:
+      return optax.constant_schedule(config.swa_lr)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.swa_lr, warmup), optax.constant_schedule(config.swa_lr)],
+        [warmup])
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), max(decay_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(decay_steps, warmup + 1),
+      end_value=config.swa_lr if config.swa_epochs else config.learning_rate * 1e-3)
+  if not config.swa_epochs:
+    return schedule
+  return optax.join_schedules([schedule, optax.constant_schedule(config.swa_lr)], [decay_steps])
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
@@ -130,9 +155,10 @@ class Trainer:
   """Holds a model's split state on a mesh and its compiled train and predict steps.
 
   Attributes:
-    state: ``{"model", "optimizer", "ema"}`` — the model's parameters and
-      BatchNorm statistics, the optimiser state, and the parameter EMA (None
-      when off). This is what checkpoints hold.
+    state: ``{"model", "optimizer", "ema", "swa"}`` — the model's parameters
+      and BatchNorm statistics, the optimiser state, the parameter EMA (None
+      when off), and the weight average of ``swa_epochs`` (``{"params",
+      "count"}``; None when off). This is what checkpoints hold.
   """
 
   def __init__(self, config: TrainConfig, num_classes: int, mesh, *, total_steps: int,
@@ -149,10 +175,13 @@ class Trainer:
     self.eval_graphdef = nnx.graphdef(eval_model)
     # A copy: the EMA must not share (donated) buffers with the parameters.
     ema = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param)) if config.ema_decay else None
-    self.state = jax.device_put({"model": model_state, "optimizer": opt_state, "ema": ema},
-                                parallel.replicated(mesh))
+    swa = ({"params": jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)),
+            "count": jnp.zeros((), jnp.float32)} if config.swa_epochs else None)
+    self.state = jax.device_put({"model": model_state, "optimizer": opt_state, "ema": ema,
+                                 "swa": swa}, parallel.replicated(mesh))
     self._weights = jnp.asarray(weights)
     self._train_step_jit = jax.jit(self._train_step, donate_argnums=1)
+    self._swa_update = jax.jit(self._swa_update_impl, donate_argnums=1)
     # Replicated out: in a multi-host run every process reads all of a batch's predictions
     # (sharded, they would span other processes' devices and could not be fetched).
     self._predict = jax.jit(self._predict_impl, static_argnames="tta",
@@ -225,7 +254,26 @@ class Trainer:
     bad = jnp.logical_not(jnp.isfinite(optax.tree.norm(grads)))
     metrics = {"loss": metrics["loss"] + loss * b, "correct": metrics["correct"] + correct,
                "count": metrics["count"] + b, "nonfinite": metrics["nonfinite"] + bad}
-    return {"model": model_state, "optimizer": opt_state, "ema": ema}, metrics
+    return {"model": model_state, "optimizer": opt_state, "ema": ema, "swa": state["swa"]}, metrics
+
+  def _swa_update_impl(self, rng_state, swa, model_state):
+    model = nnx.merge(self.graphdef, rng_state, model_state)
+    count = swa["count"] + 1
+    params = jax.tree.map(lambda a, p: a + (p - a) / count, swa["params"],
+                          nnx.state(model, nnx.Param))
+    return {"params": params, "count": count}
+
+  def update_swa(self) -> None:
+    """Adds the current parameters to the weight average (on the device; no host sync)."""
+    swa = self._swa_update(self.rng_state, self.state["swa"], self.state["model"])
+    self.state = {**self.state, "swa": swa}
+
+  def swa_model(self) -> nnx.Module:
+    """The model (eval mode) with the averaged parameters and the current BatchNorm statistics."""
+    model = nnx.merge(self.eval_graphdef, self.rng_state, self.state["model"])
+    model = nnx.clone(model)  # Own variables: nnx.merge shares the state's arrays.
+    nnx.update(model, jax.tree.map(jnp.copy, self.state["swa"]["params"]))
+    return model
 
   def _predict_impl(self, rng_state, model_state, ema, images, tta: str):
     model = nnx.merge(self.eval_graphdef, rng_state, model_state)
@@ -317,6 +365,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   steps_per_epoch = batches.steps_per_epoch
   total_steps = config.epochs * steps_per_epoch
   stop_step = min(total_steps, config.max_steps or total_steps)
+  swa_from_step = (config.epochs - config.swa_epochs) * steps_per_epoch  # Averaged after it.
   eval_every = config.eval_every or steps_per_epoch
   trainer = Trainer(config, data.num_classes, mesh, total_steps=total_steps,
                     steps_per_epoch=steps_per_epoch,
@@ -373,6 +422,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
     trainer.state, new_metrics = trainer.train_step(trainer.state, metrics, batch,
                                                     jnp.asarray(step, jnp.int32))
     step += 1
+    if config.swa_epochs and step > swa_from_step and step % steps_per_epoch == 0:
+      trainer.update_swa()
     if first_step:
       # The one host sync outside evaluations and checkpoints: the first step compiles
       # (on a GPU, with autotuning, a minute or more), which images/s and the ETA leave out.
@@ -401,13 +452,14 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
       progress.finish_epoch(record)
       workdir_lib.write_record(workdir, record, writer)
       store.save(step, model=trainer.state["model"], optimizer=trainer.state["optimizer"],
-                 ema=trainer.state["ema"], meta={**meta, "step": step, "metrics": record},
+                 ema=trainer.state["ema"], swa=trainer.state["swa"],
+                 meta={**meta, "step": step, "metrics": record},
                  eval_accuracy=record["eval_accuracy"])
       metrics = trainer.zero_metrics()
       previous = None
     else:
       store.save(step, model=trainer.state["model"], optimizer=trainer.state["optimizer"],
-                 ema=trainer.state["ema"],
+                 ema=trainer.state["ema"], swa=trainer.state["swa"],
                  meta={**meta, "step": step,
                        "elapsed_seconds": elapsed_before + time.time() - run_start,
                        "train_sums": {k: float(v) for k, v in train_metrics.items()}})
@@ -415,12 +467,13 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   if writer is not None:
     writer.close()
   if step == start_step:  # A finished run started again: its report stands if it is complete.
-    done = workdir_lib.finished_results(workdir, store)
+    done = workdir_lib.finished_results(workdir, store, swa=bool(config.swa_epochs))
     if done is not None:
       log.info("%s: nothing left to train (step %d); its results (best step %d) are in "
                "results.json", workdir, step, done["best_step"])
       return done
-  return _final_evaluation(trainer, store, test, data.class_names, config, workdir)
+  return _final_evaluation(trainer, store, (train, val, test), data.class_names, config, workdir,
+                           swa_from_step=swa_from_step, steps_per_epoch=steps_per_epoch)
 
 
 def _check_before_writing(config: TrainConfig, num_classes: int, num_train: int) -> None:
@@ -474,11 +527,22 @@ def _evaluate_step(trainer: Trainer, val, class_names, config, step, steps_per_e
   return record
 
 
-def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdir) -> dict:
-  """Restores the best checkpoint and reports it on the test split."""
+def _final_evaluation(trainer: Trainer, store, run_splits, class_names, config, workdir, *,
+                      swa_from_step: int, steps_per_epoch: int) -> dict:
+  """Reports the best checkpoint on the test split, and the weight average where kept.
+
+  With ``swa_epochs`` the average (BatchNorm statistics recomputed on the
+  training faces) is the run's result: ``test_tta_*`` are its metrics, the best
+  checkpoint's move to ``best_checkpoint``, and the model is written to
+  ``workdir/swa`` as an inference checkpoint that evaluation, realtime and
+  ``Predictor`` read like a workdir.
+  """
+  train, val, test = run_splits
+  swa = trainer.state["swa"]
+  swa_model = trainer.swa_model() if swa is not None and float(swa["count"]) else None
   best = store.resolve("best")
   restored = store.restore(best, **{k: v for k, v in trainer.abstract_state().items()
-                                    if v is not None and k != "optimizer"})
+                                    if v is not None and k not in ("optimizer", "swa")})
   trainer.state = {**trainer.state, **restored}
   last = workdir_lib.last_record(workdir)
   results = {"model": config.model, "labels": config.labels, "best_step": best,
@@ -495,10 +559,76 @@ def _final_evaluation(trainer: Trainer, store, test, class_names, config, workdi
     results[f"test_tta_{tta}"] = m
     log.info("%s", evaluate_lib.format_metrics(
         m, f"{config.test_split} (checkpoint step {best}, tta={tta})"))
+  if swa is not None:
+    results = _report_swa(results, swa_model, int(float(swa["count"])), run_splits,
+                          class_names, config, workdir, swa_from_step, steps_per_epoch)
   if parallel.is_primary():
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   return results
+
+
+def _report_swa(results: dict, model, count: int, run_splits, class_names,
+                config: TrainConfig, workdir: str, swa_from_step: int,
+                steps_per_epoch: int) -> dict:
+  """``results`` with the weight average's metrics in front (see ``_final_evaluation``)."""
+  from ferjax import recalibrate
+
+  train, val, test = run_splits
+  first_epoch = swa_from_step // steps_per_epoch + 1
+  summary = {"count": count, "epochs": list(range(first_epoch, first_epoch + count)),
+             "learning_rate": config.swa_lr}
+  if not count:
+    log.warning("no averaged epoch finished (the run stopped at --max_steps before epoch %d); "
+                "the best checkpoint is the result", first_epoch)
+    return {**results, "swa": summary}
+  recalibrated = recalibrate.batch_norm_layers(model)
+  if recalibrated:
+    model = recalibrate.recalibrate_batch_norm(model, train.images, seed=config.seed)
+
+  def metrics(split, tta="none", progress=None):
+    return evaluate_lib.model_metrics(model, split, class_names, tta,
+                                      batch_size=config.eval_batch_size, progress=progress)
+
+  eval_accuracy = metrics(val)["accuracy"]
+  summary = {**summary, "batch_norm_recalibrated": bool(recalibrated),
+             "eval_accuracy": eval_accuracy, "folder": "swa"}
+  best = {"step": results["best_step"], "eval_accuracy": results["best_eval_accuracy"],
+          **{f"test_tta_{tta}": results[f"test_tta_{tta}"] for tta in evaluate_lib.TTA_MODES}}
+  results = {**results, "swa": summary, "best_checkpoint": best}
+  for tta in evaluate_lib.TTA_MODES:
+    m = metrics(test, tta, progress=f"{config.test_split} (average, tta={tta})")
+    results[f"test_tta_{tta}"] = m
+    log.info("%s", evaluate_lib.format_metrics(
+        m, f"{config.test_split} (average of epochs {summary['epochs'][0]}-"
+           f"{summary['epochs'][-1]}, tta={tta})"))
+  log.info("%s: %.2f%% for the average of %d epochs, %.2f%% for the best checkpoint "
+           "(step %d)", config.eval_split, 100 * eval_accuracy, count,
+           100 * best["eval_accuracy"], best["step"])
+  if eval_accuracy < best["eval_accuracy"]:
+    log.warning("the weight average scores below the best checkpoint on %s; that checkpoint's "
+                "test metrics are in results.json under best_checkpoint", config.eval_split)
+  meta = {"config": config.to_dict(), "model": config.model, "labels": config.labels,
+          "class_names": list(class_names), "num_classes": len(class_names),
+          "ferjax_version": __version__, "step": results["best_step"], "swa": summary}
+  _write_swa_model(model, os.path.join(workdir, "swa"), meta, eval_accuracy)
+  return results
+
+
+def _write_swa_model(model, folder: str, meta: dict, eval_accuracy: float) -> None:
+  """Writes the average's inference checkpoint under a temporary name, then swaps it in."""
+  partial, old = folder + ".partial", folder + ".old"
+  if parallel.is_primary():
+    shutil.rmtree(partial, ignore_errors=True)
+  parallel.barrier("swa_partial")
+  checkpoint_lib.save_inference_checkpoint(model, partial, meta, eval_accuracy=eval_accuracy)
+  if parallel.is_primary():
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(folder):
+      os.rename(folder, old)
+    os.rename(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)
+  parallel.barrier("swa_written")
 
 
 def _log_setup(config, data, train, val, mesh, steps_per_epoch, stop_step, workdir) -> None:

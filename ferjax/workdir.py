@@ -106,8 +106,11 @@ def prepare_workdir(workdir: str, config: TrainConfig, *, fresh: bool,
   os.makedirs(workdir, exist_ok=True)
 
 
-def finished_results(workdir: str, store) -> dict | None:
-  """``results.json`` when it reports the run's current best checkpoint, else None."""
+def finished_results(workdir: str, store, *, swa: bool = False) -> dict | None:
+  """``results.json`` when it reports the run's current best checkpoint, else None.
+
+  With ``swa``, also its weight average, written to ``workdir/swa``.
+  """
   try:
     with open(os.path.join(workdir, "results.json")) as f:
       results = json.load(f)
@@ -116,6 +119,10 @@ def finished_results(workdir: str, store) -> dict | None:
   if not isinstance(results, dict) or results.get("best_step") != store.resolve("best"):
     return None
   if not all(f"test_tta_{tta}" in results for tta in evaluate_lib.TTA_MODES):
+    return None
+  if swa and not ("swa" in results and (
+      not results["swa"].get("count")
+      or os.path.isdir(os.path.join(workdir, "swa", "checkpoints")))):
     return None
   return results
 

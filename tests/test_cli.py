@@ -58,6 +58,32 @@ def test_train_then_evaluate(trained, csv_path):
   assert json.load(open(os.path.join(workdir, out[0])))["num_examples"] == 9
 
 
+def test_train_with_weight_averaging_reports_the_average_and_evaluate_reads_it(tmp_path,
+                                                                                csv_path):
+  workdir = str(tmp_path / "run")
+  r = run("experiments.train", "--model=acnn_alstm", f"--data={csv_path}", f"--workdir={workdir}",
+          "--epochs=2", "--swa_epochs=1", "--swa_learning_rate=1e-3", "--batch_size=8",
+          "--eval_batch_size=8", *TINY)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["swa"]["epochs"] == [2] and results["config"]["swa_learning_rate"] == 1e-3
+  average = results["test_tta_none"]["accuracy"]
+  assert (f"acnn_alstm, average of epochs 2-2: PrivateTest accuracy {average:.2%}"
+          in r.stdout)
+  assert f"in {os.path.join(workdir, 'swa')} (the run's result" in r.stdout
+  assert "next: python -m experiments.recalibrate_bn" not in r.stdout  # Already recalibrated.
+  r = run("experiments.evaluate", f"--workdir={workdir}/swa", f"--data={csv_path}",
+          "--batch_size=8", f"--output_dir={tmp_path / 'eval'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  (out,) = [f for f in os.listdir(tmp_path / "eval") if f.endswith(".json")]
+  assert json.load(open(tmp_path / "eval" / out))["accuracy"] == pytest.approx(average)
+  # A bad combination is one line naming the flags, before anything is written.
+  r = run("experiments.train", "--model=acnn_alstm", f"--data={csv_path}",
+          f"--workdir={tmp_path / 'bad'}", "--epochs=2", "--swa_epochs=3", *TINY)
+  assert r.returncode == 2 and not os.path.exists(tmp_path / "bad")
+  assert "swa_epochs must be between 0 and epochs (2), got 3" in r.stderr
+
+
 def test_a_second_start_reads_its_programs_from_the_compilation_cache(tmp_path, trained,
                                                                       csv_path):
   workdir, r = trained

@@ -828,6 +828,103 @@ def test_ema_follows_its_update_rule_and_is_what_evaluation_uses(tiny_data):
   assert not np.allclose(got, raw, atol=1e-6)
 
 
+def test_weight_averaging_averages_the_averaged_epochs_and_reports_the_average(
+    tmp_path, tiny_data, monkeypatch, caplog):
+  from ferjax.recalibrate import batch_norm_layers, recalibrate_batch_norm
+  trainers, seen = [], {}
+  init = train_lib.Trainer.__init__
+  monkeypatch.setattr(train_lib.Trainer, "__init__",
+                      lambda self, *a, **k: (trainers.append(self), init(self, *a, **k))[1])
+
+  def keep(step):  # The parameters at the end of each epoch (4 steps of 16 faces).
+    if step % 4 == 0:
+      seen[step] = jax.tree.map(np.asarray, nnx.filter_state(trainers[0].state["model"],
+                                                             nnx.Param))
+
+  workdir = str(tmp_path / "run")
+  config = tiny_config(epochs=3, swa_epochs=2, swa_learning_rate=1e-3)
+  with caplog.at_level(logging.INFO, logger="ferjax.train"):
+    results = train_lib.train_and_evaluate(config, workdir, data=tiny_data, hooks=[keep])
+  assert trainers[0]._swa_update._cache_size() == 1
+  assert results["swa"]["epochs"] == [2, 3] and results["swa"]["count"] == 2
+  assert results["swa"]["learning_rate"] == 1e-3 and results["swa"]["batch_norm_recalibrated"]
+  # The average of the weights at the ends of epochs 2 and 3; not epoch 1's.
+  average, meta = _params(os.path.join(workdir, "swa"))
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, seen[8], seen[12])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), average,
+               expected)
+  assert not np.allclose(jax.tree.leaves(expected)[0], jax.tree.leaves(seen[12])[0])
+  assert meta["swa"]["epochs"] == [2, 3] and meta["model"] == "acnn_alstm"
+  # Its BatchNorm statistics are recomputed for the averaged weights on the training faces.
+  swa_model, _ = checkpoint_lib.load_model(os.path.join(workdir, "swa"))
+  last, _ = checkpoint_lib.load_model(workdir, "latest")
+  nnx.update(last, jax.tree.map(jnp.asarray, expected))
+  want = recalibrate_batch_norm(last, tiny_data.split("Training").images, seed=config.seed)
+  for (_, got), (_, ref) in zip(batch_norm_layers(swa_model), batch_norm_layers(want),
+                                strict=True):
+    np.testing.assert_allclose(got.mean.value, ref.mean.value, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.var.value, ref.var.value, rtol=1e-4, atol=1e-6)
+  # The run's result is the average; the best checkpoint's metrics are kept beside it.
+  averaged = evaluate_checkpoint(os.path.join(workdir, "swa"), data=tiny_data, batch_size=16)
+  best = evaluate_checkpoint(workdir, checkpoint="best", data=tiny_data, batch_size=16)
+  assert results["test_tta_none"]["loss"] == pytest.approx(averaged["loss"], rel=1e-5)
+  assert results["best_checkpoint"]["test_tta_none"]["loss"] == pytest.approx(best["loss"],
+                                                                              rel=1e-5)
+  assert results["best_checkpoint"]["step"] == results["best_step"]
+  assert averaged["loss"] != pytest.approx(best["loss"], rel=1e-5)
+  assert any("for the average of 2 epochs" in r.getMessage() for r in caplog.records)
+  # Started again, the finished run reports what it reported, without training.
+  again = train_lib.train_and_evaluate(config, workdir, data=tiny_data)
+  assert again == json.loads(json.dumps(results))
+
+
+def test_a_resumed_weight_average_matches_an_uninterrupted_one(tmp_path, tiny_data, caplog):
+  config = tiny_config(epochs=3, swa_epochs=2, swa_learning_rate=1e-3)
+  straight = str(tmp_path / "straight")
+  train_lib.train_and_evaluate(config, straight, data=tiny_data)
+  resumed = str(tmp_path / "resumed")
+  with caplog.at_level(logging.WARNING, logger="ferjax.train"):
+    early = train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=3), resumed,
+                                         data=tiny_data)
+  # Stopped before any averaged epoch: the best checkpoint is the result, and it says so.
+  assert early["swa"]["count"] == 0 and "best_checkpoint" not in early
+  assert not os.path.exists(os.path.join(resumed, "swa"))
+  assert any("no averaged epoch finished" in r.getMessage() for r in caplog.records)
+  middle = train_lib.train_and_evaluate(dataclasses.replace(config, max_steps=10), resumed,
+                                        data=tiny_data)
+  assert middle["swa"]["epochs"] == [2]
+  final = train_lib.train_and_evaluate(config, resumed, data=tiny_data)
+  assert final["swa"]["epochs"] == [2, 3]
+  a, _ = _params(os.path.join(straight, "swa"))
+  b, _ = _params(os.path.join(resumed, "swa"))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert not os.path.exists(os.path.join(resumed, "swa.partial"))
+
+
+def test_the_schedule_decays_to_the_averaging_rate_and_holds_it():
+  config = tiny_config(epochs=10, swa_epochs=3, learning_rate=1.0, swa_learning_rate=0.05,
+                       warmup_epochs=1)
+  schedule = train_lib.learning_rate_schedule(config, 100, 10)
+  rates = np.array([float(schedule(i)) for i in range(100)])
+  assert rates[0] == 0 and rates[10] == pytest.approx(1.0)
+  assert np.all(np.diff(rates[10:71]) <= 1e-7)  # Cosine decay from the peak...
+  assert rates[69] > 0.05
+  np.testing.assert_allclose(rates[70:], 0.05, rtol=1e-6)  # ...to the averaging rate, held.
+  assert tiny_config(epochs=10, swa_epochs=3, learning_rate=1.0).swa_lr == pytest.approx(0.1)
+  plain = train_lib.learning_rate_schedule(dataclasses.replace(config, swa_epochs=0,
+                                                               swa_learning_rate=None), 100, 10)
+  assert float(plain(99)) < 0.01  # Without averaging: down to 1e-3 of the peak.
+  # Every epoch averaged (fine-tuning a trained run with --init_from): warm-up to the
+  # averaging rate, then held.
+  every = train_lib.learning_rate_schedule(
+      tiny_config(epochs=3, swa_epochs=3, swa_learning_rate=0.05, warmup_epochs=1), 30, 10)
+  assert float(every(0)) == 0 and float(every(5)) == pytest.approx(0.025)
+  np.testing.assert_allclose([float(every(i)) for i in range(10, 30)], 0.05, rtol=1e-6)
+  held = train_lib.learning_rate_schedule(
+      tiny_config(epochs=3, swa_epochs=3, swa_learning_rate=0.05, warmup_epochs=0), 30, 10)
+  np.testing.assert_allclose([float(held(i)) for i in range(30)], 0.05, rtol=1e-6)
+
+
 def test_default_configs_are_valid():
   from ferjax.models import model_names
   for name in model_names():
@@ -862,6 +959,11 @@ def test_from_dict_leaves_the_dict_it_reads_unchanged():
     (dict(warmup_epochs=-1), r"^warmup_epochs must not be negative, got -1$"),
     (dict(grad_clip=-0.5), r"^grad_clip must not be negative, got -0.5$"),
     (dict(model_overrides=None), "model_overrides must be a dict of model options, got None"),
+    (dict(swa_epochs=3), r"swa_epochs must be between 0 and epochs \(2\), got 3"),
+    (dict(swa_epochs=1.5), "swa_epochs must be a whole number, got 1.5"),
+    (dict(swa_learning_rate=1e-3), "swa_learning_rate needs swa_epochs"),
+    (dict(swa_epochs=1, swa_learning_rate=0.0), "swa_learning_rate must be positive, got 0.0"),
+    (dict(swa_epochs=1, ema_decay=0.9), "ema_decay and swa_epochs both average the weights"),
     (dict(augment={"mixup_alpha": 0.2}), "augment must be a ferjax.augment.AugmentConfig"),
 ])
 def test_a_config_field_of_the_wrong_type_or_value_is_a_config_error(changes, message):
