@@ -1413,7 +1413,7 @@ def test_a_finished_run_started_again_reports_without_evaluating_again(tmp_path,
   evaluations = []
   original = train_lib._final_evaluation
   monkeypatch.setattr(train_lib, "_final_evaluation",
-                      lambda *a: (evaluations.append(1), original(*a))[1])
+                      lambda *a, **k: (evaluations.append(1), original(*a, **k))[1])
   with caplog.at_level(logging.INFO, logger="ferjax"):
     again = train_lib.train_and_evaluate(tiny_config(max_steps=2), workdir, data=tiny_data)
   assert again == json.loads(json.dumps(first)) and not evaluations
