@@ -539,7 +539,8 @@ def _final_evaluation(trainer: Trainer, store, run_splits, class_names, config, 
   """
   train, val, test = run_splits
   swa = trainer.state["swa"]
-  swa_model = trainer.swa_model() if swa is not None and float(swa["count"]) else None
+  swa_count = 0 if swa is None else int(jax.device_get(swa["count"]))
+  swa_model = trainer.swa_model() if swa_count else None
   best = store.resolve("best")
   restored = store.restore(best, **{k: v for k, v in trainer.abstract_state().items()
                                     if v is not None and k not in ("optimizer", "swa")})
@@ -560,7 +561,7 @@ def _final_evaluation(trainer: Trainer, store, run_splits, class_names, config, 
     log.info("%s", evaluate_lib.format_metrics(
         m, f"{config.test_split} (checkpoint step {best}, tta={tta})"))
   if swa is not None:
-    results = _report_swa(results, swa_model, int(float(swa["count"])), run_splits,
+    results = _report_swa(results, swa_model, swa_count, run_splits,
                           class_names, config, workdir, swa_from_step, steps_per_epoch)
   if parallel.is_primary():
     with open(os.path.join(workdir, "results.json"), "w") as f:
