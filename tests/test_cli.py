@@ -13,6 +13,10 @@ import pytest
 
 from conftest import fer_rows, write_csv
 
+# The tests here share a module fixture (a trained run): one pytest-xdist worker runs
+# them all, so it is made once.
+pytestmark = pytest.mark.xdist_group("test_cli")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model_option=widths=(4,4,8,8)", "--model_option=lstm_hidden=8",
         "--model_option=attention_size=8"]

@@ -21,6 +21,10 @@ from ferjax.errors import CheckpointError, ConfigError
 from ferjax.faces import Box, FaceDetector, crop_face, expand_box, to_gray
 from ferjax.inference import Predictor
 
+# The tests here share a trained run (a module fixture): one pytest-xdist worker runs
+# them all, so it is trained once.
+pytestmark = pytest.mark.xdist_group("test_inference")
+
 CLIP = sources.DEMO_CLIP
 TINY_MODEL = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
 

@@ -18,6 +18,10 @@ from ferjax.faces import FaceDetector, to_gray
 from ferjax.inference import Predictor
 from test_inference import CLIP, read_clip, train_tiny_run
 
+# The tests here share a trained run (a module fixture): one pytest-xdist worker runs
+# them all, so it is trained once.
+pytestmark = pytest.mark.xdist_group("test_realtime")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP_FRAMES = 65
 

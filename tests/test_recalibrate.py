@@ -22,6 +22,10 @@ from ferjax.errors import CheckpointError, ConfigError
 from ferjax.models import create_model
 from ferjax.preprocess import preprocess
 
+# The tests here share a trained run (a module fixture): one pytest-xdist worker runs
+# them all, so it is trained once.
+pytestmark = pytest.mark.xdist_group("test_recalibrate")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ALSTM = dict(widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
 

@@ -17,6 +17,10 @@ from ferjax import tfds_fer2013
 from ferjax.data import FER2013_CLASSES
 from ferjax.errors import DataError
 
+# The tests here share a module fixture (a built TFDS data set): one pytest-xdist worker runs
+# them all, so it is made once.
+pytestmark = pytest.mark.xdist_group("test_tfds")
+
 NUM_ROWS = 20
 # fer_rows cycles Usage over the CSV's three values, so row i is in split i % 3.
 _USAGE_SPLIT = ("train", "validation", "test")

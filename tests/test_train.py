@@ -716,9 +716,19 @@ def _final(workdir):
     return [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_csv, xla_cache):
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  assert _run([straight, tiny_csv, -1], xla_cache).returncode == 0
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_csv, xla_cache):
+  """The uninterrupted one-device run that the resumed and the two-device runs are held to."""
+  straight = tmp_path_factory.mktemp("straight")
+  r = _run([straight, tiny_csv, -1], xla_cache)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return straight, r
+
+
+@pytest.mark.xdist_group("straight_run")  # One worker runs the shared fixture once.
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_csv, xla_cache,
+                                                            straight_run):
+  (straight, _), killed = straight_run, tmp_path / "killed"
   first = _run([killed, tiny_csv, 7], xla_cache)  # Mid-epoch 2, after the checkpoint at step 6.
   assert first.returncode == -9, first.stderr[-2000:]
   assert checkpoint_lib.CheckpointStore(killed / "checkpoints").latest_step() == 6
@@ -737,9 +747,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_csv, x
       assert records[killed][step][key] == pytest.approx(records[straight][step][key]), (step, key)
 
 
-def test_two_devices_match_one(tmp_path, tiny_csv, xla_cache):
-  one, two = tmp_path / "one", tmp_path / "two"
-  r1 = _run([one, tiny_csv, -1], xla_cache)
+@pytest.mark.xdist_group("straight_run")
+def test_two_devices_match_one(tmp_path, tiny_csv, xla_cache, straight_run):
+  (one, r1), two = straight_run, tmp_path / "two"
   r2 = _run([two, tiny_csv, -1], {**xla_cache,
                                   "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
   assert r1.returncode == 0 and r2.returncode == 0, r2.stderr[-2000:]
