@@ -34,6 +34,19 @@ def environment(**versions: str) -> dict:
           "retain_freed_memory": hostmem.retaining(), **versions}
 
 
+_VIDEO_EXTENSIONS = (".avi", ".gif", ".mkv", ".mov", ".mp4", ".webm")
+
+
+def clips(sources):
+  """The video files named by ``sources``: files as given, folders' videos by name."""
+  for source in sources:
+    if os.path.isdir(source):
+      yield from sorted(os.path.join(source, name) for name in os.listdir(source)
+                        if name.lower().endswith(_VIDEO_EXTENSIONS))
+    else:
+      yield source
+
+
 def fit(text: str, width: int) -> str:
   """``text`` cut to ``width`` characters in the middle ("…"), so both ends stay.
 

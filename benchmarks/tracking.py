@@ -18,27 +18,15 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common import environment, fit, write_results
+from benchmarks.common import clips, environment, fit, write_results
 from ferjax import cli
 from ferjax.faces import FaceDetector, iou, should_track, to_gray
 from ferjax.sources import DEMO_CLIP, open_source
-
-_VIDEO_EXTENSIONS = (".avi", ".gif", ".mkv", ".mov", ".mp4", ".webm")
 
 _SOURCES = flags.DEFINE_list("sources", [DEMO_CLIP], "Video files or folders of them.")
 _REDETECT = flags.DEFINE_list("redetect", ["3", "5", "10"], "Full-search intervals to compare "
                               "with a full search on every frame.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/tracking.json", "JSON output.")
-
-
-def clips(sources):
-  """The video files named by ``sources``: files as given, folders' videos by name."""
-  for source in sources:
-    if os.path.isdir(source):
-      yield from sorted(os.path.join(source, name) for name in os.listdir(source)
-                        if name.lower().endswith(_VIDEO_EXTENSIONS))
-    else:
-      yield source
 
 
 def run(grays, detector: FaceDetector, redetect_every: int):

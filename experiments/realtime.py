@@ -44,6 +44,14 @@ _REDETECT = flags.DEFINE_integer("redetect_every", 5, "Search the whole frame fo
                                  "N-th analysed frame and track the faces found in between (a "
                                  "search near each, a fraction of the cost); 1 searches every "
                                  "frame. New faces appear within N-1 frames.", lower_bound=1)
+_SMOOTH = flags.DEFINE_float("smooth", 0.0, "Steadier labels on a video or camera: average each "
+                            "face's probabilities with the same face's in the last analysed "
+                            "frame, this much weight on the past (0.7: a face whose probabilities "
+                            "switch outright to another class takes its label on the second "
+                            "frame); 0 takes each frame alone. At least 0, below 1.",
+                            lower_bound=0.0)
+flags.register_validator("smooth", lambda value: value < 1,
+                         message="--smooth must be below 1 (1 would never take a new frame)")
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Stop after this many frames.",
                                    lower_bound=1)
 _SCALE = flags.DEFINE_float("scale_factor", 1.2, "Haar cascade: step between search scales "
@@ -109,7 +117,7 @@ def _run(source):
 
   summary = run_pipeline(source, predictor, detector, output=_OUTPUT.value, csv_path=_CSV.value,
                          json_path=_JSON.value, display=show, every=_EVERY.value,
-                         redetect_every=_REDETECT.value,
+                         redetect_every=_REDETECT.value, smooth=_SMOOTH.value,
                          max_frames=_MAX_FRAMES.value,
                          on_result=print_result if print_faces else None)
   print(format_summary(summary))

@@ -101,7 +101,7 @@ def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 256, 
       # Momentum 0: the running statistics become this batch's statistics.
       norm.use_running_average, norm.momentum = False, 0.0
     copy(preprocess(faces_BxHxWx1))
-    return [(norm.mean.value, norm.var.value) for norm in norms]
+    return [(norm.mean[...], norm.var[...]) for norm in norms]
 
   log.info("recomputing the statistics of %d BatchNorm layers over %d batches of %d faces",
            len(batch_norm_layers(model)), steps, batch_size)
@@ -112,7 +112,7 @@ def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 256, 
     sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
   recalibrated = nnx.clone(model)  # New variables: nnx.merge would share the model's.
   for (_, norm), (mean_sum, var_sum) in zip(batch_norm_layers(recalibrated), sums):
-    norm.mean.value, norm.var.value = mean_sum / steps, var_sum / steps
+    norm.mean[...], norm.var[...] = mean_sum / steps, var_sum / steps
   recalibrated.eval()
   jax.block_until_ready(nnx.state(recalibrated))
   log.info("recomputed the statistics of %d BatchNorm layers over %d batches of %d faces in "

@@ -28,7 +28,7 @@ from ferjax.annotate import (VIDEO_CODECS, AnnotatedImageWriter, AnnotatedVideoW
                              OutputError, ResultsCSV, ResultsJSON, display_available,
                              draw_results)
 from ferjax.errors import ConfigError, is_whole, nearest_existing
-from ferjax.faces import Box, FaceDetector, should_track, to_gray
+from ferjax.faces import Box, FaceDetector, iou, should_track, to_gray
 from ferjax.sources import DEMO_CLIP, IMAGE_EXTENSIONS, FrameSource, open_source
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ STAGES = ("read", "detect", "crop", "predict", "draw", "write", "show")
 # shows up within 4 frames (0.13 s at 30 FPS), and the Haar search, the pipeline's
 # largest cost, runs about a quarter as often (BUILD_NOTES.md, "Realtime pipeline").
 REDETECT_EVERY = 5
+# A face of one analysed frame is the same person as a face of the last one when their
+# boxes overlap at least this much (intersection over union); between two frames a moving
+# face's box overlaps its last one by far more (tracking keeps it within a third of its size).
+SMOOTH_MIN_IOU = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +236,49 @@ def analyze_frame(frame: np.ndarray | None, predictor, detector: FaceDetector,
           for i, box in enumerate(boxes)]
 
 
+def smooth_faces(faces: Sequence[FaceResult], previous: Sequence[FaceResult], keep: float,
+                 class_names: Sequence[str]) -> list[FaceResult]:
+  """Averages each face's probabilities with those of the same face in the last frame.
+
+  Faces are paired with faces of ``previous`` by how much their boxes overlap
+  (intersection over union), the most overlapping pair first, each face in at
+  most one pair, and no pair below :data:`SMOOTH_MIN_IOU`. A paired face's
+  probabilities become ``keep * previous + (1 - keep) * its own``, and its
+  label and score follow them. Over frames this
+  is an exponential moving average per face, which steadies labels that would
+  flicker between two close classes. A face with no match keeps its own.
+
+  Args:
+    faces: this frame's results, as :func:`analyze_frame` returns them.
+    previous: the last analysed frame's results (already smoothed).
+    keep: the weight of the past, in ``[0, 1)``; 0 returns ``faces`` as they are.
+    class_names: the names the labels come from.
+
+  Returns:
+    One result per face of ``faces``, in its order, with the same boxes.
+  """
+  out = list(faces)
+  if not keep or not previous:
+    return out
+  pairs = sorted(((iou(face.box, past.box), i, j) for i, face in enumerate(faces)
+                  for j, past in enumerate(previous)), reverse=True)
+  taken_now, taken_past = set(), set()
+  for overlap, i, j in pairs:
+    if overlap < SMOOTH_MIN_IOU:
+      break
+    if i in taken_now or j in taken_past:
+      continue
+    taken_now.add(i)
+    taken_past.add(j)
+    probs = (keep * previous[j].probs + (1.0 - keep) * faces[i].probs).astype(faces[i].probs.dtype)
+    top = int(probs.argmax())
+    out[i] = FaceResult(faces[i].box, probs, class_names[top], top, float(probs[top]))
+  return out
+
+
 def analyze_video(source, predictor, detector: FaceDetector | None = None, *, every: int = 1,
                   redetect_every: int = REDETECT_EVERY, max_frames: int | None = None,
+                  smooth: float = 0.0,
                   stats: PipelineStats | None = None) -> Iterator[FrameResult]:
   """Runs :func:`analyze_frame` over every frame of a source.
 
@@ -253,6 +298,10 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
       size than the last, is always searched in full. 1 searches every frame;
       images are always searched.
     max_frames: stop after this many frames.
+    smooth: in ``[0, 1)``: on a video or camera, each face's probabilities
+      are averaged with the same face's in the last analysed frame, this much
+      weight on the past (:func:`smooth_faces`); the labels follow. 0 (the
+      default) takes each frame alone; images are never smoothed.
     stats: if given, frame and face counts and stage times are added to it.
 
   Returns:
@@ -261,7 +310,8 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
     ConfigError: ``every`` or ``redetect_every`` is not a whole number of at
-      least 1, or ``max_frames`` is not a whole number.
+      least 1, ``max_frames`` is not a whole number, or ``smooth`` is not in
+      ``[0, 1)``.
   """
   # Whole numbers: every=1.5 would analyse every third frame (index % 1.5 == 0) silently.
   if not is_whole(every, 1):
@@ -271,6 +321,7 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
                       f"{redetect_every!r}")
   if max_frames is not None and not is_whole(max_frames):
     raise ConfigError(f"max_frames must be a whole number, got {max_frames!r}")
+  check_smooth(smooth)
   detector = detector or FaceDetector(max_faces=predictor.max_faces)
   owned = not isinstance(source, FrameSource)
   src = open_source(source)
@@ -281,11 +332,19 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
       if owned:
         src.close()
       raise
-  return _analyze(src, owned, predictor, detector, every, redetect_every, max_frames, stats)
+  return _analyze(src, owned, predictor, detector, every, redetect_every, max_frames, smooth,
+                  stats)
+
+
+def check_smooth(smooth) -> None:
+  """Refuses a ``smooth`` weight outside ``[0, 1)`` (1 would never take a new frame)."""
+  if isinstance(smooth, bool) or not isinstance(smooth, (int, float, np.floating)) \
+      or not 0 <= smooth < 1:
+    raise ConfigError(f"smooth must be at least 0 and below 1, got {smooth!r}")
 
 
 def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect_every,
-             max_frames, stats):
+             max_frames, smooth, stats):
   last: list[FaceResult] = []
   tracked = 0  # Analysed frames since the last full-frame search.
   last_hw = None  # The size of the frame ``last`` was found in.
@@ -307,7 +366,10 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
         track = (not src.is_images and np.shape(frame)[:2] == last_hw
                  and should_track(boxes, tracked, redetect_every))
         near = boxes if track else None
-        last = analyze_frame(frame, predictor, detector, stats, near)
+        faces = analyze_frame(frame, predictor, detector, stats, near)
+        if smooth and not src.is_images and np.shape(frame)[:2] == last_hw:
+          faces = smooth_faces(faces, last, smooth, predictor.class_names)
+        last = faces
         last_hw = np.shape(frame)[:2]
         tracked = tracked + 1 if track else 0
       if stats is not None:
@@ -436,7 +498,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
                  output: str | None = None, csv_path: str | None = None,
                  json_path: str | None = None, display: bool = False, every: int = 1,
                  redetect_every: int = REDETECT_EVERY, max_frames: int | None = None,
-                 draw_fps: bool = True,
+                 smooth: float = 0.0, draw_fps: bool = True,
                  window: str = "ferjax",
                  on_result: Callable[[FrameResult], None] | None = None) -> dict:
   """Runs the realtime pipeline over a source until it ends (or ``q`` in the window).
@@ -459,6 +521,9 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     redetect_every: search the whole frame every N-th analysed frame and
       track the faces found in between (see :func:`analyze_video`).
     max_frames: stop after this many frames.
+    smooth: each face's probabilities averaged over analysed frames, this much
+      weight on the past (see :func:`analyze_video`); what is drawn, printed
+      and written is the average. 0 takes each frame alone.
     draw_fps: write the running FPS on drawn frames.
     window: the window's title.
     on_result: called with each analysed frame's results (e.g. to print them).
@@ -471,11 +536,13 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
 
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
-    ferjax.annotate.OutputError, ConfigError: an output cannot be written.
+    ferjax.annotate.OutputError, ConfigError: an output cannot be written, or
+      ``smooth`` is not in ``[0, 1)``.
   """
   import cv2
 
   check_outputs(source, output=output, csv=csv_path, json=json_path)
+  check_smooth(smooth)
   src = open_source(source)
   writer = table = record = None
   summary = None
@@ -497,7 +564,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
       record = ResultsJSON(json_path, {
           "source": src.description, "class_names": list(predictor.class_names),
           "checkpoint": getattr(predictor, "checkpoint", None), "every": every,
-          "redetect_every": redetect_every})
+          "redetect_every": redetect_every, "smooth": smooth})
     # After the outputs are checked (a bad name fails fast), before the first frame (so
     # compiling is not counted as frame time).
     compile_seconds = predictor.warmup()
@@ -507,7 +574,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     last_tick = None
     stats.start()
     frames = analyze_video(src, predictor, detector, every=every,
-                           redetect_every=redetect_every, max_frames=max_frames, stats=stats)
+                           redetect_every=redetect_every, max_frames=max_frames,
+                           smooth=smooth, stats=stats)
     try:
       for result in frames:
         now = time.perf_counter()

@@ -164,6 +164,8 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
     ("benchmarks.jit_overhead", ["stray"], "error: unexpected arguments: stray"),
     ("benchmarks.data_loading", ["--data=x.csv", "stray"], "error: unexpected arguments: stray"),
     ("benchmarks.startup", ["stray"], "error: unexpected arguments: stray"),
+    ("benchmarks.smoothing", ["--smooth=0,x"],
+     "error: --smooth: could not convert string to float: 'x'"),
 ])
 def test_usage_errors_are_one_line(module, args, message):
   # absl alone prints the whole flag list (about 90 lines for train) above the message.

@@ -14,7 +14,7 @@ import pytest
 
 from ferjax import annotate, sources, video
 from ferjax.errors import ConfigError, FerjaxError
-from ferjax.faces import FaceDetector, to_gray
+from ferjax.faces import Box, FaceDetector, to_gray
 from ferjax.inference import Predictor
 from test_inference import CLIP, read_clip, train_tiny_run
 
@@ -142,6 +142,76 @@ def test_a_frame_without_tracked_faces_is_searched_in_full(predictor, clip_frame
     video.analyze_video(CLIP, predictor, redetect_every=0)
 
 
+def _face(box, probs, names=tuple("abc")):
+  probs = np.asarray(probs, np.float32)
+  top = int(probs.argmax())
+  return video.FaceResult(Box(*box), probs, names[top], top, float(probs[top]))
+
+
+def test_smoothing_averages_each_face_with_its_match_in_the_last_frame():
+  from ferjax.faces import iou
+
+  names = tuple("abc")
+  last = [_face((100, 100, 80, 80), [0.8, 0.1, 0.1]), _face((400, 100, 60, 60), [0.1, 0.1, 0.8])]
+  now = [_face((104, 98, 80, 80), [0.3, 0.6, 0.1]),    # The first face, moved a little.
+         _face((250, 300, 50, 50), [0.2, 0.7, 0.1]),    # A new face: overlaps neither.
+         _face((405, 105, 60, 60), [0.1, 0.5, 0.4])]    # The second face.
+  out = video.smooth_faces(now, last, 0.7, names)
+  assert [f.box for f in out] == [f.box for f in now]
+  np.testing.assert_allclose(out[0].probs, 0.7 * last[0].probs + 0.3 * now[0].probs, rtol=1e-6)
+  # Its own frame says b (0.6), the average still a (0.65 against 0.25): the label holds.
+  assert (now[0].label, out[0].label, out[0].label_index) == ("b", "a", 0)
+  assert out[0].score == pytest.approx(0.65) and out[0].probs.dtype == np.float32
+  assert out[1] is now[1]
+  np.testing.assert_allclose(out[2].probs, 0.7 * last[1].probs + 0.3 * now[2].probs, rtol=1e-6)
+  assert out[2].label == "c"
+  # One past face per face: of two faces over the same past one, the one overlapping it
+  # more takes it (here the second listed), the other keeps its own probabilities.
+  crowd = [_face((110, 110, 90, 90), [0, 1, 0]), _face((100, 102, 80, 80), [0, 0, 1])]
+  assert iou(crowd[0].box, last[0].box) < iou(crowd[1].box, last[0].box)
+  out = video.smooth_faces(crowd, last[:1], 0.5, names)
+  assert out[0] is crowd[0]
+  np.testing.assert_allclose(out[1].probs, [0.4, 0.05, 0.55], rtol=1e-6)
+  # Too little overlap (IoU under 0.3) is another face; weight 0 changes nothing.
+  far = [_face((150, 150, 80, 80), [0, 1, 0])]
+  assert iou(far[0].box, last[0].box) < video.SMOOTH_MIN_IOU
+  assert video.smooth_faces(far, last, 0.7, names)[0] is far[0]
+  assert all(a is b for a, b in zip(video.smooth_faces(now, last, 0.0, names), now, strict=True))
+
+
+def test_analyze_video_smooths_each_face_over_the_frames_of_a_video(predictor, clip_frames,
+                                                                   tmp_path):
+  import cv2
+
+  raw = list(video.analyze_video(CLIP, predictor, max_frames=20))
+  smooth = list(video.analyze_video(CLIP, predictor, max_frames=20, smooth=0.6))
+  # The same faces found (the boxes do not depend on the probabilities), each an
+  # exponential moving average of its own frame's probabilities.
+  assert [[f.box for f in r.faces] for r in raw] == [[f.box for f in r.faces] for r in smooth]
+  assert sum(len(r.faces) == 1 for r in raw) >= 18
+  previous = None
+  for r, s in zip(raw, smooth):
+    if not r.faces:
+      previous = None
+      continue
+    expected = r.faces[0].probs if previous is None else 0.6 * previous + 0.4 * r.faces[0].probs
+    np.testing.assert_allclose(s.faces[0].probs, expected, rtol=1e-5, atol=1e-7)
+    assert s.faces[0].label_index == int(np.argmax(expected))
+    previous = s.faces[0].probs
+  assert not np.allclose(smooth[-1].faces[0].probs, raw[-1].faces[0].probs, atol=1e-6)
+  # Images are separate scenes: never averaged.
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i in range(3):
+    cv2.imwrite(str(folder / f"{i}.png"), clip_frames[i * 10])
+  raw, smooth = (list(video.analyze_video(str(folder), predictor, smooth=k)) for k in (0, 0.6))
+  for r, s in zip(raw, smooth, strict=True):
+    np.testing.assert_array_equal(r.faces[0].probs, s.faces[0].probs)
+  for bad in (1, 1.5, -0.1, "0.5", True):
+    with pytest.raises(ConfigError, match="smooth must be at least 0 and below 1"):
+      video.analyze_video(CLIP, predictor, smooth=bad)
+
+
 def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
   import cv2
 
@@ -168,6 +238,7 @@ def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
   assert len(data["frames"]) == CLIP_FRAMES and data["summary"]["faces"] == summary["faces"]
   assert data["class_names"] == list(predictor.class_names)
   assert data["every"] == 1 and data["redetect_every"] == video.REDETECT_EVERY
+  assert data["smooth"] == 0
 
 
 def test_the_json_record_streams_its_frames_and_replaces_the_file_only_at_the_end(tmp_path):
@@ -324,6 +395,13 @@ def test_script_fails_in_one_line_for_a_source_it_cannot_open(tmp_path):
   assert result.stderr.strip().splitlines() == [f"error: {missing}: no such file, folder or camera"]
 
 
+@pytest.mark.parametrize("value,why", [("1", "--smooth must be below 1"),
+                                       ("-0.2", "-0.2 is not a non-negative number")])
+def test_script_refuses_a_smoothing_weight_outside_0_to_1(value, why):
+  result = _script("--source=demo", f"--smooth={value}", "--no_display")
+  assert result.returncode == 1 and why in result.stderr, result.stderr
+
+
 def test_script_refuses_bad_detector_settings_in_one_line():
   result = _script("--source=demo", "--scale_factor=1", "--no_display")
   assert result.returncode == 2
@@ -332,9 +410,12 @@ def test_script_refuses_bad_detector_settings_in_one_line():
 
 def test_script_runs_headless_on_the_clip(tiny_run, tmp_path):
   table = tmp_path / "faces.csv"
+  record = tmp_path / "faces.json"
   result = _script(f"--source={CLIP}", f"--workdir={tiny_run[0]}", f"--csv={table}",
-                   "--max_frames=12", "--every=2", "--max_faces=2", "--redetect_every=3")
+                   f"--json={record}", "--max_frames=12", "--every=2", "--max_faces=2",
+                   "--redetect_every=3", "--smooth=0.7")
   assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(record.read_text())["smooth"] == 0.7
   assert "no display" in result.stderr and "running headless" in result.stderr
   assert "frames processed 12 (model ran on 6)" in result.stdout
   assert "(2 frames searched in full, the rest tracked)" in result.stdout

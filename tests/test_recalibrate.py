@@ -35,15 +35,15 @@ def _faces(n, seed=0):
 
 
 def _statistics(model):
-  return [(np.asarray(m.mean.value), np.asarray(m.var.value))
+  return [(np.asarray(m.mean[...]), np.asarray(m.var[...]))
           for _, m in recalibrate.batch_norm_layers(model)]
 
 
 def _trained_like(model):
   """Running statistics far from any batch's, as after training on other faces."""
   for _, norm in recalibrate.batch_norm_layers(model):
-    norm.mean.value = norm.mean.value + 3.0
-    norm.var.value = norm.var.value * 5.0
+    norm.mean[...] = norm.mean[...] + 3.0
+    norm.var[...] = norm.var[...] * 5.0
   return model
 
 

@@ -872,8 +872,8 @@ def test_weight_averaging_averages_the_averaged_epochs_and_reports_the_average(
   want = recalibrate_batch_norm(last, tiny_data.split("Training").images, seed=config.seed)
   for (_, got), (_, ref) in zip(batch_norm_layers(swa_model), batch_norm_layers(want),
                                 strict=True):
-    np.testing.assert_allclose(got.mean.value, ref.mean.value, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got.var.value, ref.var.value, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.mean[...], ref.mean[...], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.var[...], ref.var[...], rtol=1e-4, atol=1e-6)
   # The run's result is the average; the best checkpoint's metrics are kept beside it.
   averaged = evaluate_checkpoint(os.path.join(workdir, "swa"), data=tiny_data, batch_size=16)
   best = evaluate_checkpoint(workdir, checkpoint="best", data=tiny_data, batch_size=16)
