@@ -38,9 +38,9 @@ STAGES = ("read", "detect", "crop", "predict", "draw", "write", "show")
 # shows up within 4 frames (0.13 s at 30 FPS), and the Haar search, the pipeline's
 # largest cost, runs about a quarter as often (BUILD_NOTES.md, "Realtime pipeline").
 REDETECT_EVERY = 5
-# A face of one analysed frame is the same person as a face of the last one when their
-# boxes overlap at least this much (intersection over union); between two frames a moving
-# face's box overlaps its last one by far more (tracking keeps it within a third of its size).
+# Faces of two consecutive analysed frames are paired as one face (for --smooth) when their
+# boxes overlap at least this much (intersection over union). A face's box moves little from
+# one frame to the next; a lower bound would pair a face with a neighbour that took its place.
 SMOOTH_MIN_IOU = 0.3
 
 
@@ -244,9 +244,9 @@ def smooth_faces(faces: Sequence[FaceResult], previous: Sequence[FaceResult], ke
   (intersection over union), the most overlapping pair first, each face in at
   most one pair, and no pair below :data:`SMOOTH_MIN_IOU`. A paired face's
   probabilities become ``keep * previous + (1 - keep) * its own``, and its
-  label and score follow them. Over frames this
-  is an exponential moving average per face, which steadies labels that would
-  flicker between two close classes. A face with no match keeps its own.
+  label and score follow them. Over frames this is an exponential moving
+  average per face, which steadies labels that would flicker between two close
+  classes. A face with no match keeps its own.
 
   Args:
     faces: this frame's results, as :func:`analyze_frame` returns them.
