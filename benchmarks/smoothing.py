@@ -7,8 +7,8 @@ For each clip (a video file, or every video in a folder) the realtime pipeline
 (``ferjax.video.analyze_video``, default detector and tracking) runs once per
 ``--smooth`` value with the shipped weights (or ``--workdir``). Per setting it
 reports the faces found, the label switches (a face whose label differs from
-its own in the last analysed frame, paired by box overlap as the smoothing
-pairs them) per 100 such face pairs, and how many faces keep the label the
+its own in the last analysed frame: the same ``track``) per 100 such face
+pairs, and how many faces keep the label the
 unsmoothed model gives them. Writes benchmarks/results/smoothing.json.
 """
 
@@ -18,7 +18,6 @@ from absl import app, flags
 
 from benchmarks.common import clips, environment, fit, write_results
 from ferjax import cli
-from ferjax.faces import iou
 from ferjax.sources import DEMO_CLIP
 
 _SOURCES = flags.DEFINE_list("sources", [DEMO_CLIP], "Video files or folders of them.")
@@ -30,18 +29,15 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/smoothing.json", "JSON out
 
 
 def label_switches(frames) -> tuple[int, int]:
-  """(switches, pairs): faces paired with one of the last frame's, and how many changed label."""
-  from ferjax.video import SMOOTH_MIN_IOU
-
+  """(switches, pairs): faces whose track was in the last frame, and how many changed label."""
   switches = pairs = 0
-  last = []
+  last = {}
   for result in frames:
     for face in result.faces:
-      match = max(last, key=lambda past: iou(past.box, face.box), default=None)
-      if match is not None and iou(match.box, face.box) >= SMOOTH_MIN_IOU:
+      if face.track in last:
         pairs += 1
-        switches += int(match.label_index != face.label_index)
-    last = result.faces
+        switches += int(last[face.track] != face.label_index)
+    last = {face.track: face.label_index for face in result.faces}
   return switches, pairs
 
 

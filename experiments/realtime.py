@@ -110,7 +110,8 @@ def _run(source):
     when = "" if result.time_s is None else f" {result.time_s:6.2f}s"
     label = result.name or f"frame {result.index:5d}{when}"
     faces = "; ".join(
-        f"{face.label} {face.score:.2f} at {tuple(map(int, face.box))} ["
+        ("" if face.track is None else f"#{face.track} ")
+        + f"{face.label} {face.score:.2f} at {tuple(map(int, face.box))} ["
         + " ".join(f"{n[:3]} {p:.2f}" for n, p in zip(names, face.probs)) + "]"
         for face in result.faces) or "no face"
     print(f"{label}: {faces}", flush=True)

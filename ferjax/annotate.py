@@ -220,7 +220,8 @@ class AnnotatedImageWriter:
 
 
 class ResultsCSV:
-  """One CSV row per face: frame, time, image name, box, label, score, every probability."""
+  """One CSV row per face: frame, time, image name, face, track, box, label, score, every
+  probability."""
 
   def __init__(self, path: str, class_names: Sequence[str]):
     _make_parent(path)
@@ -240,7 +241,8 @@ class ResultsCSV:
     """Writes one row per face of ``result`` (none for a frame without faces)."""
     for i, face in enumerate(result.faces):
       t = "" if result.time_s is None else f"{result.time_s:.4f}"
-      self._writer.writerow([result.index, t, result.name or "", i, *face.box, face.label,
+      track = "" if face.track is None else face.track
+      self._writer.writerow([result.index, t, result.name or "", i, track, *face.box, face.label,
                              f"{face.score:.6f}", *(f"{float(p):.6f}" for p in face.probs)])
       self.rows += 1
 
@@ -252,7 +254,7 @@ class ResultsCSV:
 
 def csv_header(class_names: Sequence[str]) -> list[str]:
   """The columns :class:`ResultsCSV` writes."""
-  return ["frame", "time_s", "image", "face", "x", "y", "w", "h", "label", "score",
+  return ["frame", "time_s", "image", "face", "track", "x", "y", "w", "h", "label", "score",
           *(f"p_{name}" for name in class_names)]
 
 

@@ -38,10 +38,11 @@ STAGES = ("read", "detect", "crop", "predict", "draw", "write", "show")
 # shows up within 4 frames (0.13 s at 30 FPS), and the Haar search, the pipeline's
 # largest cost, runs about a quarter as often (BUILD_NOTES.md, "Realtime pipeline").
 REDETECT_EVERY = 5
-# Faces of two consecutive analysed frames are paired as one face (for --smooth) when their
-# boxes overlap at least this much (intersection over union). A face's box moves little from
-# one frame to the next; a lower bound would pair a face with a neighbour that took its place.
-SMOOTH_MIN_IOU = 0.3
+# Faces of two consecutive analysed frames are paired as one face (one track, and --smooth)
+# when their boxes overlap at least this much (intersection over union). A face's box moves
+# little from one frame to the next; a lower bound would pair a face with a neighbour that
+# took its place.
+SAME_FACE_MIN_IOU = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,9 @@ class FaceResult:
     label: the most probable class's name.
     label_index: its index.
     score: its probability.
+    track: in a video or camera, the face's number, kept from frame to frame
+      while it is found in every analysed frame (:func:`pair_faces`); the
+      first face gets 0. None for images and for :func:`analyze_frame` alone.
   """
 
   box: Box
@@ -61,10 +65,12 @@ class FaceResult:
   label: str
   label_index: int
   score: float
+  track: int | None = None
 
   def to_dict(self, class_names: Sequence[str]) -> dict:
-    """JSON-ready: box ``[x, y, w, h]``, label, score and every class's probability."""
-    return {"box": list(map(int, self.box)), "label": self.label, "score": round(self.score, 6),
+    """JSON-ready: box ``[x, y, w, h]``, track, label, score and every class's probability."""
+    return {"box": list(map(int, self.box)), "track": self.track, "label": self.label,
+            "score": round(self.score, 6),
             "probs": {name: round(float(p), 6) for name, p in zip(class_names, self.probs)}}
 
 
@@ -236,43 +242,57 @@ def analyze_frame(frame: np.ndarray | None, predictor, detector: FaceDetector,
           for i, box in enumerate(boxes)]
 
 
+def pair_faces(boxes: Sequence[Box], previous: Sequence[Box]) -> dict[int, int]:
+  """Which face of the last frame each face is: ``{index in boxes: index in previous}``.
+
+  Pairs are made by how much the boxes overlap (intersection over union), the
+  most overlapping pair first, each face in at most one pair, and no pair below
+  :data:`SAME_FACE_MIN_IOU`; a face left out is new (or was not found in the
+  last frame).
+  """
+  scored = sorted(((iou(box, past), i, j) for i, box in enumerate(boxes)
+                   for j, past in enumerate(previous)), reverse=True)
+  pairs: dict[int, int] = {}
+  for overlap, i, j in scored:
+    if overlap < SAME_FACE_MIN_IOU:
+      break
+    if i not in pairs and j not in pairs.values():
+      pairs[i] = j
+  return pairs
+
+
 def smooth_faces(faces: Sequence[FaceResult], previous: Sequence[FaceResult], keep: float,
-                 class_names: Sequence[str]) -> list[FaceResult]:
+                 class_names: Sequence[str],
+                 pairs: dict[int, int] | None = None) -> list[FaceResult]:
   """Averages each face's probabilities with those of the same face in the last frame.
 
-  Faces are paired with faces of ``previous`` by how much their boxes overlap
-  (intersection over union), the most overlapping pair first, each face in at
-  most one pair, and no pair below :data:`SMOOTH_MIN_IOU`. A paired face's
-  probabilities become ``keep * previous + (1 - keep) * its own``, and its
-  label and score follow them. Over frames this is an exponential moving
-  average per face, which steadies labels that would flicker between two close
-  classes. A face with no match keeps its own.
+  A face paired with one of ``previous`` (:func:`pair_faces`) gets
+  probabilities ``keep * previous + (1 - keep) * its own``, and its label and
+  score follow them. Over frames this is an exponential moving average per
+  face, which steadies labels that would flicker between two close classes. A
+  face with no pair keeps its own.
 
   Args:
     faces: this frame's results, as :func:`analyze_frame` returns them.
     previous: the last analysed frame's results (already smoothed).
     keep: the weight of the past, in ``[0, 1)``; 0 returns ``faces`` as they are.
     class_names: the names the labels come from.
+    pairs: :func:`pair_faces` of the two frames' boxes, if already made.
 
   Returns:
-    One result per face of ``faces``, in its order, with the same boxes.
+    One result per face of ``faces``, in its order, with the same boxes and tracks.
   """
   out = list(faces)
   if not keep or not previous:
     return out
-  pairs = sorted(((iou(face.box, past.box), i, j) for i, face in enumerate(faces)
-                  for j, past in enumerate(previous)), reverse=True)
-  taken_now, taken_past = set(), set()
-  for overlap, i, j in pairs:
-    if overlap < SMOOTH_MIN_IOU:
-      break
-    if i in taken_now or j in taken_past:
-      continue
-    taken_now.add(i)
-    taken_past.add(j)
-    probs = (keep * previous[j].probs + (1.0 - keep) * faces[i].probs).astype(faces[i].probs.dtype)
+  if pairs is None:
+    pairs = pair_faces([f.box for f in faces], [p.box for p in previous])
+  for i, j in pairs.items():
+    face = faces[i]
+    probs = (keep * previous[j].probs + (1.0 - keep) * face.probs).astype(face.probs.dtype)
     top = int(probs.argmax())
-    out[i] = FaceResult(faces[i].box, probs, class_names[top], top, float(probs[top]))
+    out[i] = dataclasses.replace(face, probs=probs, label=class_names[top], label_index=top,
+                                 score=float(probs[top]))
   return out
 
 
@@ -299,13 +319,17 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
       images are always searched.
     max_frames: stop after this many frames.
     smooth: in ``[0, 1)``: on a video or camera, each face's probabilities
-      are averaged with the same face's in the last analysed frame, this much
-      weight on the past (:func:`smooth_faces`); the labels follow. 0 (the
-      default) takes each frame alone; images are never smoothed.
+      are averaged with the same face's (the same ``track``) in the last
+      analysed frame, this much weight on the past (:func:`smooth_faces`); the
+      labels follow. 0 (the default) takes each frame alone; images are never
+      smoothed.
     stats: if given, frame and face counts and stage times are added to it.
 
   Returns:
-    An iterator of :class:`FrameResult`, one per frame.
+    An iterator of :class:`FrameResult`, one per frame. In a video or camera
+    each face carries its ``track`` number: the same face keeps it from one
+    analysed frame to the next (paired by box overlap, :func:`pair_faces`);
+    a face that was not found in the last analysed frame gets a new one.
 
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
@@ -348,6 +372,7 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
   last: list[FaceResult] = []
   tracked = 0  # Analysed frames since the last full-frame search.
   last_hw = None  # The size of the frame ``last`` was found in.
+  next_track = 0  # The number the next new face of a video gets.
   try:
     frames = iter(src)
     index = 0
@@ -367,8 +392,18 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
                  and should_track(boxes, tracked, redetect_every))
         near = boxes if track else None
         faces = analyze_frame(frame, predictor, detector, stats, near)
-        if smooth and not src.is_images and np.shape(frame)[:2] == last_hw:
-          faces = smooth_faces(faces, last, smooth, predictor.class_names)
+        if not src.is_images:
+          # The faces of the last frame, unless this one has another size (faces elsewhere).
+          same = last if np.shape(frame)[:2] == last_hw else []
+          pairs = pair_faces([f.box for f in faces], [f.box for f in same])
+          numbered = []
+          for i, face in enumerate(faces):
+            if i in pairs:
+              number = same[pairs[i]].track
+            else:
+              number, next_track = next_track, next_track + 1
+            numbered.append(dataclasses.replace(face, track=number))
+          faces = smooth_faces(numbered, same, smooth, predictor.class_names, pairs)
         last = faces
         last_hw = np.shape(frame)[:2]
         tracked = tracked + 1 if track else 0

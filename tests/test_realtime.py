@@ -174,9 +174,39 @@ def test_smoothing_averages_each_face_with_its_match_in_the_last_frame():
   np.testing.assert_allclose(out[1].probs, [0.4, 0.05, 0.55], rtol=1e-6)
   # Too little overlap (IoU under 0.3) is another face; weight 0 changes nothing.
   far = [_face((150, 150, 80, 80), [0, 1, 0])]
-  assert iou(far[0].box, last[0].box) < video.SMOOTH_MIN_IOU
+  assert iou(far[0].box, last[0].box) < video.SAME_FACE_MIN_IOU
   assert video.smooth_faces(far, last, 0.7, names)[0] is far[0]
   assert all(a is b for a, b in zip(video.smooth_faces(now, last, 0.0, names), now, strict=True))
+
+
+def test_faces_keep_their_track_number_while_found_in_every_frame(predictor, clip_frames,
+                                                                 tmp_path):
+  import cv2
+
+  blank = np.full_like(clip_frames[0], 90)
+  clip = tmp_path / "gap.mkv"
+  writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"FFV1"), 30.0, (640, 480))
+  for frame in clip_frames[:3] + [blank] + clip_frames[3:5]:
+    writer.write(frame)
+  writer.release()
+  results = list(video.analyze_video(str(clip), predictor))
+  # The face is one track until a frame without it; then it is a new face.
+  assert [[f.track for f in r.faces] for r in results] == [[0], [0], [0], [], [1], [1]]
+  assert all(f.track is None for f in video.analyze_frame(clip_frames[0], predictor,
+                                                          FaceDetector()))
+  # Pairing: most overlap first, one to one, none below the bound.
+  boxes = [Box(100, 100, 80, 80), Box(400, 100, 60, 60)]
+  assert video.pair_faces([Box(405, 105, 60, 60), Box(104, 98, 80, 80), Box(250, 300, 50, 50)],
+                          boxes) == {0: 1, 1: 0}
+  assert video.pair_faces([Box(110, 110, 90, 90), Box(100, 102, 80, 80)], boxes) == {1: 0}
+  assert video.pair_faces([Box(150, 150, 80, 80)], boxes) == {}
+  # Images are separate scenes: no tracks.
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i in range(2):
+    cv2.imwrite(str(folder / f"{i}.png"), clip_frames[i])
+  assert [[f.track for f in r.faces] for r in video.analyze_video(str(folder), predictor)] == \
+      [[None], [None]]
 
 
 def test_analyze_video_smooths_each_face_over_the_frames_of_a_video(predictor, clip_frames,
@@ -234,8 +264,11 @@ def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
   probs = np.array([[float(r[f"p_{n}"]) for n in predictor.class_names] for r in rows])
   np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
   assert all(r["label"] == predictor.class_names[p.argmax()] for r, p in zip(rows, probs))
+  tracks = [face.track for r in video.analyze_video(CLIP, predictor) for face in r.faces]
+  assert [int(r["track"]) for r in rows] == tracks and tracks[0] == 0
   data = json.loads(record.read_text())
   assert len(data["frames"]) == CLIP_FRAMES and data["summary"]["faces"] == summary["faces"]
+  assert [f["track"] for frame in data["frames"] for f in frame["faces"]] == tracks
   assert data["class_names"] == list(predictor.class_names)
   assert data["every"] == 1 and data["redetect_every"] == video.REDETECT_EVERY
   assert data["smooth"] == 0
