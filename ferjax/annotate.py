@@ -49,7 +49,7 @@ _ROW_H = 12
 
 def draw_results(frame: np.ndarray, faces: Sequence[FaceResult], class_names: Sequence[str], *,
                  fps: float | None = None) -> np.ndarray:
-  """Draws boxes, top label and a probability bar per emotion next to each face.
+  """Draws boxes, track number and top label, and a probability bar per emotion by each face.
 
   Args:
     frame: uint8 BGR or grey frame (not modified).
@@ -77,7 +77,7 @@ def draw_results(frame: np.ndarray, faces: Sequence[FaceResult], class_names: Se
   for face in faces:
     x, y, w, h = face.box
     cv2.rectangle(out, (x, y), (x + w, y + h), _GREEN, 2)
-    text = f"{face.label} {face.score:.2f}"
+    text = ("" if face.track is None else f"#{face.track} ") + f"{face.label} {face.score:.2f}"
     (tw, th), _ = cv2.getTextSize(text, font, 0.55, 1)
     ty = y - 6 if y - th - 8 >= 0 else y + h + th + 6
     cv2.rectangle(out, (x, ty - th - 4), (x + tw + 4, ty + 4), _DARK, -1)

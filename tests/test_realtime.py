@@ -385,6 +385,13 @@ def test_drawing_keeps_the_frame_and_marks_it(predictor, clip_frames):
   assert (drawn != frame).any()
   grey = annotate.draw_results(frame[..., 0], faces, predictor.class_names)
   assert grey.shape == frame.shape
+  # A video's face shows its track number before the label: only the label's strip changes.
+  import dataclasses
+  numbered = annotate.draw_results(frame, [dataclasses.replace(faces[0], track=3)],
+                                   predictor.class_names, fps=30.0)
+  changed_rows = np.flatnonzero((numbered != drawn).any(axis=(1, 2)))
+  x, y, w, h = faces[0].box
+  assert changed_rows.size and changed_rows.max() < y and changed_rows.min() > y - 30
 
 
 def test_bad_output_names_are_refused(predictor, tmp_path):
