@@ -164,6 +164,53 @@ class PipelineStats:
     }
 
 
+class TrackTally:
+  """What each face of a video showed: its frames, its labels and mean probabilities.
+
+  Feed it every analysed :class:`FrameResult` (:meth:`add`); faces without a
+  track number (images) are left out. Only counts and sums are kept, so a
+  long camera run costs a few numbers per face.
+  """
+
+  def __init__(self, class_names: Sequence[str]):
+    self.class_names = tuple(class_names)
+    self._tracks: dict[int, dict] = {}
+
+  def add(self, result: FrameResult) -> None:
+    """Counts the faces of one analysed frame."""
+    for face in result.faces:
+      if face.track is None:
+        continue
+      t = self._tracks.setdefault(face.track, {
+          "frames": 0, "first_frame": result.index, "first_time_s": result.time_s,
+          "labels": np.zeros(len(self.class_names), np.int64),
+          "probs": np.zeros(len(self.class_names), np.float64)})
+      t["frames"] += 1
+      t["last_frame"], t["last_time_s"] = result.index, result.time_s
+      t["labels"][face.label_index] += 1
+      t["probs"] += face.probs
+
+  def summary(self) -> list[dict]:
+    """JSON-ready, one entry per track in order: frames, first and last frame and
+    time, the most frequent label, every label's count and the mean probabilities."""
+    out = []
+    for track, t in sorted(self._tracks.items()):
+      rounded = lambda v: None if v is None else round(v, 4)
+      out.append({
+          "track": track, "frames": t["frames"], "first_frame": t["first_frame"],
+          "last_frame": t["last_frame"], "first_time_s": rounded(t["first_time_s"]),
+          "last_time_s": rounded(t["last_time_s"]),
+          "label": self.class_names[int(t["labels"].argmax())],
+          "labels": {n: int(c) for n, c in zip(self.class_names, t["labels"]) if c},
+          "mean_probs": {n: round(float(p) / t["frames"], 6)
+                         for n, p in zip(self.class_names, t["probs"])}})
+    return out
+
+
+# The end-of-run report names the faces seen longest; the JSON summary has them all.
+_REPORTED_TRACKS = 10
+
+
 def format_summary(summary: dict) -> str:
   """The end-of-run report: frames, faces, FPS and the per-stage breakdown."""
   searches = summary.get("full_detections")
@@ -181,6 +228,20 @@ def format_summary(summary: dict) -> str:
            for s in STAGES if s in summary["ms_per_call"]]
   if parts:
     lines.append("per call: " + ", ".join(parts))
+  tracks = summary.get("tracks") or []
+  for t in sorted(tracks, key=lambda t: (-t["frames"], t["track"]))[:_REPORTED_TRACKS]:
+    if t["first_frame"] == t["last_frame"]:
+      where = f"frame {t['first_frame']}" + (
+          "" if t["first_time_s"] is None else f", {t['first_time_s']:.2f} s")
+    else:
+      where = f"frames {t['first_frame']}-{t['last_frame']}" + (
+          "" if t["first_time_s"] is None
+          else f", {t['first_time_s']:.2f}-{t['last_time_s']:.2f} s")
+    lines.append(f"face #{t['track']}: {t['frames']} frame{'s' if t['frames'] != 1 else ''} "
+                 f"({where}), mostly {t['label']} ({t['labels'][t['label']]} of {t['frames']})")
+  if len(tracks) > _REPORTED_TRACKS:
+    lines.append(f"... and {len(tracks) - _REPORTED_TRACKS} more faces (seen for fewer "
+                 "frames) in the JSON summary")
   if summary.get("compile_seconds") is not None:
     sizes = summary.get("batch_sizes")
     which = f" for batch sizes {', '.join(map(str, sizes))}" if sizes else ""
@@ -566,8 +627,9 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
   Returns:
     :meth:`PipelineStats.summary` plus ``compile_seconds``, ``batch_sizes``
     (the predictor's compiled sizes), ``source``, ``displayed``, ``skipped``
-    (files of an image folder that were not images or could not be decoded) and the files written
-    (``files``).
+    (files of an image folder that were not images or could not be decoded),
+    ``tracks`` (:meth:`TrackTally.summary`: each face of a video, its frames and
+    labels; empty for images) and the files written (``files``).
 
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
@@ -604,6 +666,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     # compiling is not counted as frame time).
     compile_seconds = predictor.warmup()
     stats = PipelineStats()
+    tally = TrackTally(predictor.class_names)
     want_drawing = writer is not None or display
     smooth_period = None
     last_tick = None
@@ -619,6 +682,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
           period = now - last_tick
           smooth_period = period if smooth_period is None else 0.9 * smooth_period + 0.1 * period
         last_tick = now
+        if result.analyzed:
+          tally.add(result)
         if result.analyzed and on_result is not None:
           on_result(result)
         if result.analyzed and (table is not None or record is not None):
@@ -660,7 +725,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     summary = stats.summary()
     summary.update(compile_seconds=round(compile_seconds, 3),
                    batch_sizes=list(getattr(predictor, "batch_sizes", ())),
-                   source=src.description, displayed=bool(display), skipped=list(src.skipped))
+                   source=src.description, displayed=bool(display), skipped=list(src.skipped),
+                   tracks=tally.summary())
     finished = True
   finally:
     # Each step runs even if an earlier one fails. After a normal run the first failure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -264,11 +265,29 @@ def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
   probs = np.array([[float(r[f"p_{n}"]) for n in predictor.class_names] for r in rows])
   np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
   assert all(r["label"] == predictor.class_names[p.argmax()] for r, p in zip(rows, probs))
-  tracks = [face.track for r in video.analyze_video(CLIP, predictor) for face in r.faces]
+  faces = [face for r in video.analyze_video(CLIP, predictor) for face in r.faces]
+  tracks = [face.track for face in faces]
   assert [int(r["track"]) for r in rows] == tracks and tracks[0] == 0
+  # The summary's account of each face: its frames, labels and mean probabilities.
+  assert [t["track"] for t in summary["tracks"]] == sorted(set(tracks))
+  for t in summary["tracks"]:
+    own = [(i, f) for i, f in enumerate(faces) if f.track == t["track"]]
+    assert t["frames"] == len(own) and sum(t["labels"].values()) == len(own)
+    assert t["first_frame"] == int(rows[own[0][0]]["frame"])
+    assert t["last_frame"] == int(rows[own[-1][0]]["frame"])
+    mean = np.mean([f.probs for _, f in own], axis=0)
+    np.testing.assert_allclose(list(t["mean_probs"].values()), mean, atol=2e-6)
+    counts = np.bincount([f.label_index for _, f in own], minlength=7)
+    assert t["labels"] == {n: int(c) for n, c in zip(predictor.class_names, counts) if c}
+    assert t["label"] == predictor.class_names[int(counts.argmax())]
+  report = video.format_summary(summary)
+  longest = max(summary["tracks"], key=lambda t: t["frames"])
+  assert (f"face #{longest['track']}: {longest['frames']} frames (frames "
+          f"{longest['first_frame']}-{longest['last_frame']}") in report
   data = json.loads(record.read_text())
   assert len(data["frames"]) == CLIP_FRAMES and data["summary"]["faces"] == summary["faces"]
   assert [f["track"] for frame in data["frames"] for f in frame["faces"]] == tracks
+  assert data["summary"]["tracks"] == summary["tracks"]
   assert data["class_names"] == list(predictor.class_names)
   assert data["every"] == 1 and data["redetect_every"] == video.REDETECT_EVERY
   assert data["smooth"] == 0
@@ -386,7 +405,6 @@ def test_drawing_keeps_the_frame_and_marks_it(predictor, clip_frames):
   grey = annotate.draw_results(frame[..., 0], faces, predictor.class_names)
   assert grey.shape == frame.shape
   # A video's face shows its track number before the label: only the label's strip changes.
-  import dataclasses
   numbered = annotate.draw_results(frame, [dataclasses.replace(faces[0], track=3)],
                                    predictor.class_names, fps=30.0)
   changed_rows = np.flatnonzero((numbered != drawn).any(axis=(1, 2)))
@@ -912,6 +930,28 @@ def test_the_summary_says_tracked_only_when_frames_were_tracked():
   assert "(1 frame searched in full, the rest tracked)" in video.format_summary(summary)
   summary.update(full_detections=2)
   assert "(2 frames searched in full, the rest tracked)" in video.format_summary(summary)
+  # A line per face, the ones seen longest first, ten at most; none without tracks (images).
+  tally = video.TrackTally(("a", "b"))
+  for index in range(13):
+    faces = [_face((10 * k, 0, 8, 8), [0.25, 0.75] if k % 2 else [0.9, 0.1], names=("a", "b"))
+             for k in range(min(index + 1, 12))]
+    tally.add(video.FrameResult(index, index / 10, None, None,
+                                [dataclasses.replace(f, track=k) for k, f in enumerate(faces)]))
+  summary["tracks"] = tally.summary()
+  assert summary["tracks"][1] == {
+      "track": 1, "frames": 12, "first_frame": 1, "last_frame": 12, "first_time_s": 0.1,
+      "last_time_s": 1.2, "label": "b", "labels": {"b": 12}, "mean_probs": {"a": 0.25, "b": 0.75}}
+  lines = video.format_summary(summary).splitlines()
+  faces = [line for line in lines if line.startswith("face #")]
+  assert len(faces) == 10 and faces[0] == ("face #0: 13 frames (frames 0-12, 0.00-1.20 s), "
+                                           "mostly a (13 of 13)")
+  assert faces[-1].startswith("face #9: 4 frames")
+  assert "... and 2 more faces (seen for fewer frames) in the JSON summary" in lines
+  summary["tracks"] = [dict(summary["tracks"][0], frames=1, last_frame=0, last_time_s=0.0,
+                            labels={"a": 1})]
+  assert "face #0: 1 frame (frame 0, 0.00 s), mostly a (1 of 1)" in video.format_summary(summary)
+  summary["tracks"] = []
+  assert not any(line.startswith("face #") for line in video.format_summary(summary).splitlines())
 
 
 def test_ctrl_c_while_a_file_is_written_leaves_no_partial_file(monkeypatch, predictor,
