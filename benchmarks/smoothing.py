@@ -8,8 +8,8 @@ For each clip (a video file, or every video in a folder) the realtime pipeline
 ``--smooth`` value with the shipped weights (or ``--workdir``). Per setting it
 reports the faces found, the label switches (a face whose label differs from
 its own in the last analysed frame: the same ``track``) per 100 such face
-pairs, and how many faces keep the label the
-unsmoothed model gives them. Writes benchmarks/results/smoothing.json.
+pairs, and how many faces keep the label the first setting gives them. Writes
+benchmarks/results/smoothing.json.
 """
 
 import os

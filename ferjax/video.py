@@ -193,9 +193,9 @@ class TrackTally:
   def summary(self) -> list[dict]:
     """JSON-ready, one entry per track in order: frames, first and last frame and
     time, the most frequent label, every label's count and the mean probabilities."""
+    rounded = lambda seconds: None if seconds is None else round(seconds, 4)
     out = []
     for track, t in sorted(self._tracks.items()):
-      rounded = lambda v: None if v is None else round(v, 4)
       out.append({
           "track": track, "frames": t["frames"], "first_frame": t["first_frame"],
           "last_frame": t["last_frame"], "first_time_s": rounded(t["first_time_s"]),
