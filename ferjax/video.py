@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import tempfile
@@ -421,6 +422,16 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
                   stats)
 
 
+def _follow(faces: list[FaceResult], previous: list[FaceResult], smooth: float,
+            class_names: Sequence[str], new_tracks: Iterator[int]) -> list[FaceResult]:
+  """A video frame's faces numbered after the last frame's (a new face takes the next
+  number of ``new_tracks``), then smoothed with them."""
+  pairs = pair_faces([f.box for f in faces], [f.box for f in previous])
+  numbered = [dataclasses.replace(face, track=previous[pairs[i]].track if i in pairs
+                                  else next(new_tracks)) for i, face in enumerate(faces)]
+  return smooth_faces(numbered, previous, smooth, class_names, pairs)
+
+
 def check_smooth(smooth) -> None:
   """Refuses a ``smooth`` weight outside ``[0, 1)`` (1 would never take a new frame)."""
   if isinstance(smooth, bool) or not isinstance(smooth, (int, float, np.floating)) \
@@ -433,7 +444,7 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
   last: list[FaceResult] = []
   tracked = 0  # Analysed frames since the last full-frame search.
   last_hw = None  # The size of the frame ``last`` was found in.
-  next_track = 0  # The number the next new face of a video gets.
+  new_tracks = itertools.count()  # The numbers of a video's new faces, in turn.
   try:
     frames = iter(src)
     index = 0
@@ -449,22 +460,14 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
       if analyzed:
         boxes = [face.box for face in last]
         # A frame of another size (a stream that changed resolution) has the faces elsewhere.
-        track = (not src.is_images and np.shape(frame)[:2] == last_hw
+        same_size = np.shape(frame)[:2] == last_hw
+        track = (not src.is_images and same_size
                  and should_track(boxes, tracked, redetect_every))
         near = boxes if track else None
         faces = analyze_frame(frame, predictor, detector, stats, near)
         if not src.is_images:
-          # The faces of the last frame, unless this one has another size (faces elsewhere).
-          same = last if np.shape(frame)[:2] == last_hw else []
-          pairs = pair_faces([f.box for f in faces], [f.box for f in same])
-          numbered = []
-          for i, face in enumerate(faces):
-            if i in pairs:
-              number = same[pairs[i]].track
-            else:
-              number, next_track = next_track, next_track + 1
-            numbered.append(dataclasses.replace(face, track=number))
-          faces = smooth_faces(numbered, same, smooth, predictor.class_names, pairs)
+          faces = _follow(faces, last if same_size else [], smooth, predictor.class_names,
+                          new_tracks)
         last = faces
         last_hw = np.shape(frame)[:2]
         tracked = tracked + 1 if track else 0
