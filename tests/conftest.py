@@ -16,23 +16,35 @@ _XLA_CACHE: list[str] = []
 
 
 def pytest_configure(config):
-  """One JAX persistent compilation cache for this test process, deleted at the end.
+  """One JAX persistent compilation cache for the test session, deleted at the end.
 
   Many tests train the same tiny model; each Trainer jits its own functions, so each run
   compiled the same programs again (most of a tiny run's time on 2 cores). With the cache,
   a later run reads the identical executables back. Tracing is unaffected, so the tests
   that count traces still see recompiles. Set here, not through JAX_COMPILATION_CACHE_DIR,
-  so the subprocesses the tests start keep their own cache settings.
+  so the subprocesses the tests start keep their own cache settings. Under pytest-xdist
+  the workers share the controller's folder (``pytest_configure_node``), so a program one
+  worker compiled is read back by the other (an entry read while half-written fails to
+  load, and JAX warns and compiles the program instead).
   """
   import jax
-  _XLA_CACHE.append(tempfile.mkdtemp(prefix="ferjax-test-xla-"))
-  jax.config.update("jax_compilation_cache_dir", _XLA_CACHE[0])
+  shared = getattr(config, "workerinput", {}).get("ferjax_xla_cache")
+  if shared is None:
+    _XLA_CACHE.append(tempfile.mkdtemp(prefix="ferjax-test-xla-"))
+  jax.config.update("jax_compilation_cache_dir", shared or _XLA_CACHE[0])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """pytest-xdist, on the controller: each worker gets the session's cache folder."""
+  node.workerinput["ferjax_xla_cache"] = _XLA_CACHE[0]
+
+
 def pytest_unconfigure(config):
-  for path in _XLA_CACHE:
+  for path in _XLA_CACHE:  # Only the process that made the folder deletes it.
     shutil.rmtree(path, ignore_errors=True)
+
 
 HEADER = "emotion,pixels,Usage"
 

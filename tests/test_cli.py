@@ -293,8 +293,24 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   from ferjax.models.summary import count_params
   tiny = create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0),
                       **result["config"]["model_overrides"])
+  # The run's device is recorded; a run trained on a GPU names it beside its training time.
+  assert result["device"] == {"platform": "cpu", "kind": "cpu", "count": 1}
   mflops = []
-  for _ in range(2):  # The tables go to stdout and the README; a second run replaces them.
+  for second in (False, True):  # The tables go to stdout and the README; a second run replaces them.
+    if second:
+      # Beside the run, for the second table: a copy trained on a GPU; a recalibrated copy
+      # (experiments.recalibrate_bn), whose command is the source's training command, then
+      # the recalibration; and the same run with another seed: its own row, and one
+      # seed-spread row for the two.
+      on_gpu = {**result, "device": {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3",
+                                     "count": 1}}
+      json.dump(on_gpu, open(results / "short-acnn-gpu.json", "w"))
+      json.dump(result, open(results / "short-acnn-bnrecal.json", "w"))
+      script.write_text(script.read_text() + "recalibrate short-acnn-bnrecal short-acnn\n")
+      repeat = json.loads(json.dumps(result))
+      repeat["config"]["seed"] += 1
+      repeat["test_tta_none"]["accuracy"] = result["test_tta_none"]["accuracy"] + 0.02
+      json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
     r = table(f"--script={script}", f"--readme={readme}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "#### Every model on one short schedule" in r.stdout
@@ -309,20 +325,11 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
     assert cells[5] == f"{count_params(tiny):,}" and cells[5] != "406,375"
     mflops.append(float(cells[6]))
     assert 0 < mflops[-1] < 5 and mflops[-1] == mflops[0]
+    assert cells[8] == f"{result['train_seconds'] / 60:.1f} min"  # Under 10 minutes.
     text = readme.read_text()
     assert text.count(row) == 1 and text.endswith("<!-- /results-table -->\n\nafter\n")
-    # The model's cost is compiled once, and says so while the user waits.
+    # The model's cost is compiled once (the copies share it), and says so while the user waits.
     assert r.stderr.count("counting parameters and FLOPs: acnn_alstm") == 1, r.stderr
-  # The run's device is recorded; a run trained on a GPU names it beside its training time.
-  assert result["device"] == {"platform": "cpu", "kind": "cpu", "count": 1}
-  assert cells[8] == f"{result['train_seconds'] / 60:.1f} min"  # Under 10 minutes.
-  on_gpu = {**result, "device": {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 1}}
-  json.dump(on_gpu, open(results / "short-acnn-gpu.json", "w"))
-  # A recalibrated copy of a run (experiments.recalibrate_bn): its command is the source's
-  # training command, then the recalibration.
-  json.dump(result, open(results / "short-acnn-bnrecal.json", "w"))
-  script.write_text(script.read_text() + "recalibrate short-acnn-bnrecal short-acnn\n")
-  r = table(f"--script={script}")
   gpu_row = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn-gpu` |"))
   assert gpu_row.split(" | ")[8] == f"{cells[8]} on NVIDIA H100 80GB HBM3"
   recal_row = next(line for line in r.stdout.splitlines()
@@ -331,17 +338,9 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
       "`python -m experiments.train --model=acnn_alstm --epochs=1 --batch_size=8 "
       "--workdir=runs/short-acnn; python -m experiments.recalibrate_bn "
       "--workdir=runs/short-acnn --output=runs/short-acnn-bnrecal` |")
-  os.remove(results / "short-acnn-gpu.json")
-  os.remove(results / "short-acnn-bnrecal.json")
-  # The same run with another seed: its own row, and one seed-spread row for the two.
-  repeat = json.loads(json.dumps(result))
-  repeat["config"]["seed"] += 1
-  repeat["test_tta_none"]["accuracy"] = result["test_tta_none"]["accuracy"] + 0.02
-  json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
-  r = table(f"--script={script}")
-  assert r.returncode == 0, r.stderr[-3000:]
   names = [line.split(" | ")[0] for line in r.stdout.splitlines() if line.startswith("| `short")]
-  assert names[:2] == ["| `short-acnn`", "| `short-acnn-seed1`"]  # A run, then its repeats.
+  assert names[:4] == ["| `short-acnn`", "| `short-acnn-bnrecal`", "| `short-acnn-gpu`",
+                       "| `short-acnn-seed1`"]  # In name order: a run, then its repeats.
   spread = next(line for line in r.stdout.splitlines() if line.startswith("| `short-acnn` | 0, 1 |"))
   a = 100 * result["test_tta_none"]["accuracy"]
   assert spread.split(" | ")[2:6] == [f"{a:.2f} / {a + 2:.2f}", f"{a + 1:.2f}",
@@ -349,6 +348,8 @@ def test_results_table_rows_come_from_results_json(tmp_path, trained):
   f = 100 * result["test_tta_flip"]["accuracy"]  # The same in both seeds: no spread.
   assert spread.split(" | ")[6:10] == [f"{f:.2f} / {f:.2f}", f"{f:.2f}", "0.00", "0.00"]
   assert len(spread.strip("|").split("|")) == 14
+  os.remove(results / "short-acnn-gpu.json")
+  os.remove(results / "short-acnn-bnrecal.json")
   repeat["config"]["learning_rate"] *= 2  # Not a seed repeat any more: refused, named.
   json.dump(repeat, open(results / "short-acnn-seed1.json", "w"))
   r = table(f"--script={script}")
