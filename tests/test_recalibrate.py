@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -64,11 +65,15 @@ def test_one_batch_makes_eval_mode_match_train_mode_on_it():
   assert not np.allclose(np.asarray(model(x)), want, atol=1e-2)  # As trained: not so.
 
 
-def test_statistics_are_the_mean_of_the_batch_statistics_and_nothing_else_changes():
+def test_statistics_are_the_mean_of_the_batch_statistics_and_nothing_else_changes(caplog):
   model = _trained_like(create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(1), **TINY_ALSTM))
   before = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(nnx.RngState)))
   faces = _faces(70, seed=2)
-  recalibrated = recalibrate.recalibrate_batch_norm(model, faces, batch_size=32, seed=5)
+  with caplog.at_level(logging.INFO, logger="ferjax"):
+    recalibrated = recalibrate.recalibrate_batch_norm(model, faces, batch_size=32, seed=5,
+                                                      log_every_s=0.0)
+  # Progress while it works (here at every batch the loop has waited for).
+  assert "BatchNorm statistics: 1/2 batches" in caplog.text
   # Two batches of 32 in the seed's order; 6 faces left out.
   order = np.random.default_rng(5).permutation(70)[:64]
   conv = model.trunk.blocks[0].conv
@@ -180,9 +185,13 @@ def test_the_entrypoint_prints_before_and_after_and_refuses_a_model_without_batc
   assert "recalibrated on 64 Training faces" in lines[0]
   assert lines[1].startswith("PrivateTest: ") and lines[2] == f"wrote {output}"
   assert os.path.isdir(os.path.join(output, "checkpoints"))
+  # A run folder holding a dnn (untrained: the refusal reads only which model it is).
   dnn = str(tmp_path / "dnn")
-  config = TrainConfig(model="dnn", epochs=1, batch_size=16, eval_batch_size=16, max_steps=1)
-  train_lib.train_and_evaluate(config, dnn, data=load_fer2013(csv, cache=False))
+  _, meta = checkpoint_lib.load_model(workdir)
+  checkpoint_lib.save_inference_checkpoint(
+      create_model("dnn", num_classes=7, rngs=nnx.Rngs(0)), dnn,
+      {**meta, "model": "dnn", "config": {**meta["config"], "model": "dnn", "model_overrides": {}}})
+  assert checkpoint_lib.load_model(dnn)[1]["model"] == "dnn"
   r = subprocess.run([sys.executable, "-m", "experiments.recalibrate_bn", f"--workdir={dnn}",
                       f"--output={tmp_path / 'dnn-out'}", f"--data={csv}"], cwd=ROOT,
                      capture_output=True, text=True, timeout=600, env=env)
