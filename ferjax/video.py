@@ -44,6 +44,10 @@ REDETECT_EVERY = 5
 # little from one frame to the next; a lower bound would pair a face with a neighbour that
 # took its place.
 SAME_FACE_MIN_IOU = 0.3
+# A face not found in an analysed frame (the detector missed it, or it was hidden) stays
+# pairable, where it was last seen, for this many analysed frames: found again there, it
+# keeps its track number and its smoothing. Haar misses a face now and then for a frame.
+TRACK_GRACE_FRAMES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,7 +364,7 @@ def smooth_faces(faces: Sequence[FaceResult], previous: Sequence[FaceResult], ke
 
 def analyze_video(source, predictor, detector: FaceDetector | None = None, *, every: int = 1,
                   redetect_every: int = REDETECT_EVERY, max_frames: int | None = None,
-                  smooth: float = 0.0,
+                  smooth: float = 0.0, track_grace: int = TRACK_GRACE_FRAMES,
                   stats: PipelineStats | None = None) -> Iterator[FrameResult]:
   """Runs :func:`analyze_frame` over every frame of a source.
 
@@ -382,22 +386,26 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
     max_frames: stop after this many frames.
     smooth: in ``[0, 1)``: on a video or camera, each face's probabilities
       are averaged with the same face's (the same ``track``) in the last
-      analysed frame, this much weight on the past (:func:`smooth_faces`); the
-      labels follow. 0 (the default) takes each frame alone; images are never
+      analysed frame it was found in, this much weight on the past
+      (:func:`smooth_faces`); the labels follow. 0 (the default) takes each frame alone; images are never
       smoothed.
+    track_grace: a face missing from an analysed frame stays pairable, at its
+      last box, for this many analysed frames (:data:`TRACK_GRACE_FRAMES`); 0
+      forgets it at once.
     stats: if given, frame and face counts and stage times are added to it.
 
   Returns:
     An iterator of :class:`FrameResult`, one per frame. In a video or camera
     each face carries its ``track`` number: the same face keeps it from one
-    analysed frame to the next (paired by box overlap, :func:`pair_faces`);
-    a face that was not found in the last analysed frame gets a new one.
+    analysed frame to the next (paired by box overlap, :func:`pair_faces`),
+    also across up to ``track_grace`` analysed frames without it (paired with
+    its last box); any other face gets a new one.
 
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
     ConfigError: ``every`` or ``redetect_every`` is not a whole number of at
-      least 1, ``max_frames`` is not a whole number, or ``smooth`` is not in
-      ``[0, 1)``.
+      least 1, ``max_frames`` is not a whole number, ``track_grace`` not one of
+      at least 0, or ``smooth`` is not in ``[0, 1)``.
   """
   # Whole numbers: every=1.5 would analyse every third frame (index % 1.5 == 0) silently.
   if not is_whole(every, 1):
@@ -407,6 +415,8 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
                       f"{redetect_every!r}")
   if max_frames is not None and not is_whole(max_frames):
     raise ConfigError(f"max_frames must be a whole number, got {max_frames!r}")
+  if not is_whole(track_grace, 0):
+    raise ConfigError(f"track_grace must be a whole number of at least 0, got {track_grace!r}")
   check_smooth(smooth)
   detector = detector or FaceDetector(max_faces=predictor.max_faces)
   owned = not isinstance(source, FrameSource)
@@ -419,17 +429,29 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
         src.close()
       raise
   return _analyze(src, owned, predictor, detector, every, redetect_every, max_frames, smooth,
-                  stats)
+                  track_grace, stats)
 
 
-def _follow(faces: list[FaceResult], previous: list[FaceResult], smooth: float,
-            class_names: Sequence[str], new_tracks: Iterator[int]) -> list[FaceResult]:
-  """A video frame's faces numbered after the last frame's (a new face takes the next
-  number of ``new_tracks``), then smoothed with them."""
-  pairs = pair_faces([f.box for f in faces], [f.box for f in previous])
-  numbered = [dataclasses.replace(face, track=previous[pairs[i]].track if i in pairs
+def _follow(faces: list[FaceResult], previous: list[FaceResult], missing: list[tuple],
+            smooth: float, grace: int, class_names: Sequence[str],
+            new_tracks: Iterator[int]) -> tuple[list[FaceResult], list[tuple]]:
+  """A video frame's faces numbered after earlier ones, then smoothed with them.
+
+  ``previous`` are the last analysed frame's faces, ``missing`` the faces lost
+  before it, as ``(face, analysed frames since it was found)``. Each face is paired
+  (:func:`pair_faces`) with one of both; a new face takes the next number of
+  ``new_tracks``. Returns the faces and the new ``missing``: the unpaired faces
+  of both, each one frame older, for at most ``grace`` frames.
+  """
+  earlier = list(previous) + [face for face, _ in missing]
+  ages = [1] * len(previous) + [age + 1 for _, age in missing]
+  pairs = pair_faces([f.box for f in faces], [f.box for f in earlier])
+  numbered = [dataclasses.replace(face, track=earlier[pairs[i]].track if i in pairs
                                   else next(new_tracks)) for i, face in enumerate(faces)]
-  return smooth_faces(numbered, previous, smooth, class_names, pairs)
+  found = set(pairs.values())
+  missing = [(face, age) for j, (face, age) in enumerate(zip(earlier, ages))
+             if j not in found and age <= grace]
+  return smooth_faces(numbered, earlier, smooth, class_names, pairs), missing
 
 
 def check_smooth(smooth) -> None:
@@ -440,8 +462,9 @@ def check_smooth(smooth) -> None:
 
 
 def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect_every,
-             max_frames, smooth, stats):
+             max_frames, smooth, track_grace, stats):
   last: list[FaceResult] = []
+  missing: list[tuple[FaceResult, int]] = []  # Faces lost lately (see _follow).
   tracked = 0  # Analysed frames since the last full-frame search.
   last_hw = None  # The size of the frame ``last`` was found in.
   new_tracks = itertools.count()  # The numbers of a video's new faces, in turn.
@@ -466,8 +489,9 @@ def _analyze(src: FrameSource, owned: bool, predictor, detector, every, redetect
         near = boxes if track else None
         faces = analyze_frame(frame, predictor, detector, stats, near)
         if not src.is_images:
-          faces = _follow(faces, last if same_size else [], smooth, predictor.class_names,
-                          new_tracks)
+          faces, missing = _follow(faces, last if same_size else [],
+                                   missing if same_size else [], smooth, track_grace,
+                                   predictor.class_names, new_tracks)
         last = faces
         last_hw = np.shape(frame)[:2]
         tracked = tracked + 1 if track else 0

@@ -180,6 +180,45 @@ def test_smoothing_averages_each_face_with_its_match_in_the_last_frame():
   assert all(a is b for a, b in zip(video.smooth_faces(now, last, 0.0, names), now, strict=True))
 
 
+def test_a_face_missing_for_a_few_frames_keeps_its_track_and_its_smoothing():
+  import itertools
+
+  names = tuple("ab")
+  tracks = itertools.count()
+
+  def follow(faces, previous, missing, grace=2):
+    return video._follow(faces, previous, missing, 0.5, grace, names, tracks)
+
+  first, missing = follow([_face((100, 100, 80, 80), [0.9, 0.1])], [], [])
+  assert [f.track for f in first] == [0] and missing == []
+  # Two analysed frames without it: it waits where it was, a frame older each time.
+  gone, missing = follow([], first, missing)
+  assert gone == [] and [(f.track, age) for f, age in missing] == [(0, 1)]
+  gone, missing = follow([], gone, missing)
+  assert [(f.track, age) for f, age in missing] == [(0, 2)]
+  # Found again near its last box: the same number, smoothed with what it last showed.
+  back, missing = follow([_face((104, 100, 80, 80), [0.2, 0.8])], gone, missing)
+  assert [f.track for f in back] == [0] and missing == []
+  np.testing.assert_allclose(back[0].probs, [0.55, 0.45], rtol=1e-6)
+  assert back[0].label == "a"
+  # Beside a face of the last frame, a lost face pairs as well, one to one.
+  two, missing = follow([_face((400, 100, 60, 60), [0.5, 0.5])], back, [])
+  assert [f.track for f in two] == [1] and [(f.track, age) for f, age in missing] == [(0, 1)]
+  both, missing = follow([_face((402, 100, 60, 60), [0.5, 0.5]),
+                          _face((100, 100, 80, 80), [0.5, 0.5])], two, missing)
+  assert [f.track for f in both] == [1, 0] and missing == []
+  # Missing for more than the grace: forgotten, and found again it is a new face.
+  gone, missing = follow([], both, [])
+  for _ in range(2):
+    gone, missing = follow([], gone, missing)
+  assert missing == []
+  again, _ = follow([_face((100, 100, 80, 80), [0.5, 0.5])], gone, missing)
+  assert [f.track for f in again] == [2]
+  # Grace 0: a face missing from the last frame is gone.
+  _, missing = follow([], again, [], grace=0)
+  assert missing == []
+
+
 def test_faces_keep_their_track_number_while_found_in_every_frame(predictor, clip_frames,
                                                                  tmp_path):
   import cv2
@@ -190,9 +229,16 @@ def test_faces_keep_their_track_number_while_found_in_every_frame(predictor, cli
   for frame in clip_frames[:3] + [blank] + clip_frames[3:5]:
     writer.write(frame)
   writer.release()
-  results = list(video.analyze_video(str(clip), predictor))
-  # The face is one track until a frame without it; then it is a new face.
-  assert [[f.track for f in r.faces] for r in results] == [[0], [0], [0], [], [1], [1]]
+  # The face keeps its number over a frame without it (TRACK_GRACE_FRAMES); with no
+  # grace it comes back as a new face.
+  tracks = [[[f.track for f in r.faces] for r in video.analyze_video(str(clip), predictor,
+                                                                    track_grace=grace)]
+            for grace in (video.TRACK_GRACE_FRAMES, 0)]
+  assert tracks == [[[0], [0], [0], [], [0], [0]], [[0], [0], [0], [], [1], [1]]]
+  assert video.TRACK_GRACE_FRAMES >= 1
+  for bad in (-1, 1.5, "2", True):
+    with pytest.raises(ConfigError, match="track_grace must be a whole number"):
+      video.analyze_video(str(clip), predictor, track_grace=bad)
   assert all(f.track is None for f in video.analyze_frame(clip_frames[0], predictor,
                                                           FaceDetector()))
   # Pairing: most overlap first, one to one, none below the bound.
@@ -222,8 +268,7 @@ def test_analyze_video_smooths_each_face_over_the_frames_of_a_video(predictor, c
   assert sum(len(r.faces) == 1 for r in raw) >= 18
   previous = None
   for r, s in zip(raw, smooth):
-    if not r.faces:
-      previous = None
+    if not r.faces:  # A frame the face was missed in: it is smoothed on after it.
       continue
     expected = r.faces[0].probs if previous is None else 0.6 * previous + 0.4 * r.faces[0].probs
     np.testing.assert_allclose(s.faces[0].probs, expected, rtol=1e-5, atol=1e-7)
