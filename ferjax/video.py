@@ -387,8 +387,8 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
     smooth: in ``[0, 1)``: on a video or camera, each face's probabilities
       are averaged with the same face's (the same ``track``) in the last
       analysed frame it was found in, this much weight on the past
-      (:func:`smooth_faces`); the labels follow. 0 (the default) takes each frame alone; images are never
-      smoothed.
+      (:func:`smooth_faces`); the labels follow. 0 (the default) takes each
+      frame alone; images are never smoothed.
     track_grace: a face missing from an analysed frame stays pairable, at its
       last box, for this many analysed frames (:data:`TRACK_GRACE_FRAMES`); 0
       forgets it at once.
@@ -688,7 +688,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
       record = ResultsJSON(json_path, {
           "source": src.description, "class_names": list(predictor.class_names),
           "checkpoint": getattr(predictor, "checkpoint", None), "every": every,
-          "redetect_every": redetect_every, "smooth": smooth})
+          "redetect_every": redetect_every, "smooth": smooth,
+          "track_grace": TRACK_GRACE_FRAMES})
     # After the outputs are checked (a bad name fails fast), before the first frame (so
     # compiling is not counted as frame time).
     compile_seconds = predictor.warmup()

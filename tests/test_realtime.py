@@ -335,7 +335,7 @@ def test_pipeline_writes_csv_json_and_annotated_video(predictor, tmp_path):
   assert data["summary"]["tracks"] == summary["tracks"]
   assert data["class_names"] == list(predictor.class_names)
   assert data["every"] == 1 and data["redetect_every"] == video.REDETECT_EVERY
-  assert data["smooth"] == 0
+  assert data["smooth"] == 0 and data["track_grace"] == video.TRACK_GRACE_FRAMES
 
 
 def test_the_json_record_streams_its_frames_and_replaces_the_file_only_at_the_end(tmp_path):
