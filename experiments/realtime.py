@@ -46,12 +46,17 @@ _REDETECT = flags.DEFINE_integer("redetect_every", 5, "Search the whole frame fo
                                  "frame. New faces appear within N-1 frames.", lower_bound=1)
 _SMOOTH = flags.DEFINE_float("smooth", 0.0, "Steadier labels on a video or camera: average each "
                             "face's probabilities with the same face's in the last analysed "
-                            "frame, this much weight on the past (0.7: a face whose probabilities "
-                            "switch outright to another class takes its label on the second "
-                            "frame); 0 takes each frame alone. At least 0, below 1.",
+                            "frame it was found in, this much weight on the past (0.7: a face "
+                            "whose probabilities switch outright to another class takes its "
+                            "label on the second frame); 0 takes each frame alone. At least 0, "
+                            "below 1.",
                             lower_bound=0.0)
 flags.register_validator("smooth", lambda value: value < 1,
                          message="--smooth must be below 1 (1 would never take a new frame)")
+_GRACE = flags.DEFINE_integer("track_grace", 5, "On a video or camera: analysed frames a face "
+                              "the detector missed is waited for at its last place; found "
+                              "there again, it keeps its number and its smoothing. 0: a missed "
+                              "face comes back as a new one.", lower_bound=0)
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", None, "Stop after this many frames.",
                                    lower_bound=1)
 _SCALE = flags.DEFINE_float("scale_factor", 1.2, "Haar cascade: step between search scales "
@@ -119,7 +124,7 @@ def _run(source):
   summary = run_pipeline(source, predictor, detector, output=_OUTPUT.value, csv_path=_CSV.value,
                          json_path=_JSON.value, display=show, every=_EVERY.value,
                          redetect_every=_REDETECT.value, smooth=_SMOOTH.value,
-                         max_frames=_MAX_FRAMES.value,
+                         track_grace=_GRACE.value, max_frames=_MAX_FRAMES.value,
                          on_result=print_result if print_faces else None)
   print(format_summary(summary))
   if summary["files"]:

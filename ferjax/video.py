@@ -415,8 +415,7 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
                       f"{redetect_every!r}")
   if max_frames is not None and not is_whole(max_frames):
     raise ConfigError(f"max_frames must be a whole number, got {max_frames!r}")
-  if not is_whole(track_grace, 0):
-    raise ConfigError(f"track_grace must be a whole number of at least 0, got {track_grace!r}")
+  check_track_grace(track_grace)
   check_smooth(smooth)
   detector = detector or FaceDetector(max_faces=predictor.max_faces)
   owned = not isinstance(source, FrameSource)
@@ -452,6 +451,12 @@ def _follow(faces: list[FaceResult], previous: list[FaceResult], missing: list[t
   missing = [(face, age) for j, (face, age) in enumerate(zip(earlier, ages))
              if j not in found and age <= grace]
   return smooth_faces(numbered, earlier, smooth, class_names, pairs), missing
+
+
+def check_track_grace(track_grace) -> None:
+  """Refuses a ``track_grace`` that is not a whole number of at least 0."""
+  if not is_whole(track_grace, 0):
+    raise ConfigError(f"track_grace must be a whole number of at least 0, got {track_grace!r}")
 
 
 def check_smooth(smooth) -> None:
@@ -621,8 +626,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
                  output: str | None = None, csv_path: str | None = None,
                  json_path: str | None = None, display: bool = False, every: int = 1,
                  redetect_every: int = REDETECT_EVERY, max_frames: int | None = None,
-                 smooth: float = 0.0, draw_fps: bool = True,
-                 window: str = "ferjax",
+                 smooth: float = 0.0, track_grace: int = TRACK_GRACE_FRAMES,
+                 draw_fps: bool = True, window: str = "ferjax",
                  on_result: Callable[[FrameResult], None] | None = None) -> dict:
   """Runs the realtime pipeline over a source until it ends (or ``q`` in the window).
 
@@ -647,6 +652,8 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     smooth: each face's probabilities averaged over analysed frames, this much
       weight on the past (see :func:`analyze_video`); what is drawn, printed
       and written is the average. 0 takes each frame alone.
+    track_grace: analysed frames a missed face stays pairable, keeping its
+      track number (see :func:`analyze_video`).
     draw_fps: write the running FPS on drawn frames.
     window: the window's title.
     on_result: called with each analysed frame's results (e.g. to print them).
@@ -660,13 +667,15 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
 
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
-    ferjax.annotate.OutputError, ConfigError: an output cannot be written, or
-      ``smooth`` is not in ``[0, 1)``.
+    ferjax.annotate.OutputError, ConfigError: an output cannot be written,
+      ``smooth`` is not in ``[0, 1)``, or ``track_grace`` is not a whole number
+      of at least 0.
   """
   import cv2
 
   check_outputs(source, output=output, csv=csv_path, json=json_path)
   check_smooth(smooth)
+  check_track_grace(track_grace)
   src = open_source(source)
   writer = table = record = None
   summary = None
@@ -688,8 +697,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
       record = ResultsJSON(json_path, {
           "source": src.description, "class_names": list(predictor.class_names),
           "checkpoint": getattr(predictor, "checkpoint", None), "every": every,
-          "redetect_every": redetect_every, "smooth": smooth,
-          "track_grace": TRACK_GRACE_FRAMES})
+          "redetect_every": redetect_every, "smooth": smooth, "track_grace": track_grace})
     # After the outputs are checked (a bad name fails fast), before the first frame (so
     # compiling is not counted as frame time).
     compile_seconds = predictor.warmup()
@@ -701,7 +709,7 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
     stats.start()
     frames = analyze_video(src, predictor, detector, every=every,
                            redetect_every=redetect_every, max_frames=max_frames,
-                           smooth=smooth, stats=stats)
+                           smooth=smooth, track_grace=track_grace, stats=stats)
     try:
       for result in frames:
         now = time.perf_counter()

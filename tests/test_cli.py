@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,6 +184,11 @@ def test_asking_for_help_exits_0_and_a_bad_flag_still_fails(module, flag):
   r = run(module, flag)
   assert r.returncode == 0, r.stderr[-2000:]
   assert f"{module.replace('.', '/')}.py:" in r.stdout, r.stdout[:500]  # Its flags listed.
+  if module == "experiments.realtime":  # The flags' defaults are the library's.
+    from ferjax import video
+    for flag, value in (("redetect_every", video.REDETECT_EVERY),
+                        ("track_grace", video.TRACK_GRACE_FRAMES)):
+      assert re.search(rf"--{flag}:.*?\(default: '(\d+)'\)", r.stdout, re.S)[1] == str(value)
   bad = run(module, "--no_such_flag")
   assert bad.returncode == 1 and "no_such_flag" in bad.stderr, bad.stderr[-2000:]
 

@@ -237,8 +237,12 @@ def test_faces_keep_their_track_number_while_found_in_every_frame(predictor, cli
   assert tracks == [[[0], [0], [0], [], [0], [0]], [[0], [0], [0], [], [1], [1]]]
   assert video.TRACK_GRACE_FRAMES >= 1
   for bad in (-1, 1.5, "2", True):
-    with pytest.raises(ConfigError, match="track_grace must be a whole number"):
+    with pytest.raises(ConfigError, match="track_grace must be a whole number of at least 0"):
       video.analyze_video(str(clip), predictor, track_grace=bad)
+  # The pipeline refuses it before writing anything.
+  with pytest.raises(ConfigError, match="track_grace must be a whole number of at least 0"):
+    video.run_pipeline(str(clip), predictor, csv_path=str(tmp_path / "faces.csv"), track_grace=-1)
+  assert not os.path.exists(tmp_path / "faces.csv")
   assert all(f.track is None for f in video.analyze_frame(clip_frames[0], predictor,
                                                           FaceDetector()))
   # Pairing: most overlap first, one to one, none below the bound.
@@ -498,10 +502,11 @@ def test_script_fails_in_one_line_for_a_source_it_cannot_open(tmp_path):
   assert result.stderr.strip().splitlines() == [f"error: {missing}: no such file, folder or camera"]
 
 
-@pytest.mark.parametrize("value,why", [("1", "--smooth must be below 1"),
-                                       ("-0.2", "-0.2 is not a non-negative number")])
-def test_script_refuses_a_smoothing_weight_outside_0_to_1(value, why):
-  result = _script("--source=demo", f"--smooth={value}", "--no_display")
+@pytest.mark.parametrize("flag,why", [("--smooth=1", "--smooth must be below 1"),
+                                      ("--smooth=-0.2", "-0.2 is not a non-negative number"),
+                                      ("--track_grace=-1", "-1 is not a non-negative integer")])
+def test_script_refuses_a_smoothing_weight_outside_0_to_1_or_a_negative_grace(flag, why):
+  result = _script("--source=demo", flag, "--no_display")
   assert result.returncode == 1 and why in result.stderr, result.stderr
 
 
@@ -516,9 +521,10 @@ def test_script_runs_headless_on_the_clip(tiny_run, tmp_path):
   record = tmp_path / "faces.json"
   result = _script(f"--source={CLIP}", f"--workdir={tiny_run[0]}", f"--csv={table}",
                    f"--json={record}", "--max_frames=12", "--every=2", "--max_faces=2",
-                   "--redetect_every=3", "--smooth=0.7")
+                   "--redetect_every=3", "--smooth=0.7", "--track_grace=2")
   assert result.returncode == 0, result.stderr[-2000:]
-  assert json.loads(record.read_text())["smooth"] == 0.7
+  settings = json.loads(record.read_text())
+  assert settings["smooth"] == 0.7 and settings["track_grace"] == 2
   assert "no display" in result.stderr and "running headless" in result.stderr
   assert "frames processed 12 (model ran on 6)" in result.stdout
   assert "(2 frames searched in full, the rest tracked)" in result.stdout
