@@ -442,15 +442,15 @@ def _follow(faces: list[FaceResult], previous: list[FaceResult], missing: list[t
   ``new_tracks``. Returns the faces and the new ``missing``: the unpaired faces
   of both, each one frame older, for at most ``grace`` frames.
   """
-  earlier = list(previous) + [face for face, _ in missing]
-  ages = [1] * len(previous) + [age + 1 for _, age in missing]
-  pairs = pair_faces([f.box for f in faces], [f.box for f in earlier])
-  numbered = [dataclasses.replace(face, track=earlier[pairs[i]].track if i in pairs
+  earlier = [(face, 0) for face in previous] + missing
+  known = [face for face, _ in earlier]
+  pairs = pair_faces([f.box for f in faces], [f.box for f in known])
+  numbered = [dataclasses.replace(face, track=known[pairs[i]].track if i in pairs
                                   else next(new_tracks)) for i, face in enumerate(faces)]
   found = set(pairs.values())
-  missing = [(face, age) for j, (face, age) in enumerate(zip(earlier, ages))
-             if j not in found and age <= grace]
-  return smooth_faces(numbered, earlier, smooth, class_names, pairs), missing
+  missing = [(face, age + 1) for j, (face, age) in enumerate(earlier)
+             if j not in found and age < grace]
+  return smooth_faces(numbered, known, smooth, class_names, pairs), missing
 
 
 def check_track_grace(track_grace) -> None:
