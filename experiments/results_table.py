@@ -152,7 +152,7 @@ def _read_run(path: str) -> dict:
 @cli.exit_on_errors
 def main(argv):
   cli.start(argv, runs_model=False, compiles=False)
-  from ferjax.models.summary import summarize
+  from ferjax.models.summary import model_cost
 
   commands = _commands(_SCRIPT.value)
   paths = {os.path.basename(p)[:-5]: p for p in glob.glob(os.path.join(_RESULTS.value, "*.json"))}
@@ -168,13 +168,13 @@ def main(argv):
     if key not in cost:  # Compiles the model for XLA's cost analysis: seconds each.
       log.info("counting parameters and FLOPs: %s%s", r["model"],
                "".join(f" {k}={v}" for k, v in sorted(r["config"]["model_overrides"].items())))
-      cost[key] = summarize(r["model"], key[2], **r["config"]["model_overrides"])
-    s = cost[key]
+      cost[key] = model_cost(r["model"], key[2], **r["config"]["model_overrides"])
+    params, mflops = cost[key]
     none, flip = r["test_tta_none"], r["test_tta_flip"]
     ten = r.get("test_tta_ten_crop")
     ten = f"{100 * ten['accuracy']:.2f}" if ten else "—"
     return (f"| `{name}` | {100 * none['accuracy']:.2f} | {100 * flip['accuracy']:.2f} | {ten} | "
-            f"{none['macro_f1']:.3f} | {s.params:,} | {s.mflops:.2f} | "
+            f"{none['macro_f1']:.3f} | {params:,} | {mflops:.2f} | "
             f"{r.get('epochs_trained') or r['config']['epochs']:g} | "
             f"{_hours(r.get('train_seconds'))}{_on_accelerator(r)} | `{commands.get(name, '')}` |")
 

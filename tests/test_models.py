@@ -321,10 +321,13 @@ def test_good_option_values_pass_the_check():
 
 
 def test_summary_table_counts_match_the_model():
-  from ferjax.models.summary import count_params, summarize
+  from ferjax.models.summary import count_params, model_cost, summarize
   s = summarize("acnn_alstm", widths=(4, 4, 8, 8), lstm_hidden=8, attention_size=8)
   model = tiny("acnn_alstm")
   assert s.params == count_params(model) == sum(r.params for r in s.rows)
+  # The results table's count (the whole model, one compilation) is the table's total.
+  assert model_cost("acnn_alstm", widths=(4, 4, 8, 8), lstm_hidden=8,
+                    attention_size=8) == (s.params, s.mflops)
   assert [r.path for r in s.rows][:4] == [f"trunk/blocks/{i}" for i in range(4)]
   assert s.rows[3].output_shape == (1, 12, 12, 8)
   assert s.mflops >= sum(r.mflops for r in s.rows) * 0.99 > 0
