@@ -2,14 +2,18 @@ r"""Training throughput of ferjax's step against the same models and step in PyT
 
   python -m benchmarks.train_throughput                       # all models
   python -m benchmarks.train_throughput --models=acnn_alstm --rounds=2 --steps=3
+  python -m benchmarks.train_throughput --notorch             # ferjax alone
 
 For each model, times ``Trainer.train_step`` (uint8 batch → preprocess,
 augment, forward, backward, AdamW) and ``torch_models.TrainStep`` (the same
 work in PyTorch) on one fixed batch, in interleaved rounds, and reports median
 images/s, their ratio, and JAX's achieved GFLOP/s against two estimates of the
-CPU's fp32 peak. Needs the ``bench`` extra (PyTorch). Writes
-benchmarks/results/train_throughput.json and prints a table.
+CPU's fp32 peak. The comparison needs the ``bench`` extra (PyTorch);
+``--notorch`` times ferjax's step alone (images/s, GFLOP/s, % of peak) without
+it. Writes benchmarks/results/train_throughput.json and prints a table.
 """
+
+from __future__ import annotations
 
 import contextlib
 import datetime
@@ -27,16 +31,16 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
-import torch
 from absl import app, flags
 from flax import nnx
 
-from benchmarks import common, torch_models
+from benchmarks import common
 from ferjax import cli
 from ferjax import hostmem
 from ferjax import parallel
 from ferjax.augment import AugmentConfig
 from ferjax.config import default_config as _default_config
+from ferjax.errors import ConfigError
 from ferjax.models import model_names
 from ferjax.models.summary import count_params
 from ferjax.train import Trainer, build_model
@@ -51,7 +55,20 @@ def default_config(name):
   return _default_config(name, augment=AugmentConfig())
 
 
+try:  # The bench extra; without it only --notorch runs.
+  import torch
+
+  from benchmarks import torch_models
+except ModuleNotFoundError as e:
+  if e.name != "torch":
+    raise
+  torch = torch_models = None
+
+
 _MODELS = flags.DEFINE_list("models", list(model_names()), "Models to time.")
+_TORCH = flags.DEFINE_boolean(
+    "torch", True, "Time the PyTorch reference beside ferjax (needs the bench extra); "
+    "--notorch times ferjax alone.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per training step.", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per framework, interleaved.",
                                lower_bound=1)
@@ -207,51 +224,56 @@ class _TorchRunner:
     self.loss = float(loss)
 
 
-def _time_model(name: str, memory_format: torch.memory_format) -> dict:
+def _time_model(name: str, memory_format: torch.memory_format | None) -> dict:
+  """Times ferjax's step and, unless ``memory_format`` is None, PyTorch's, interleaved."""
   b = _BATCH_SIZE.value
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (b, 48, 48, 1), dtype=np.uint8)
   labels = rng.integers(0, 7, (b,)).astype(np.int32)
   steps_per_epoch = -(-_TRAIN_EXAMPLES // b)
   total_steps = 50 * steps_per_epoch
-  jx = _JaxRunner(name, images, labels, steps_per_epoch, total_steps)
-  tx = _TorchRunner(name, images, labels, steps_per_epoch, total_steps, memory_format)
-  flops = jx.flops()
-  jx.run(_WARMUP.value)
-  tx.run(_WARMUP.value)
-  rates = {"jax": [], "torch": []}
-  runners = {"jax": jx, "torch": tx}
+  runners = {"jax": _JaxRunner(name, images, labels, steps_per_epoch, total_steps)}
+  if memory_format is not None:
+    runners["torch"] = _TorchRunner(name, images, labels, steps_per_epoch, total_steps,
+                                    memory_format)
+  flops = runners["jax"].flops()
+  for runner in runners.values():
+    runner.run(_WARMUP.value)
+  rates = {fw: [] for fw in runners}
   for r in range(_ROUNDS.value):
     # Alternate which goes first so neither always follows the other's cache state.
-    for fw in (("jax", "torch") if r % 2 == 0 else ("torch", "jax")):
+    for fw in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
       t = time.perf_counter()
       runners[fw].run(_STEPS.value)
       rates[fw].append(_STEPS.value * b / (time.perf_counter() - t))
-  jax_rate, torch_rate = statistics.median(rates["jax"]), statistics.median(rates["torch"])
+  jax_rate = statistics.median(rates["jax"])
+  tx = runners.get("torch")
+  torch_rate = statistics.median(rates["torch"]) if tx else None
   return {
       "params": count_params(nnx.eval_shape(lambda: build_model(default_config(name), 7))),
-      "torch_trainable_params": torch_models.count_params(tx.model),
+      "torch_trainable_params": torch_models.count_params(tx.model) if tx else None,
       "jax_images_per_s": jax_rate,
       "torch_images_per_s": torch_rate,
-      "jax_over_torch": jax_rate / torch_rate,
+      "jax_over_torch": jax_rate / torch_rate if tx else None,
       "jax_rounds_images_per_s": rates["jax"],
-      "torch_rounds_images_per_s": rates["torch"],
+      "torch_rounds_images_per_s": rates.get("torch"),
       "jax_compile_s": flops["compile_s"],
       "xla_flops_per_step": flops["xla_flops"],
       "scan_iterations_flops_per_step": flops["scan_iterations_flops"],
       "flops_per_step": flops["flops"],
       "jax_gflops_per_s": flops["flops"] / (b / jax_rate) / 1e9,
       # Sanity: both runs trained on finite losses.
-      "jax_mean_loss": jx.mean_loss(),
-      "torch_last_loss": tx.loss,
+      "jax_mean_loss": runners["jax"].mean_loss(),
+      "torch_last_loss": tx.loss if tx else None,
   }
 
 
-def _versions() -> dict:
+def _versions(with_torch: bool) -> dict:
   return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "flax": flax.__version__, "torch": torch.__version__,
+          "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+          "torch": torch.__version__ if with_torch else None,
           "jax_devices": [str(d) for d in jax.devices()],
-          "torch_mkldnn": torch.backends.mkldnn.is_available()}
+          "torch_mkldnn": torch.backends.mkldnn.is_available() if with_torch else None}
 
 
 @cli.exit_on_errors
@@ -262,9 +284,16 @@ def main(argv):
   unknown = sorted(set(_MODELS.value) - set(model_names()))
   if unknown:
     raise app.UsageError(f"unknown models {unknown}; choose from {', '.join(model_names())}")
-  torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count())
-  memory_format = (torch.channels_last if _MEMORY_FORMAT.value == "channels_last"
-                   else torch.contiguous_format)
+  with_torch = _TORCH.value
+  if with_torch and torch is None:
+    raise ConfigError("PyTorch is not installed: install the bench extra (pip install -e "
+                      "\".[bench]\"; benchmarks/README.md has the CPU-only wheel), or pass "
+                      "--notorch to time ferjax alone")
+  memory_format = None
+  if with_torch:
+    torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count())
+    memory_format = (torch.channels_last if _MEMORY_FORMAT.value == "channels_last"
+                     else torch.contiguous_format)
   load_start = os.getloadavg()
   started = time.perf_counter()
   cpu = _cpu_info()
@@ -278,13 +307,13 @@ def main(argv):
     r["model_wall_s"] = time.perf_counter() - t
     r["percent_of_nominal_peak"] = 100 * r["jax_gflops_per_s"] / nominal if nominal else None
     r["percent_of_matmul_peak"] = 100 * r["jax_gflops_per_s"] / measured
-    print(f"{name}: jax {r['jax_images_per_s']:.0f} img/s, torch {r['torch_images_per_s']:.0f} "
-          f"img/s", flush=True)
+    print(f"{name}: jax {r['jax_images_per_s']:.0f} img/s"
+          + (f", torch {r['torch_images_per_s']:.0f} img/s" if with_torch else ""), flush=True)
     gc.collect()  # Drop the previous model's trainer and buffers before the next.
   report = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
       "machine": {**cpu, "platform": platform.platform()},
-      "versions": _versions(),
+      "versions": _versions(with_torch),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       # ferjax's malloc settings (ferjax/hostmem.py), which apply to both frameworks here.
       "retain_freed_memory": hostmem.retaining(),
@@ -294,8 +323,9 @@ def main(argv):
       "wall_s": time.perf_counter() - started,
       "settings": {"batch_size": _BATCH_SIZE.value, "rounds": _ROUNDS.value,
                    "steps": _STEPS.value, "warmup": _WARMUP.value,
-                   "torch_threads": torch.get_num_threads(),
-                   "torch_memory_format": _MEMORY_FORMAT.value},
+                   "torch": with_torch,
+                   "torch_threads": torch.get_num_threads() if with_torch else None,
+                   "torch_memory_format": _MEMORY_FORMAT.value if with_torch else None},
       "peak": {"nominal_gflops_per_s": nominal, "nominal_how": nominal_how,
                "matmul_gflops_per_s": {str(n): g for n, g in matmul.items()},
                "measured_gflops_per_s": measured},
@@ -326,9 +356,11 @@ def _print_table(report: dict) -> None:
   print("-" * len(header))
   for name, r in report["models"].items():
     pct_nominal = r["percent_of_nominal_peak"]
+    torch_rate = "—" if r["torch_images_per_s"] is None else f"{r['torch_images_per_s']:.1f}"
+    ratio = "—" if r["jax_over_torch"] is None else f"{r['jax_over_torch']:.2f}"
     print(f"{name:<12}{r['params']:>10,}{r['jax_images_per_s']:>11.1f}"
-          f"{r['torch_images_per_s']:>13.1f}"
-          f"{r['jax_over_torch']:>11.2f}{r['xla_flops_per_step'] / 1e9:>11.2f}"
+          f"{torch_rate:>13}"
+          f"{ratio:>11}{r['xla_flops_per_step'] / 1e9:>11.2f}"
           f"{r['flops_per_step'] / 1e9:>12.2f}"
           f"{r['jax_gflops_per_s']:>9.1f}"
           f"{pct_nominal if pct_nominal is not None else float('nan'):>11.1f}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -443,3 +445,30 @@ def test_benchmark_tables_cut_long_names_in_the_middle():
   assert fit(label, 43).startswith("acnn_alstm (") and fit(label, 43).endswith("step 43953)")
   assert fit("face-demographics-walking-and-pause.gif", 38).endswith("pause.gif")
   assert fit("short.mkv", 38) == "short.mkv"
+
+
+def test_train_throughput_times_ferjax_alone_without_pytorch(tmp_path):
+  # The benchmark's PyTorch side needs the bench extra; --notorch measures ferjax's step,
+  # its FLOPs and share of the peak without it (dnn: the quickest step to compile).
+  out = tmp_path / "tt.json"
+  r = run("benchmarks.train_throughput", "--notorch", "--models=dnn", "--rounds=1", "--steps=1",
+          "--warmup=1", "--peak_sizes=64", f"--out={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["settings"]["torch"] is False and report["versions"]["torch"] is None
+  dnn = report["models"]["dnn"]
+  assert dnn["torch_images_per_s"] is None and dnn["jax_over_torch"] is None
+  assert dnn["jax_images_per_s"] > 0 and math.isfinite(dnn["jax_mean_loss"])
+  # dnn has no loop, so XLA's count is the whole step: about 11.8 GFLOP at batch 64.
+  assert dnn["flops_per_step"] == dnn["xla_flops_per_step"] and 10e9 < dnn["flops_per_step"] < 14e9
+  assert dnn["jax_gflops_per_s"] == pytest.approx(dnn["flops_per_step"] / 64
+                                                  * dnn["jax_images_per_s"] / 1e9)
+  row = next(line for line in r.stdout.splitlines() if line.startswith("dnn "))
+  assert row.split()[3:5] == ["—", "—"]  # No PyTorch columns.
+  if importlib.util.find_spec("torch") is None:
+    # Without the extra, the comparison is refused in one line that names the way out.
+    r = run("benchmarks.train_throughput", "--models=dnn", f"--out={tmp_path / 'x.json'}")
+    assert r.returncode == 2 and not (tmp_path / "x.json").exists()
+    assert r.stderr.strip().splitlines()[-1] == (
+        'error: PyTorch is not installed: install the bench extra (pip install -e ".[bench]"; '
+        'benchmarks/README.md has the CPU-only wheel), or pass --notorch to time ferjax alone')
