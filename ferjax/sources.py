@@ -261,6 +261,11 @@ def open_source(source: int | str | os.PathLike | FrameSource) -> FrameSource:
   return _open_video(path)
 
 
+# FFmpeg's demuxers for text-mode art (tty: .txt, .nfo, .asc, ...; bintext: .bin, .adf,
+# .idf) play text files as videos of rendered characters; OpenCV names their codecs so.
+_TEXT_CODECS = ("ansi", "bint", "xbin", "idf")
+
+
 def _open_video(path: str) -> FrameSource:
   import cv2
 
@@ -268,6 +273,11 @@ def _open_video(path: str) -> FrameSource:
     capture = cv2.VideoCapture(cv_path(path))
     if not capture.isOpened():
       raise SourceError(f"{path}: OpenCV cannot open this as a video or image")
+    fourcc = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
+    if fourcc.decode("latin-1").strip("\0 ").lower() in _TEXT_CODECS:
+      capture.release()
+      raise SourceError(f"{path}: a text file, not a video or image (FFmpeg would play its "
+                        "characters as ANSI art)")
     ok, first = capture.read()
   if not ok:
     capture.release()

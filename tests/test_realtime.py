@@ -973,6 +973,19 @@ def test_the_script_names_an_unreadable_video_in_one_line(tmp_path):
       f"error: {head}: OpenCV cannot open this as a video or image"]
 
 
+def test_a_text_file_is_not_played_as_a_video(tmp_path):
+  # FFmpeg's tty demuxer opens a long enough .txt file as a video of rendered characters
+  # (OpenCV gave a licence text 78 frames, which ran to the end with exit status 0).
+  notes = tmp_path / "LICENSE.txt"
+  notes.write_text("Attribution 4.0 International\n\n" + "Some licence text, line after line.\n"
+                   * 600)
+  result = _script(f"--source={notes}", "--no_display")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: {notes}: a text file, not a video or image (FFmpeg would play its characters "
+      "as ANSI art)"]
+
+
 def test_the_summary_says_tracked_only_when_frames_were_tracked():
   summary = {"frames": 1, "analyzed_frames": 1, "faces": 1, "full_detections": 1, "fps": 2.0,
              "seconds": 0.5, "ms_per_call": {}, "calls": {}}
