@@ -45,6 +45,11 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Defau
 def main(argv):
   cli.start(argv)
   workdirs = _WORKDIR.value
+  if not workdirs:
+    raise app.UsageError("--workdir is empty; give a training run's workdir, or several "
+                         "separated by commas")
+  if not all(workdirs):
+    raise app.UsageError(f"--workdir={','.join(workdirs)} has an empty name between commas")
   if len(workdirs) > 1 and not _OUTPUT.value:
     raise app.UsageError("--workdir names several runs (an ensemble): set --output_dir for its "
                          "results")

@@ -218,8 +218,8 @@ def load_model(path: str | os.PathLike, which: str | int = "best", *,
     step = store.resolve(which)
     meta = store.read_meta(step)
     if expect_model is not None and meta["model"] != expect_model:
-      raise CheckpointError(f"{store.directory}/{step} holds a {meta['model']!r} model, not "
-                            f"{expect_model!r}")
+      raise CheckpointError(f"{store.directory}/{step} holds the model {meta['model']!r}, "
+                            f"not {expect_model!r}")
     config = meta["config"]
     # The model's structure only: initialising its parameters would cost dozens of
     # small compiles (seconds) for values the checkpoint replaces.

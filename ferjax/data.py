@@ -257,8 +257,9 @@ def load_fer2013(
   if data.skipped:  # Reported on every load, the cached ones too: the rows are still missing.
     where = ", ".join(str(e.line) if e.line else e.path for e in data.skipped[:20])
     more = ", …" if len(data.skipped) > 20 else ""
-    log.warning("%s: skipped %d bad rows (lines %s%s); first: %s", path,
-                len(data.skipped), where, more, data.skipped[0])
+    n = len(data.skipped)
+    log.warning("%s: skipped %d bad row%s (line%s %s%s); first: %s", path, n,
+                "s" if n != 1 else "", "s" if n != 1 else "", where, more, data.skipped[0])
   if cache_file is not None and parsed:
     _write_cache(cache_file, data)
   return data

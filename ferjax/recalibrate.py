@@ -182,9 +182,9 @@ def recalibrate_run(workdir: str, output: str, *, which: str | int = "best", dat
   train, val, test = (data.split(getattr(config, f)) for f in
                       ("train_split", "eval_split", "test_split"))
 
-  def accuracy(m, split, tta="none"):
+  def accuracy(m, split, tta="none", progress=None):
     return evaluate_lib.model_metrics(m, split, meta["class_names"], tta,
-                                      batch_size=eval_batch_size)
+                                      batch_size=eval_batch_size, progress=progress)
 
   log.info("%s: %s step %d; %s accuracy as trained", workdir, meta["model"], meta["step"],
            config.eval_split)
@@ -213,7 +213,8 @@ def recalibrate_run(workdir: str, output: str, *, which: str | int = "best", dat
              "best_eval_accuracy": after, "config": meta["config"],
              "batch_norm_recalibration": recalibration}
   for tta in evaluate_lib.TTA_MODES:
-    m = accuracy(recalibrated, test, tta)
+    # Progress lines as training's test evaluation prints them: ten-crop takes minutes.
+    m = accuracy(recalibrated, test, tta, progress=f"{config.test_split} (tta={tta})")
     results[f"test_tta_{tta}"] = m
     log.info("%s", evaluate_lib.format_metrics(
         m, f"{config.test_split} (recalibrated step {meta['step']}, tta={tta})"))

@@ -163,6 +163,9 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
      "them, pass --coordinator_address, --num_processes and --process_id)"),
     ("experiments.evaluate", ["--workdir=a,a", "--output_dir=unused"],
      "error: --workdir names a run twice: a,a"),
+    # "an ensemble needs at least two runs, got []" before.
+    ("experiments.evaluate", ["--workdir="], "error: --workdir is empty; give a training run's "
+     "workdir, or several separated by commas"),
     ("benchmarks.predict_latency", ["stray", "more"], "error: unexpected arguments: stray more"),
     ("benchmarks.jit_overhead", ["stray"], "error: unexpected arguments: stray"),
     ("benchmarks.data_loading", ["--data=x.csv", "stray"], "error: unexpected arguments: stray"),

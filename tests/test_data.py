@@ -230,6 +230,12 @@ def test_skip_mode_drops_and_reports_bad_rows(tmp_path, cache_dir, caplog):
   assert any(f.startswith("fer2013-") for f in os.listdir(cache_dir))
   assert [e.line for e in again.skipped] == [3, 8]
   assert "skipped 2 bad rows (lines 3, 8)" in caplog.text
+  rows = fer_rows(4)
+  rows[2] = "9," + rows[2].split(",", 1)[1]
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    data_lib.load_fer2013(write_csv(tmp_path / "one_bad.csv", rows), on_error="skip")
+  assert "skipped 1 bad row (line 4);" in caplog.text
 
 
 def test_bad_files(tmp_path, cache_dir):

@@ -604,7 +604,7 @@ def test_ensemble_averages_the_members_probabilities(tmp_path, tiny_data, monkey
 def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path, tiny_data):
   workdir = str(tmp_path / "run")
   train_lib.train_and_evaluate(tiny_config(max_steps=1), workdir, data=tiny_data)
-  with pytest.raises(CheckpointError, match="holds a 'acnn_alstm' model, not 'dnn'"):
+  with pytest.raises(CheckpointError, match="holds the model 'acnn_alstm', not 'dnn'"):
     evaluate_checkpoint(workdir, data=tiny_data, expect_model="dnn")
   with pytest.raises(CheckpointError, match="no such directory"):
     checkpoint_lib.load_model(tmp_path / "missing")
