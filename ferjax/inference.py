@@ -299,6 +299,8 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
       and "test" in data.split_names:
     split = "test"  # Image-folder data has train/ and test/ only.
   subset = data.split(split)
+  if num > len(subset):
+    log.warning("--num=%d: %s has %d faces; drawing all of them", num, split, len(subset))
   faces_Nx48x48x1 = subset.images[:num]
   probs_NxC, weights = predictor.predict_faces(faces_Nx48x48x1, attention=True)
   pred = probs_NxC.argmax(axis=1)
@@ -306,6 +308,8 @@ def render_attention_maps(path: str, *, checkpoint: str | os.PathLike | None = N
             for i, (t, p) in enumerate(zip(subset.labels[:num], pred))]
   out_dir = os.path.dirname(os.path.abspath(path))
   os.makedirs(out_dir, exist_ok=True)
+  # Matplotlib takes about a second per dozen faces: say so before a long wait.
+  log.info("drawing %d faces to %s", len(faces_Nx48x48x1), path)
   plots.plot_attention_grid(faces_Nx48x48x1, weights["alpha"], titles, path, columns=columns)
   same_labels = tuple(data.class_names) == predictor.class_names
   accuracy = float(np.mean(pred == subset.labels[:num])) if same_labels else None

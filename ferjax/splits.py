@@ -38,6 +38,9 @@ def load_run_data(config: TrainConfig, data_path: str | None, *,
       raise ConfigError("--labels=ferplus needs --ferplus=PATH/TO/fer2013new.csv "
                         "(or FERPLUS_PATH)")
     data = data_lib.with_ferplus_labels(data, data_lib.load_ferplus(ferplus_path))
+  elif ferplus_path:  # The environment's FERPLUS_PATH is for FER+ runs; a flag is a choice.
+    log.warning("--ferplus=%s is not used: this run has %s labels, not FER+", ferplus_path,
+                config.labels)
   return data
 
 

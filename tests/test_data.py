@@ -447,3 +447,19 @@ def test_real_ferplus_joins_the_real_fer2013_by_row(fer2013_path, ferplus_path):
   # README's FER+ paragraph: Training 25,060 rows, PublicTest 3,199, PrivateTest 3,153.
   assert {s: len(d.split(s)) for s in data_lib.CSV_SPLITS} == {
       "Training": 25060, "PublicTest": 3199, "PrivateTest": 3153}
+
+
+def test_a_ferplus_file_for_a_fer2013_run_is_named_unused(tmp_path, cache_dir, caplog):
+  # evaluate --ferplus=... on a FER2013 run evaluated its 7 classes without a word.
+  from ferjax.config import default_config
+  from ferjax.splits import load_run_data
+
+  path = write_csv(tmp_path / "fer.csv", fer_rows(4))
+  with caplog.at_level("WARNING"):
+    data = load_run_data(default_config("dnn"), str(path), ferplus_path="votes.csv")
+  assert len(data.class_names) == 7
+  assert "--ferplus=votes.csv is not used: this run has fer2013 labels, not FER+" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    load_run_data(default_config("dnn"), str(path))
+  assert "ferplus" not in caplog.text.lower()

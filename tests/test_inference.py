@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import jax
@@ -11,6 +12,7 @@ from flax import nnx
 
 from conftest import fer_rows, write_csv
 from ferjax import checkpoint as checkpoint_lib
+from ferjax import data as data_lib
 from ferjax import faces as faces_lib
 from ferjax import inference
 from ferjax import preprocess as preprocess_lib
@@ -374,13 +376,20 @@ def test_missing_default_weights_or_checkpoint_is_a_checkpoint_error(tmp_path, m
     Predictor(tmp_path / "missing")
 
 
-def test_attention_maps_png(tiny_run, tmp_path):
+def test_attention_maps_png(tiny_run, tmp_path, caplog):
   workdir, csv_path = tiny_run
   out = tmp_path / "maps" / "attention.png"
   result = inference.render_attention_maps(str(out), checkpoint=workdir, data_path=csv_path,
                                            split="PrivateTest", num=10, columns=5)
   assert out.exists() and out.stat().st_size > 1000
   assert result["num"] == 10 and result["model"] == "acnn_alstm"
+  # More faces than the split has: all of them, and a warning says so.
+  with caplog.at_level(logging.WARNING, logger="ferjax"):
+    result = inference.render_attention_maps(str(out), checkpoint=workdir, data_path=csv_path,
+                                             split="PublicTest", num=10_000)
+  n = len(data_lib.load_fer2013(csv_path).split("PublicTest"))
+  assert result["num"] == n < 10_000
+  assert f"--num=10000: PublicTest has {n} faces; drawing all of them" in caplog.text
   # A PNG written under another name would mislead: refused, and nothing is written.
   with pytest.raises(ConfigError, match=r"--output=.*maps\.txt: the figure is a PNG"):
     inference.render_attention_maps(str(tmp_path / "maps.txt"), checkpoint=workdir,
