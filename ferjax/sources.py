@@ -261,9 +261,10 @@ def open_source(source: int | str | os.PathLike | FrameSource) -> FrameSource:
   return _open_video(path)
 
 
-# FFmpeg's demuxers for text-mode art (tty: .txt, .nfo, .asc, ...; bintext: .bin, .adf,
-# .idf) play text files as videos of rendered characters; OpenCV names their codecs so.
-_TEXT_CODECS = ("ansi", "bint", "xbin", "idf")
+# FFmpeg's tty demuxer plays a text file (.txt, .nfo, .asc, .ans, ...) as a video of its
+# characters, whose codec OpenCV reports as FOURCC "ansi"; its text-art codecs bintext and
+# xbin would read "bint" and "xbin" by the same rule (not seen here).
+_TEXT_CODECS = ("ansi", "bint", "xbin")
 
 
 def _open_video(path: str) -> FrameSource:
@@ -273,7 +274,7 @@ def _open_video(path: str) -> FrameSource:
     capture = cv2.VideoCapture(cv_path(path))
     if not capture.isOpened():
       raise SourceError(f"{path}: OpenCV cannot open this as a video or image")
-    fourcc = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little")
+    fourcc = (int(capture.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF).to_bytes(4, "little")
     if fourcc.decode("latin-1").strip("\0 ").lower() in _TEXT_CODECS:
       capture.release()
       raise SourceError(f"{path}: a text file, not a video or image (FFmpeg would play its "
