@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -142,7 +143,7 @@ def exit_on_errors(main: Callable[..., Any]) -> Callable[..., Any]:
       print(f"error: {e} (--helpshort lists the flags)", file=sys.stderr)
       sys.exit(e.exitcode)
     except FerjaxError as e:
-      print(f"error: {e}", file=sys.stderr)
+      print(f"error: {_as_flag(str(e))}", file=sys.stderr)
       _drop_abandoned_coroutines()
       sys.exit(2)
     except KeyboardInterrupt:
@@ -150,6 +151,22 @@ def exit_on_errors(main: Callable[..., Any]) -> Callable[..., Any]:
       sys.exit(130)
 
   return wrapper
+
+
+def _as_flag(message: str) -> str:
+  """``--name ...`` for a message about a setting that is one of this program's flags.
+
+  The library names its settings as its arguments and config fields do
+  (``epochs must be at least 1, got 0``); the entrypoints' flags have the same
+  names, so a message that opens with one of them, followed by ``must``,
+  ``needs`` or ``and``, is given the flag's dashes.
+  """
+  from absl import flags
+
+  match = re.match(r"([a-z][a-z0-9_]*) (must|needs|and) ", message)
+  if match and match[1] in flags.FLAGS:
+    return "--" + message
+  return message
 
 
 def _drop_abandoned_coroutines() -> None:

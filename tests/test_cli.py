@@ -140,7 +140,10 @@ def test_train_flags_change_only_what_they_name():
     (["--optimizer=lamb"], 1, "value should be one of <adamw|adam|sgd>"),
     (["--data=/no/such/file.csv"], 2, "error: /no/such/file.csv: no such file or directory"),
     (["--model_option=hidden=3"], 2, "error: model 'acnn_alstm' has no option hidden"),
-    (["--epochs=0"], 2, "error: epochs must be at least 1"),
+    # The library's message names the setting; the entrypoint gives it the flag's dashes.
+    (["--epochs=0"], 2, "error: --epochs must be at least 1"),
+    (["--swa_epochs=2", "--ema_decay=0.9"], 2,
+     "error: --ema_decay and swa_epochs both average the weights"),
     # A switch spelled other than true/false would otherwise read as on.
     (["--model_option=bidirectional=no"], 2, "error: model option bidirectional='no': must be "
      "true or false"),

@@ -513,7 +513,7 @@ def test_script_refuses_a_smoothing_weight_outside_0_to_1_or_a_negative_grace(fl
 def test_script_refuses_bad_detector_settings_in_one_line():
   result = _script("--source=demo", "--scale_factor=1", "--no_display")
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == ["error: scale_factor must be above 1, got 1.0"]
+  assert result.stderr.strip().splitlines() == ["error: --scale_factor must be above 1, got 1.0"]
 
 
 def test_script_runs_headless_on_the_clip(tiny_run, tmp_path):
