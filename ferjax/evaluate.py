@@ -378,6 +378,12 @@ def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, o
     config, data = resolve_splits(config, data)
   except ConfigError:
     pass  # Data without the run's training splits (data.split("PrivateTest")): not needed here.
+  if split is None and config.test_split not in data.split_names:
+    # The run's own test split is missing: data of another kind than it was trained on
+    # (a FER2013 CSV for a run on image folders, or the reverse).
+    raise ConfigError(f"the run reports on its split {config.test_split!r}, which this data "
+                      f"does not have (it has {', '.join(data.split_names)}): pass the data "
+                      "the run was trained on, or name a split of this data with --split")
   split = split or config.test_split
   return data.split(split), split
 

@@ -59,7 +59,7 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData
   (:data:`HELD_OUT_SPLIT`), select the checkpoint on that tenth, report
   ``test``.
   """
-  have = data.split_names
+  have = given = data.split_names
   fallback = {"Training": "train", "PublicTest": HELD_OUT_SPLIT, "PrivateTest": "test"}
   # The held-out tenth is made again (the same faces: a fixed seed) for a config that
   # already names it, as a checkpoint's saved config does.
@@ -76,8 +76,10 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData
         raise ConfigError(f"--{field}={name}: the data has splits {', '.join(have)}")
       changes[field] = alt
   if changes:
-    log.warning("this data has splits %s; using %s", ", ".join(have),
-                ", ".join(f"{k}={v}" for k, v in changes.items()))
+    held_out = (f"; {HELD_OUT_SPLIT} is a held-out tenth of train" if HELD_OUT_SPLIT in have
+                and HELD_OUT_SPLIT not in given else "")
+    log.warning("this data has splits %s, not FER2013's; using %s%s", ", ".join(given),
+                ", ".join(f"{k}={v}" for k, v in changes.items()), held_out)
   return dataclasses.replace(config, **changes), data
 
 

@@ -467,13 +467,18 @@ def test_a_run_closes_its_checkpoint_store_when_it_ends_or_fails(tmp_path, tiny_
   assert results["best_step"] == 2 and len(closed) == 3
 
 
-def test_image_folder_data_selects_on_held_out_train_not_on_test(tiny_data):
+def test_image_folder_data_selects_on_held_out_train_not_on_test(tiny_data, caplog):
   config = tiny_config()
   same_config, same_data = resolve_splits(config, tiny_data)  # CSV: as it is.
   assert same_config == config and same_data is tiny_data
   splits = np.where(tiny_data.splits == "Training", "train", "test")
   folder = dataclasses.replace(tiny_data, splits=splits)
-  resolved, data = resolve_splits(config, folder)
+  with caplog.at_level("WARNING"):
+    resolved, data = resolve_splits(config, folder)
+  # The folders are named as they are; the held-out tenth is said to be made here.
+  assert ("this data has splits train, test, not FER2013's; using train_split=train, "
+          "eval_split=validation, test_split=test; validation is a held-out tenth of train"
+          in caplog.text)
   assert (resolved.train_split, resolved.eval_split, resolved.test_split) == (
       "train", "validation", "test")
   val, train, test = (data.split(s) for s in ("validation", "train", "test"))
@@ -493,6 +498,13 @@ def test_a_run_on_image_folder_data_can_be_evaluated(tmp_path, tiny_data):
   metrics = evaluate_checkpoint(workdir, data=folder, output_dir=str(tmp_path / "eval"))
   assert metrics["split"] == "test" and metrics["num_examples"] == 41
   assert metrics["accuracy"] == pytest.approx(results["test_tta_none"]["accuracy"])
+  # The FER2013 CSV for this run: its test split is missing, and the message says why
+  # ("no split named 'test'" before); a split of that data named outright is evaluated.
+  with pytest.raises(ConfigError, match=r"the run reports on its split 'test', which this data "
+                     r"does not have \(it has Training, PublicTest, PrivateTest\)"):
+    evaluate_checkpoint(workdir, data=tiny_data)
+  other = evaluate_checkpoint(workdir, data=tiny_data, split="PrivateTest")
+  assert other["split"] == "PrivateTest" and other["num_examples"] > 0
 
 
 def test_checkpoint_keeps_latest_and_best(tmp_path):
