@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ferjax.augment import affine_warp
-from ferjax.errors import ConfigError, check_folder_path, is_whole
+from ferjax.errors import ConfigError, DataError, check_folder_path, is_whole
 from ferjax.input_pipeline import eval_batches
 from ferjax.preprocess import preprocess
 from ferjax.splits import load_run_data, resolve_splits
@@ -381,9 +381,10 @@ def _test_subset(meta: dict, split: str | None, data, data_path, ferplus_path, o
   if split is None and config.test_split not in data.split_names:
     # The run's own test split is missing: data of another kind than it was trained on
     # (a FER2013 CSV for a run on image folders, or the reverse).
-    raise ConfigError(f"the run reports on its split {config.test_split!r}, which this data "
-                      f"does not have (it has {', '.join(data.split_names)}): pass the data "
-                      "the run was trained on, or name a split of this data with --split")
+    raise DataError(f"the run reports on its split {config.test_split!r}, which this data "
+                    f"does not have (it has {', '.join(data.split_names)}): pass the data the "
+                    "run was trained on, or name a split of this data with --split",
+                    path=data.source)
   split = split or config.test_split
   return data.split(split), split
 

@@ -500,7 +500,7 @@ def test_a_run_on_image_folder_data_can_be_evaluated(tmp_path, tiny_data):
   assert metrics["accuracy"] == pytest.approx(results["test_tta_none"]["accuracy"])
   # The FER2013 CSV for this run: its test split is missing, and the message says why
   # ("no split named 'test'" before); a split of that data named outright is evaluated.
-  with pytest.raises(ConfigError, match=r"the run reports on its split 'test', which this data "
+  with pytest.raises(DataError, match=r"the run reports on its split 'test', which this data "
                      r"does not have \(it has Training, PublicTest, PrivateTest\)"):
     evaluate_checkpoint(workdir, data=tiny_data)
   other = evaluate_checkpoint(workdir, data=tiny_data, split="PrivateTest")
@@ -679,7 +679,8 @@ def test_evaluate_takes_data_holding_only_the_reported_split(tmp_path, tiny_data
   alone = evaluate_checkpoint(weights, data=tiny_data.split("PrivateTest"), output_dir=out)
   assert alone["split"] == "PrivateTest" and alone["num_examples"] == 21
   assert alone["accuracy"] == whole["accuracy"] and alone["confusion"] == whole["confusion"]
-  with pytest.raises(DataError, match="no split named 'PrivateTest'; this data has PublicTest"):
+  with pytest.raises(DataError, match="the run reports on its split 'PrivateTest', which this "
+                     r"data does not have \(it has PublicTest\)"):
     evaluate_checkpoint(weights, data=tiny_data.split("PublicTest"), output_dir=out)
 
 
