@@ -60,6 +60,7 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData
   ``test``.
   """
   have = given = data.split_names
+  held_out = ""
   fallback = {"Training": "train", "PublicTest": HELD_OUT_SPLIT, "PrivateTest": "test"}
   # The held-out tenth is made again (the same faces: a fixed seed) for a config that
   # already names it, as a checkpoint's saved config does.
@@ -67,6 +68,7 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData
       config.eval_split, fallback.get(config.eval_split)) and "train" in have:
     data = data.with_held_out("train", HELD_OUT_SPLIT, HELD_OUT_FRACTION)
     have = data.split_names
+    held_out = f"; {HELD_OUT_SPLIT} is a held-out tenth of train"
   changes = {}
   for field in ("train_split", "eval_split", "test_split"):
     name = getattr(config, field)
@@ -76,8 +78,6 @@ def resolve_splits(config: TrainConfig, data: data_lib.FerData
         raise ConfigError(f"--{field}={name}: the data has splits {', '.join(have)}")
       changes[field] = alt
   if changes:
-    held_out = (f"; {HELD_OUT_SPLIT} is a held-out tenth of train" if HELD_OUT_SPLIT in have
-                and HELD_OUT_SPLIT not in given else "")
     log.warning("this data has splits %s, not FER2013's; using %s%s", ", ".join(given),
                 ", ".join(f"{k}={v}" for k, v in changes.items()), held_out)
   return dataclasses.replace(config, **changes), data
