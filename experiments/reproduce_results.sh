@@ -217,7 +217,7 @@ run acnn_alstm-swa10 --model=acnn_alstm --epochs=40 --swa_epochs=10
 recalibrate acnn_alstm-swa10-best-bnrecal acnn_alstm-swa10
 # GPU (lent H200, 2026-11-28): vgg_alstm with every stage twice as wide (64 to 512
 # channels, 3.5x the FLOPs, which the GPU's speed allows: its step for the narrow model is
-# far from compute-bound), on 40, 50 and 60 epochs; the 60-epoch run recalibrated (CPU).
+# far from compute-bound), on 40, 50 and 60 epochs; each recalibrated (CPU).
 run vgg_alstm-wide2x-40epochs --model=vgg_alstm --epochs=40 \
   --model_option='widths=(64,64,128,128,256,256,512,512)'
 run vgg_alstm-wide2x-50epochs --model=vgg_alstm --epochs=50 \
@@ -225,3 +225,5 @@ run vgg_alstm-wide2x-50epochs --model=vgg_alstm --epochs=50 \
 run vgg_alstm-wide2x-60epochs --model=vgg_alstm --epochs=60 \
   --model_option='widths=(64,64,128,128,256,256,512,512)'
 recalibrate vgg_alstm-wide2x-60epochs-bnrecal vgg_alstm-wide2x-60epochs
+recalibrate vgg_alstm-wide2x-40epochs-bnrecal vgg_alstm-wide2x-40epochs
+recalibrate vgg_alstm-wide2x-50epochs-bnrecal vgg_alstm-wide2x-50epochs

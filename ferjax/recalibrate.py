@@ -108,7 +108,7 @@ def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 256, 
 
   log.info("recomputing the statistics of %d BatchNorm layers over %d batches of %d faces",
            len(batch_norm_layers(model)), steps, batch_size)
-  start = time.time()
+  start = time.monotonic()
   last = start
   sums = None
   for i in range(steps):  # Sums stay on the device.
@@ -119,17 +119,17 @@ def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 256, 
     # Waits for the sums a batch late, so the batch just queued keeps the device busy,
     # and dispatch cannot run ahead of the progress lines.
     jax.block_until_ready(previous)
-    if time.time() - last >= log_every_s:
-      last = time.time()
+    if time.monotonic() - last >= log_every_s:
+      last = time.monotonic()
       log.info("BatchNorm statistics: %d/%d batches, %.0f faces/s", i, steps,
-               i * batch_size / (last - start))
+               i * batch_size / max(last - start, 1e-9))
   recalibrated = nnx.clone(model)  # New variables: nnx.merge would share the model's.
   for (_, norm), (mean_sum, var_sum) in zip(batch_norm_layers(recalibrated), sums):
     norm.mean[...], norm.var[...] = mean_sum / steps, var_sum / steps
   recalibrated.eval()
   jax.block_until_ready(nnx.state(recalibrated))
   log.info("recomputed the statistics of %d BatchNorm layers over %d batches of %d faces in "
-           "%.1fs", len(sums), steps, batch_size, time.time() - start)
+           "%.1fs", len(sums), steps, batch_size, time.monotonic() - start)
   return recalibrated
 
 
@@ -189,10 +189,10 @@ def recalibrate_run(workdir: str, output: str, *, which: str | int = "best", dat
   log.info("%s: %s step %d; %s accuracy as trained", workdir, meta["model"], meta["step"],
            config.eval_split)
   before = accuracy(model, val)["accuracy"]
-  start = time.time()
+  start = time.monotonic()
   recalibrated = recalibrate_batch_norm(model, train.images, batch_size=batch_size,
                                         seed=config.seed)
-  seconds = time.time() - start
+  seconds = time.monotonic() - start
   after = accuracy(recalibrated, val)["accuracy"]
   log.info("%s (%s): accuracy %.2f%% as trained, %.2f%% recalibrated", config.eval_split,
            workdir, 100 * before, 100 * after)

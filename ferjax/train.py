@@ -413,7 +413,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
   writer = workdir_lib.summary_writer(workdir)
   progress = _Progress(steps_per_epoch, config.batch_size)
   previous = None
-  run_start = time.time()
+  run_start = time.monotonic()
   first_step, start_step = True, step
   while step < stop_step:
     if step % steps_per_epoch == 0 or previous is None:
@@ -429,7 +429,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
       # (on a GPU, with autotuning, a minute or more), which images/s and the ETA leave out.
       jax.block_until_ready(new_metrics)
       log.info("compiled and ran the first training step in %.1fs",
-               time.time() - progress.epoch_start)
+               time.monotonic() - progress.epoch_start)
       progress.restart_clock(step)
       first_step = False
     progress.current = step
@@ -446,7 +446,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
     if at_eval:
       rate = progress.images_per_second()
       record = _evaluate_step(trainer, val, data.class_names, config, step, steps_per_epoch,
-                              train_metrics, rate, elapsed_before + time.time() - run_start)
+                              train_metrics, rate, elapsed_before + time.monotonic() - run_start)
       best_accuracy = max(best_accuracy, record["eval_accuracy"])
       record["best_eval_accuracy"] = best_accuracy
       progress.finish_epoch(record)
@@ -461,7 +461,7 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
       store.save(step, model=trainer.state["model"], optimizer=trainer.state["optimizer"],
                  ema=trainer.state["ema"], swa=trainer.state["swa"],
                  meta={**meta, "step": step,
-                       "elapsed_seconds": elapsed_before + time.time() - run_start,
+                       "elapsed_seconds": elapsed_before + time.monotonic() - run_start,
                        "train_sums": {k: float(v) for k, v in train_metrics.items()}})
   progress.close()
   if writer is not None:
@@ -507,7 +507,7 @@ def _check_finite(metrics: dict, step: int, store) -> dict:
 
 def _evaluate_step(trainer: Trainer, val, class_names, config, step, steps_per_epoch,
                    train_metrics, images_per_second, elapsed) -> dict:
-  t = time.time()
+  t = time.monotonic()
   probs = trainer.predict_dataset(val.images)
   m = evaluate_lib.classification_metrics(probs, val.labels, class_names)
   count = max(float(train_metrics["count"]), 1.0)
@@ -521,7 +521,7 @@ def _evaluate_step(trainer: Trainer, val, class_names, config, step, steps_per_e
       "eval_accuracy": m["accuracy"],
       "eval_macro_f1": m["macro_f1"],
       "images_per_second": round(images_per_second, 1),
-      "eval_seconds": round(time.time() - t, 2),
+      "eval_seconds": round(time.monotonic() - t, 2),
       "elapsed_seconds": round(elapsed, 1),
   }
   return record
@@ -650,14 +650,14 @@ class _Progress:
     self.batch_size = batch_size
     self.interactive = sys.stderr.isatty()
     self.bar = None
-    self._t0 = time.time()
+    self._t0 = time.monotonic()
     self._step0 = 0
     self.current = 0
-    self._last_print = time.time()
+    self._last_print = time.monotonic()
 
   def start_epoch(self, step: int) -> None:
     self.close()
-    self._t0, self._step0 = time.time(), step
+    self._t0, self._step0 = time.monotonic(), step
     self.current = step
     self._last_print = self._t0
     epoch = step // self.steps_per_epoch + 1
@@ -673,11 +673,11 @@ class _Progress:
 
   def restart_clock(self, step: int) -> None:
     """Counts images/s and the ETA from ``step`` on (after the compiling first step)."""
-    self._t0, self._step0 = time.time(), step
+    self._t0, self._step0 = time.monotonic(), step
     self._last_print = self._t0
 
   def wants_update(self) -> bool:
-    return self.bar is not None or time.time() - self._last_print > 60
+    return self.bar is not None or time.monotonic() - self._last_print > 60
 
   def update(self, step: int, metrics: dict) -> None:
     if not float(metrics["count"]):
@@ -689,7 +689,7 @@ class _Progress:
       self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}", refresh=False)
       self.bar.update(0)
     else:
-      self._last_print = time.time()
+      self._last_print = time.monotonic()
       done = (step - 1) % self.steps_per_epoch + 1
       rate = self.images_per_second()
       eta = (self.steps_per_epoch - done) * self.batch_size / max(rate, 1e-9)
@@ -699,7 +699,7 @@ class _Progress:
 
   def images_per_second(self) -> float:
     """Training images per second this epoch; call right after a device sync."""
-    return (self.current - self._step0) * self.batch_size / max(time.time() - self._t0, 1e-9)
+    return (self.current - self._step0) * self.batch_size / max(time.monotonic() - self._t0, 1e-9)
 
   def finish_epoch(self, record: dict) -> None:
     self.close()

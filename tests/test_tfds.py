@@ -78,8 +78,13 @@ def test_load_helper(built):
   sources = tfds_fer2013.load(None, built)
   assert sorted(sources) == sorted(_USAGE_SPLIT)
   _assert_matches_csv(tfds_fer2013.load("validation", built), "validation")
+  # A split expression is applied, not ignored: half of the 7 train rows (3.5, rounded to the
+  # closest) are the first 4, in CSV order, and the other half the last 3.
+  train = _expected_rows("train")
+  assert len(train) == 7
   first_half = tfds_fer2013.load("train[:50%]", built)
-  assert [x["row"] for x in first_half] == _expected_rows("train")[:len(first_half)]
+  assert [x["row"] for x in first_half] == train[:4]
+  assert [x["row"] for x in tfds_fer2013.load("train[50%:]", built)] == train[4:]
 
 
 def test_info(built):

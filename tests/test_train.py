@@ -1407,7 +1407,7 @@ def test_a_missing_file_of_saved_predictions_is_called_a_missing_file(tmp_path, 
 def test_the_compiling_first_step_is_left_out_of_images_per_second(tmp_path, tiny_data, caplog,
                                                                   monkeypatch):
   clock = [1000.0]
-  monkeypatch.setattr(train_lib.time, "time", lambda: clock[0])
+  monkeypatch.setattr(train_lib.time, "monotonic", lambda: clock[0])
   progress = train_lib._Progress(steps_per_epoch=100, batch_size=10)
   progress.start_epoch(0)
   clock[0] += 90.0  # The first step compiles...
