@@ -142,6 +142,7 @@ def main(argv):
   hostmem.retain_freed_memory()  # As the entrypoints do; before JAX starts.
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  downscales = cli.number_list(_DOWNSCALES, minimum=1.0)
   cli.quiet_libraries()  # Library notes would land inside the table.
   results = environment(opencv=cv2.__version__)
   frames, clip_fps, decode_ms = read_clip(_SOURCE.value)
@@ -154,9 +155,9 @@ def main(argv):
   # search on every frame at each --downscales value.
   settings = [(f"default (redetect {REDETECT_EVERY})", FaceDetector(max_faces=predictor.max_faces),
                REDETECT_EVERY)]
-  for value in _DOWNSCALES.value:
-    settings.append((f"downscale={value}, redetect 1",
-                     FaceDetector(max_faces=predictor.max_faces, downscale=float(value)), 1))
+  for value in downscales:
+    settings.append((f"downscale={value:g}, redetect 1",
+                     FaceDetector(max_faces=predictor.max_faces, downscale=value), 1))
   for label, detector, redetect_every in settings:
     results["ferjax"][label] = time_detector(frames, clip_fps, predictor, detector,
                                              redetect_every)

@@ -49,10 +49,7 @@ def label_switches(frames) -> tuple[int, int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    weights = [float(value) for value in _SMOOTH.value]
-  except ValueError as e:
-    raise app.UsageError(f"--smooth: {e}") from None
+  weights = cli.number_list(_SMOOTH)
   from ferjax.inference import Predictor
   from ferjax.video import TRACK_GRACE_FRAMES, analyze_video, check_smooth
 

@@ -25,11 +25,13 @@ from absl import app, flags
 
 from benchmarks.common import environment, write_results
 from ferjax import cli
+from ferjax.errors import FerjaxError
 
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Rounds of the three ways.")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/startup.json", "JSON output.")
 
 _COMMAND = [sys.executable, "-m", "experiments.realtime", "--source=demo", "--no_display"]
+_TIMEOUT_S = 600
 _COMPILED = re.compile(r"compiled for batch sizes .* in ([0-9.]+) s")
 
 
@@ -39,10 +41,15 @@ def _start(cache_dir: str, cache_on: bool) -> dict:
   if not cache_on:
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   start = time.perf_counter()
-  r = subprocess.run(_COMMAND, env=env, capture_output=True, text=True, timeout=600)
+  command = " ".join(_COMMAND[1:])
+  try:
+    r = subprocess.run(_COMMAND, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    raise FerjaxError(f"{command} did not finish in {_TIMEOUT_S} s") from None
   wall = time.perf_counter() - start
   if r.returncode:
-    raise RuntimeError(f"{' '.join(_COMMAND)} failed:\n{r.stderr[-2000:]}")
+    tail = "\n".join(r.stderr.strip().splitlines()[-5:])
+    raise FerjaxError(f"{command} failed with exit status {r.returncode}:\n{tail}")
   compiled = _COMPILED.search(r.stdout + r.stderr)
   return {"wall_s": round(wall, 3), "compile_s": float(compiled.group(1)) if compiled else None}
 

@@ -284,6 +284,7 @@ def main(argv):
   unknown = sorted(set(_MODELS.value) - set(model_names()))
   if unknown:
     raise app.UsageError(f"unknown models {unknown}; choose from {', '.join(model_names())}")
+  peak_sizes = cli.number_list(_PEAK_SIZES, int, minimum=1)
   with_torch = _TORCH.value
   if with_torch and torch is None:
     raise ConfigError("PyTorch is not installed: install the bench extra (pip install -e "
@@ -298,7 +299,7 @@ def main(argv):
   started = time.perf_counter()
   cpu = _cpu_info()
   nominal, nominal_how = _nominal_peak(cpu, _CLOCK_MHZ.value)
-  matmul = _matmul_peak([int(n) for n in _PEAK_SIZES.value])
+  matmul = _matmul_peak(peak_sizes)
   measured = max(matmul.values())
   results = {}
   for name in _MODELS.value:

@@ -10,7 +10,7 @@ Main table: every model's PrivateTest accuracy (plain, flip and ten-crop TTA),
 macro-F1, parameters, MFLOPs per image, epochs and training time (with the GPU
 named, for runs trained on one; the others ran on the project's CPU), with the
 command that produced the row (experiments/reproduce_results.sh). Short-schedule
-table: the short-* runs (every model on the same few epochs) and the
+table: the short-* runs (every model but vgg_alstm on the same few epochs) and the
 ablation-* runs. FER+ rows: runs with labels=ferplus. Seed spread: a run NAME
 repeated as NAME-seed<N> (same command, another --seed) gives one row with every
 seed's PrivateTest accuracy (plain, flip and ten-crop), their mean, sample
@@ -183,7 +183,7 @@ def main(argv):
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
   groups = (("Models, full schedules (FER2013, 7 classes)",
              lambda n, r: r["labels"] == "fer2013" and not _is_short(n)),
-            ("Every model on one short schedule, and the ablation of acnn_alstm "
+            ("Every model but vgg_alstm on one short schedule, and the ablation of acnn_alstm "
              "(ablation-base is acnn_alstm; without local attention it is short-cnn_alstm, "
              "without either attention short-cnn_lstm)", lambda n, r: _is_short(n)),
             ("FER+ (8 classes, majority votes)", lambda n, r: r["labels"] == "ferplus"))

@@ -187,6 +187,28 @@ def _drop_abandoned_coroutines() -> None:
   sys.unraisablehook = hook
 
 
+def number_list(holder, kind: type = float, minimum: float | None = None) -> list:
+  """The values of a list flag (``flags.DEFINE_list``'s holder) as numbers of ``kind``.
+
+  Raises:
+    absl.app.UsageError: naming the flag, for a value that is not such a number
+      or is below ``minimum``.
+  """
+  from absl import app
+
+  what = "an integer" if kind is int else "a number"
+  out = []
+  for text in holder.value:
+    try:
+      value = kind(text)
+    except ValueError:
+      raise app.UsageError(f"--{holder.name}: {text!r} is not {what}") from None
+    if minimum is not None and value < minimum:
+      raise app.UsageError(f"--{holder.name}: {text} is below {minimum}")
+    out.append(value)
+  return out
+
+
 def parse_options(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
   """Parses ``key=value`` strings; values are Python literals, ``true``/``false`` or text.
 

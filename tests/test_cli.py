@@ -173,14 +173,49 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
     ("benchmarks.jit_overhead", ["stray"], "error: unexpected arguments: stray"),
     ("benchmarks.data_loading", ["--data=x.csv", "stray"], "error: unexpected arguments: stray"),
     ("benchmarks.startup", ["stray"], "error: unexpected arguments: stray"),
-    ("benchmarks.smoothing", ["--smooth=0,x"],
-     "error: --smooth: could not convert string to float: 'x'"),
+    ("benchmarks.smoothing", ["--smooth=0,x"], "error: --smooth: 'x' is not a number"),
+    # Python's ValueError tracebacks before.
+    ("benchmarks.tracking", ["--redetect=3,abc"], "error: --redetect: 'abc' is not an integer"),
+    ("benchmarks.realtime_fps", ["--downscales=2,0.5"], "error: --downscales: 0.5 is below 1.0"),
+    ("benchmarks.train_throughput", ["--notorch", "--peak_sizes=2048,x"],
+     "error: --peak_sizes: 'x' is not an integer"),
 ])
 def test_usage_errors_are_one_line(module, args, message):
   # absl alone prints the whole flag list (about 90 lines for train) above the message.
   r = run(module, *args)
   assert r.returncode == 1, r.stderr[-2000:]
   assert r.stderr.strip().splitlines() == [f"{message} (--helpshort lists the flags)"]
+
+
+def test_number_list_reads_a_list_flag_as_numbers_or_names_it():
+  from absl import app, flags
+
+  from ferjax.cli import number_list
+
+  values = flags.FlagValues()
+  holder = flags.DEFINE_list("sizes", ["1"], "", flag_values=values)
+  values(["prog", "--sizes=3,0.5,12"])
+  assert number_list(holder) == [3.0, 0.5, 12.0]
+  with pytest.raises(app.UsageError, match=r"^--sizes: '0\.5' is not an integer$"):
+    number_list(holder, int)
+  with pytest.raises(app.UsageError, match=r"^--sizes: 0\.5 is below 1$"):
+    number_list(holder, minimum=1)
+  values(["prog", "--sizes=3,12"])
+  assert number_list(holder, int, minimum=3) == [3, 12]
+
+
+def test_a_failing_timed_command_is_one_error_with_its_stderr_tail():
+  # benchmarks.startup raised a RuntimeError (a traceback) when the realtime command failed.
+  code = ("import sys; from absl import app; from benchmarks import startup; "
+          "startup._COMMAND[:] = [sys.executable, '-c', "
+          "'import sys; print(1, file=sys.stderr); sys.exit(\"no camera here\")']; "
+          "app.run(startup.main)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                     timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-2:] == ["1", "no camera here"]
+  assert "failed with exit status 1:" in r.stderr
 
 
 @pytest.mark.parametrize("module,flag", [
