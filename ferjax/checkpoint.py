@@ -11,6 +11,7 @@ do.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from typing import Any
@@ -92,8 +93,11 @@ class CheckpointStore:
       step = self.best_step()
       return self.latest_step() if step is None else step
     try:
+      # A bool or a fractional number is no step: int() would turn 1.5 (or True) into 1.
+      if isinstance(which, bool) or (isinstance(which, numbers.Real) and which != int(which)):
+        raise TypeError
       step = int(which)
-    except (TypeError, ValueError):  # TypeError: None or a list, as from a library call.
+    except (TypeError, ValueError, OverflowError):  # TypeError: None or a list, as from a call.
       # In evaluate and export_weights --checkpoint is the earlier name of --which, while
       # elsewhere it names the run: a folder here was meant for --workdir.
       hint = ("; that is a folder: name the run with --workdir"

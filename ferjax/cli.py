@@ -214,6 +214,13 @@ def parse_options(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
 
   Example: ``["lstm_hidden=256", "bidirectional=true", "widths=(32,64,128,128)"]``.
   """
+  # A lone string would be read a character at a time ("--model_option='w': expected key=value").
+  if isinstance(items, (str, bytes, dict)):
+    hint = (f"; a dict of options goes to default_config(model, model_overrides={items!r})"
+            if isinstance(items, dict) and flag == "model_option" else "")
+    raise ConfigError(f"--{flag}: expected a list of key=value strings, e.g. "
+                      f"[{'lstm_hidden=256' if flag == 'model_option' else 'mixup_alpha=0.2'!r}], "
+                      f"got {type(items).__name__} {items!r}{hint}")
   out: dict[str, Any] = {}
   for item in items or ():
     key, sep, text = item.partition("=")

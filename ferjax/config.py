@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 from typing import Any
 
 from ferjax.augment import AugmentConfig
@@ -84,6 +85,15 @@ class TrainConfig:
       if (isinstance(value, bool) or not isinstance(value, numbers.Real)
           or not math.isfinite(value)):
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    for name in ("init_from", "distill_from"):
+      # A pathlib.Path is kept as its text: config.json is written with json, which fails on
+      # it half-way through the file, in a new workdir; a number failed later, obscurely.
+      value = getattr(self, name)
+      if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+        object.__setattr__(self, name, value)
+      if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a path (a run's workdir), got {value!r}")
     if not isinstance(self.model_overrides, dict):
       raise ConfigError(f"model_overrides must be a dict of model options, got "
                         f"{self.model_overrides!r}")

@@ -114,6 +114,14 @@ class FerData:
       raise DataError(f"labels must lie in 0..{len(self.class_names) - 1} (class_names "
                       f"{', '.join(self.class_names)}), got {self.labels.min()}.."
                       f"{self.labels.max()}", path=where)
+    if self.soft_labels is not None:
+      # Checked here: a mismatched array fails only in training, as an IndexError in a batch.
+      soft = np.asarray(self.soft_labels)
+      if soft.shape != (n, len(self.class_names)) or not np.issubdtype(soft.dtype, np.floating):
+        raise DataError(f"soft_labels must be float (N, C) = ({n}, {len(self.class_names)}), one "
+                        f"distribution over class_names per image, got {soft.dtype} {soft.shape}",
+                        path=where)
+      object.__setattr__(self, "soft_labels", soft)
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -238,6 +246,8 @@ def load_fer2013(
   """
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+  _check_path_type(path, "fer2013.csv (or .csv.gz, .tar.gz, an image folder)",
+                   "; ferjax.data.fer2013_path(None) reads $FER2013_PATH and says when it is unset")
   path = os.fspath(path)
   if not os.path.exists(path):
     raise DataError("no such file or directory", path=path)
@@ -417,6 +427,7 @@ def load_ferplus(path: str | os.PathLike) -> FerPlusLabels:
   Raises:
     DataError: the path is missing or a folder, or the file is malformed.
   """
+  _check_path_type(path, "fer2013new.csv")
   path = os.fspath(path)
   if not os.path.exists(path):
     raise DataError("no such file", path=path)
@@ -485,9 +496,15 @@ def with_ferplus_labels(data: FerData, ferplus: FerPlusLabels) -> FerData:
     raise TypeError(f"with_ferplus_labels(data, ferplus) takes a FerData from load_fer2013 and "
                     f"the FerPlusLabels from load_ferplus, got {type(data).__name__} and "
                     f"{type(ferplus).__name__}")
-  if not data.csv_rows or (data.splits.size and not np.isin(data.splits, CSV_SPLITS).all()):
+  if not data.csv_rows:
     raise DataError("FER+ labels join on fer2013.csv row order; load the CSV form of "
                     "FER2013, not an image folder", path=data.source)
+  others = sorted(set(np.unique(data.splits).tolist()) - set(CSV_SPLITS))
+  if others:  # E.g. a split made by with_held_out: its rows' Usage cannot be checked.
+    raise DataError(f"FER+ labels are checked against fer2013.csv's Usage column, but this data "
+                    f"has the split(s) {', '.join(others)}, not {', '.join(CSV_SPLITS)}: load "
+                    "the CSV form of FER2013, and relabel it before making new splits "
+                    "(with_held_out)", path=data.source)
   ferplus_file = ferplus.source or "the FER+ labels"
   if len(data) and data.rows.max() >= len(ferplus.labels):
     raise DataError(f"{ferplus_file} has {len(ferplus.labels)} data rows, but this file has "
@@ -509,6 +526,16 @@ def with_ferplus_labels(data: FerData, ferplus: FerPlusLabels) -> FerData:
 # ----------------------------------------------------------------------------
 # Sources
 # ----------------------------------------------------------------------------
+
+
+def _check_path_type(path, what: str, none_hint: str = "") -> None:
+  """ConfigError unless ``path`` is a path; os.fspath's TypeError named no argument.
+
+  None is the usual slip: ``os.environ.get("FER2013_PATH")`` with the variable unset.
+  """
+  if not isinstance(path, (str, os.PathLike)):
+    raise ConfigError(f"path must be the path of {what}, got {path!r}"
+                      + (none_hint if path is None else ""))
 
 
 def _header_text(line: bytes, limit: int = 120) -> str:

@@ -113,9 +113,23 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
 
   Returns:
     A JSON-ready dict; ``confusion[i][j]`` counts true class i predicted as j.
+
+  Raises:
+    ConfigError: ``probs`` is not ``(N, len(class_names))``, or ``labels`` are
+      not ``N`` class indices in ``0..C-1``.
   """
-  labels = np.asarray(labels)
+  probs, labels = np.asarray(probs), np.asarray(labels)
   c = len(class_names)
+  # Checked here: each slip fails below as an IndexError that names no argument.
+  if probs.ndim != 2 or probs.shape[1] != c:
+    raise ConfigError(f"probs must be (N, {c}), one column per class name, got shape "
+                      f"{probs.shape}")
+  if labels.shape != (len(probs),) or (len(labels) and (
+      not np.issubdtype(labels.dtype, np.integer) or not 0 <= labels.min() <= labels.max() < c)):
+    raise ConfigError(f"labels must be {len(probs)} class indices (N,) in 0..{c - 1}, one per "
+                      f"row of probs, got {labels.dtype} {labels.shape}"
+                      + (f" with values {labels.min()}..{labels.max()}"
+                         if labels.size and np.issubdtype(labels.dtype, np.number) else ""))
   pred = probs.argmax(axis=1)
   confusion = np.zeros((c, c), np.int64)
   np.add.at(confusion, (labels, pred), 1)
@@ -189,6 +203,7 @@ def make_predict_fn(model, tta: str = "none") -> Callable[[np.ndarray], jax.Arra
 def model_metrics(model, split, class_names: Sequence[str], tta: str = "none", *,
                   batch_size: int = 256, progress: str | None = None) -> dict:
   """:func:`classification_metrics` of ``model`` (eval mode) on a labelled split."""
+  _check_eval_args(tta, batch_size)
   probs = predict_dataset(make_predict_fn(model, tta), split.images, batch_size,
                           progress=progress)
   return classification_metrics(probs, split.labels, class_names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -48,6 +49,9 @@ def to_gray(frame: np.ndarray) -> np.ndarray:
   """
   import cv2
 
+  if frame is None:
+    raise ValueError("no frame (None): cv2.imread and VideoCapture.read give None for an image "
+                     "or frame they could not read")
   frame = np.asarray(frame)
   if frame.dtype != np.uint8:
     raise ValueError(f"frames must be uint8 (as OpenCV reads them), got {frame.dtype}")
@@ -167,6 +171,9 @@ class FaceDetector:
     if not is_whole(min_neighbors, 0):
       raise ConfigError(f"min_neighbors must be a whole number of at least 0, got "
                         f"{min_neighbors!r}")
+    # A string failed at the first detect() as a TypeError; a negative size meant no minimum.
+    if isinstance(min_size, bool) or not isinstance(min_size, numbers.Real) or not min_size >= 0:
+      raise ConfigError(f"min_size must be a number of pixels, at least 0, got {min_size!r}")
     if margin < 0:
       raise ConfigError(f"margin must not be negative, got {margin}")
     if track_margin < 0:
@@ -221,11 +228,17 @@ class FaceDetector:
     """Faces in a grey frame, largest first, at most ``max_faces``.
 
     Args:
-      gray: uint8 ``(H, W)`` frame (see :func:`to_gray`).
+      gray: uint8 ``(H, W)`` frame; a BGR or BGRA one goes through :func:`to_gray`.
 
     Returns:
       Boxes in ``gray``'s pixels; ``[]`` when there is no face.
+
+    Raises:
+      ValueError: a frame that is not uint8 or has an unknown layout (or None).
     """
+    # Checked before OpenCV, whose assertion on a float frame names neither the argument
+    # nor the fix (a no-op for the grey frames analyze_frame passes).
+    gray = to_gray(gray)
     boxes = self._search(gray, self.min_size)
     boxes.sort(key=lambda b: b.area, reverse=True)
     return boxes[:self.max_faces]
@@ -241,13 +254,17 @@ class FaceDetector:
     :meth:`detect`, which the caller schedules.
 
     Args:
-      gray: uint8 ``(H, W)`` frame.
+      gray: uint8 ``(H, W)`` frame; a BGR or BGRA one goes through :func:`to_gray`.
       previous: the faces of an earlier frame, in ``gray``'s pixels.
 
     Returns:
       Boxes in ``gray``'s pixels, largest first, at most ``max_faces``, no two
       overlapping by more than half (intersection over union).
+
+    Raises:
+      ValueError: a frame that is not uint8 or has an unknown layout (or None).
     """
+    gray = to_gray(gray)
     found: list[Box] = []
     for box in previous:
       region = expand_box(box, self.track_margin, gray.shape[:2])
@@ -270,7 +287,12 @@ class FaceDetector:
     return kept[:self.max_faces]
 
   def crops(self, gray: np.ndarray, boxes: list[Box]) -> np.ndarray:
-    """The model-input crops of ``boxes``: uint8 ``(len(boxes), 48, 48)``."""
+    """The model-input crops of ``boxes``: uint8 ``(len(boxes), 48, 48)``.
+
+    ``gray`` is the frame the boxes were found in: grey, or BGR or BGRA
+    (converted with :func:`to_gray`, as the model takes grey faces).
+    """
+    gray = to_gray(gray)
     out_Nx48x48 = np.empty((len(boxes), FACE_SIZE, FACE_SIZE), np.uint8)
     for i, box in enumerate(boxes):
       out_Nx48x48[i] = crop_face(gray, box, self.margin)

@@ -14,6 +14,7 @@ from flax import nnx
 from ferjax import checkpoint as checkpoint_lib
 from ferjax.errors import CheckpointError, ConfigError, is_whole
 from ferjax.faces import FACE_SIZE
+from ferjax.models import check_model
 from ferjax.preprocess import preprocess
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,19 @@ class Predictor:
   @classmethod
   def from_model(cls, model: nnx.Module, class_names: Sequence[str], *, max_faces: int = 8,
                  batch_sizes: Sequence[int] | None = None) -> Predictor:
-    """Wraps a model already in memory (it is switched to eval mode)."""
+    """Wraps a model already in memory (it is switched to eval mode).
+
+    Raises:
+      ConfigError: ``model`` is not a model (e.g. the ``(model, meta)`` pair
+        :func:`ferjax.checkpoint.load_model` returns), ``class_names`` is not a
+        sequence of names, or bad ``max_faces`` / ``batch_sizes``.
+    """
+    check_model(model)
+    # One string would pass as a sequence of one-letter names (and a 7-letter one fit 7 classes).
+    if (isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__")
+        or not all(isinstance(n, str) for n in class_names)):
+      raise ConfigError(f"class_names must be a sequence of names, one per class, e.g. "
+                        f"meta['class_names'] from load_model, got {class_names!r}")
     self = cls.__new__(cls)
     self._setup(model, class_names, max_faces, batch_sizes, {})
     self.checkpoint = None
@@ -108,6 +121,10 @@ class Predictor:
     if not is_whole(max_faces, 1):
       raise ConfigError(f"max_faces must be a whole number of at least 1, got {max_faces!r}")
     max_faces = int(max_faces)
+    if batch_sizes is not None and (isinstance(batch_sizes, (str, bytes))
+                                    or not hasattr(batch_sizes, "__iter__")):
+      raise ConfigError(f"batch_sizes must be a sequence of whole numbers, e.g. (1, {max_faces}), "
+                        f"got {batch_sizes!r}")
     if batch_sizes is not None and not all(is_whole(size) for size in batch_sizes):
       raise ConfigError(f"batch_sizes must be whole numbers, got {batch_sizes!r}")
     sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(max_faces)) | {max_faces}))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ferjax.errors import CheckpointError, ConfigError, check_folder_path
+from ferjax.errors import CheckpointError, ConfigError, check_folder_path, is_whole
 
 log = logging.getLogger("ferjax.recalibrate")
 
@@ -74,22 +74,30 @@ def recalibrate_batch_norm(model, images: np.ndarray, *, batch_size: int = 256, 
     The recalibrated copy, in eval mode.
 
   Raises:
-    ConfigError: the model has no BatchNorm layer (``dnn``, or
-      ``batch_norm=false``), or ``images`` is empty or not uint8 faces.
+    ConfigError: ``model`` is not a model, it has no BatchNorm layer (``dnn``,
+      or ``batch_norm=false``), ``images`` is empty or not uint8 faces, or
+      ``batch_size`` is not a whole number of at least 1.
   """
   from flax import nnx
 
+  from ferjax.data import FerData
+  from ferjax.models import check_model
   from ferjax.preprocess import preprocess
 
+  check_model(model)
   if not batch_norm_layers(model):
     raise ConfigError(f"{type(model).__name__} has no BatchNorm layer: there are no "
                       "statistics to recompute")
+  if isinstance(images, FerData):  # np.asarray would make a 0-d object array of it.
+    raise ConfigError("recalibration takes the faces, not a FerData: pass its images, e.g. "
+                      "data.split('Training').images")
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 1 or not len(images):
     raise ConfigError(f"recalibration needs uint8 faces (N, H, W, 1), N > 0; got "
                       f"{images.dtype} {images.shape}")
-  if batch_size < 1:
-    raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+  # A whole number: 2.5 passed `< 1` and failed later as a TypeError from a slice.
+  if not is_whole(batch_size, 1):
+    raise ConfigError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
   batch_size = min(batch_size, len(images))
   steps = len(images) // batch_size
   order = np.random.default_rng(seed).permutation(len(images))[:steps * batch_size]

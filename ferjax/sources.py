@@ -223,6 +223,11 @@ def open_source(source: int | str | os.PathLike | FrameSource) -> FrameSource:
       raise SourceError(f"camera {index}: opened but gives no frames")
     return FrameSource("camera", f"camera {index}", capture=capture, first=first,
                        fps=capture.get(cv2.CAP_PROP_FPS) or None)
+  if not isinstance(source, (str, os.PathLike)):  # os.fspath's TypeError named no argument.
+    hint = ("; for one frame already in memory use ferjax.video.analyze_frame"
+            if isinstance(source, (np.ndarray, list)) else "")
+    raise SourceError(f"source must be a camera index, a video or image file, a folder of "
+                      f"images, a URL or 'demo', got {type(source).__name__}{hint}")
   path = os.fspath(source)
   if path == "demo":
     path = DEMO_CLIP

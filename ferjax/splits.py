@@ -44,6 +44,34 @@ def load_run_data(config: TrainConfig, data_path: str | None, *,
   return data
 
 
+def check_run_data(config: TrainConfig, data) -> None:
+  """Refuses data handed to a run (``data=``) that does not fit its config.
+
+  Loaded by :func:`load_run_data`, the data always fits; data passed in may be
+  a path, or FER2013 labels for a FER+ run (and the reverse), which trained a
+  model of the wrong number of classes under the wrong label set, silently.
+
+  Raises:
+    TypeError: ``data`` is not a FerData.
+    ConfigError: its label set is not the one ``config.labels`` names, or
+      ``soft_targets`` is set and it has no vote distributions.
+  """
+  if not isinstance(data, data_lib.FerData):
+    raise TypeError(f"data must be a FerData (from ferjax.data.load_fer2013), got "
+                    f"{type(data).__name__}; pass a file as data_path")
+  is_ferplus = tuple(data.class_names) == data_lib.FERPLUS_CLASSES
+  if config.labels == "ferplus" and not is_ferplus:
+    raise ConfigError(f"labels=ferplus, but the data has the {data.num_classes} classes "
+                      f"{', '.join(data.class_names)}; relabel it with ferjax.data."
+                      "with_ferplus_labels(data, load_ferplus(...)), or train with labels=fer2013")
+  if config.labels != "ferplus" and is_ferplus:
+    raise ConfigError(f"labels={config.labels}, but the data has FER+ labels (8 classes, with "
+                      "contempt); train with labels=ferplus")
+  if config.soft_targets and data.soft_labels is None:
+    raise ConfigError("soft_targets needs FER+ vote distributions (data.soft_labels), which this "
+                      "data lacks; relabel it with ferjax.data.with_ferplus_labels")
+
+
 # Image folders have train/ and test/ only. The checkpoint is then selected on a
 # held-out tenth of train (stratified, fixed seed), never on the split it is
 # reported on.

@@ -308,7 +308,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
     config: what to train.
     workdir: where checkpoints, ``metrics.jsonl``, curves and results go; the
       same command on the same workdir resumes from the latest checkpoint.
-    data: the data set (else loaded from ``data_path`` / ``FER2013_PATH``).
+    data: the data set (else loaded from ``data_path`` / ``FER2013_PATH``),
+      with the label set ``config.labels`` names (FER+:
+      :func:`ferjax.data.with_ferplus_labels`).
     data_path: FER2013 in any form :func:`ferjax.data.load_fer2013` reads.
     ferplus_path: ``fer2013new.csv`` for ``labels="ferplus"``.
     fresh: move an existing run in ``workdir`` aside and start over.
@@ -317,6 +319,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str, *, data: data_lib.FerD
 
   Returns:
     The final results (also written to ``workdir/results.json``).
+
+  Raises:
+    TypeError: ``data`` is not a FerData.
+    ConfigError: bad settings or ``workdir``, or ``data`` of another label set
+      than ``config.labels``.
   """
   locks: list[int | None] = []
   with contextlib.ExitStack() as cleanup:  # Closed last to first, also on an error.
@@ -337,6 +344,8 @@ def _train_and_evaluate(config: TrainConfig, workdir: str, *, data, data_path, f
                         cleanup: contextlib.ExitStack) -> dict:
   if data is None:
     data = splits.load_run_data(config, data_path, ferplus_path=ferplus_path, on_error=on_error)
+  else:
+    splits.check_run_data(config, data)
   config, data = splits.resolve_splits(config, data)
   train, val, test = (data.split(getattr(config, f)) for f in
                       ("train_split", "eval_split", "test_split"))

@@ -280,7 +280,11 @@ def analyze_frame(frame: np.ndarray | None, predictor, detector: FaceDetector,
 
   Raises:
     ValueError: a frame that is not uint8 or has an unknown layout.
+    ConfigError: ``predictor`` or ``detector`` is not one (e.g. a checkpoint
+      path, or the two swapped).
   """
+  # Before the frame: a faceless frame would otherwise return [] and hide the mistake.
+  check_predictor_and_detector(predictor, detector)
   if _is_empty(frame):
     return []
   t0 = time.perf_counter()
@@ -404,8 +408,9 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
     ConfigError: ``every`` or ``redetect_every`` is not a whole number of at
-      least 1, ``max_frames`` is not a whole number, ``track_grace`` not one of
-      at least 0, or ``smooth`` is not in ``[0, 1)``.
+      least 1, ``max_frames`` is not a whole number of at least 1,
+      ``track_grace`` not one of at least 0, ``smooth`` is not in ``[0, 1)``,
+      or ``predictor`` or ``detector`` is not one.
   """
   # Whole numbers: every=1.5 would analyse every third frame (index % 1.5 == 0) silently.
   if not is_whole(every, 1):
@@ -413,10 +418,13 @@ def analyze_video(source, predictor, detector: FaceDetector | None = None, *, ev
   if not is_whole(redetect_every, 1):
     raise ConfigError(f"redetect_every must be a whole number of at least 1, got "
                       f"{redetect_every!r}")
-  if max_frames is not None and not is_whole(max_frames):
-    raise ConfigError(f"max_frames must be a whole number, got {max_frames!r}")
+  # At least 1: -1 (read elsewhere as "no limit") gave no frames, without a word.
+  if max_frames is not None and not is_whole(max_frames, 1):
+    raise ConfigError(f"max_frames must be a whole number of at least 1 (None: no limit), got "
+                      f"{max_frames!r}")
   check_track_grace(track_grace)
   check_smooth(smooth)
+  check_predictor_and_detector(predictor, detector)
   detector = detector or FaceDetector(max_faces=predictor.max_faces)
   owned = not isinstance(source, FrameSource)
   src = open_source(source)
@@ -451,6 +459,22 @@ def _follow(faces: list[FaceResult], previous: list[FaceResult], missing: list[t
   missing = [(face, age + 1) for j, (face, age) in enumerate(earlier)
              if j not in found and age < grace]
   return smooth_faces(numbered, known, smooth, class_names, pairs), missing
+
+
+def check_predictor_and_detector(predictor, detector) -> None:
+  """Refuses a ``predictor`` that is no Predictor and a ``detector`` that is no detector.
+
+  A checkpoint path given as the predictor, or the detector's class for an
+  instance, failed later as an AttributeError or a TypeError naming neither.
+  """
+  if not (hasattr(predictor, "predict_faces") and hasattr(predictor, "class_names")):
+    hint = ("; load a checkpoint with Predictor(path)"
+            if isinstance(predictor, (str, os.PathLike)) else "")
+    raise ConfigError(f"predictor must be a ferjax.inference.Predictor, e.g. Predictor() for "
+                      f"the shipped weights, got {type(predictor).__name__}{hint}")
+  if detector is not None and (isinstance(detector, type) or not hasattr(detector, "detect")):
+    raise ConfigError(f"detector must be a ferjax.faces.FaceDetector, e.g. FaceDetector(), or "
+                      f"None for the default, got {detector!r}")
 
 
 def check_track_grace(track_grace) -> None:
@@ -668,14 +692,15 @@ def run_pipeline(source, predictor, detector: FaceDetector | None = None, *,
   Raises:
     ferjax.sources.SourceError: the source cannot be opened.
     ferjax.annotate.OutputError, ConfigError: an output cannot be written,
-      ``smooth`` is not in ``[0, 1)``, or ``track_grace`` is not a whole number
-      of at least 0.
+      ``smooth`` is not in ``[0, 1)``, ``track_grace`` is not a whole number
+      of at least 0, or ``predictor`` or ``detector`` is not one.
   """
   import cv2
 
   check_outputs(source, output=output, csv=csv_path, json=json_path)
   check_smooth(smooth)
   check_track_grace(track_grace)
+  check_predictor_and_detector(predictor, detector)  # Before any output is opened.
   src = open_source(source)
   writer = table = record = None
   summary = None

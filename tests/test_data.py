@@ -124,6 +124,11 @@ def test_held_out_split_is_stratified_disjoint_and_repeatable():
     (dict(labels=np.array([0, 1, 7, 2])), r"labels must lie in 0..6 .*got 0..7"),
     (dict(labels=np.zeros(4, np.float32)), "labels must be integers"),
     (dict(splits=np.array(["Training"] * 3)), r"splits must have shape \(4,\), one per image"),
+    # Before: accepted, to fail in training as an IndexError in a batch of soft targets.
+    (dict(soft_labels=np.full((3, 7), 1 / 7, np.float32)),
+     (r"soft_labels must be float \(N, C\) = \(4, 7\), one distribution over class_names per "
+      r"image, got float32 \(3, 7\)")),
+    (dict(soft_labels=np.eye(7, dtype=np.int64)[:4]), r"soft_labels must be float .*got int64"),
 ])
 def test_a_hand_made_ferdata_is_checked(change, message):
   base = dict(images=np.zeros((4, 48, 48, 1), np.uint8), labels=np.arange(4, dtype=np.int32),
@@ -272,6 +277,17 @@ def test_bad_files(tmp_path, cache_dir):
     data_lib.load_fer2013(not_gz)
 
 
+def test_a_path_that_is_not_a_path_names_the_argument(cache_dir):
+  from ferjax.errors import ConfigError
+  # Before: TypeError: expected str, bytes or os.PathLike object, not NoneType.
+  with pytest.raises(ConfigError, match=r"path must be the path of fer2013.csv \(or .csv.gz, "
+                                        r".tar.gz, an image folder\), got None; ferjax.data."
+                                        r"fer2013_path\(None\) reads \$FER2013_PATH"):
+    data_lib.load_fer2013(None)
+  with pytest.raises(ConfigError, match=r"path must be the path of fer2013new.csv, got 3$"):
+    data_lib.load_ferplus(3)
+
+
 def test_truncated_gzip_names_the_line(tmp_path, cache_dir):
   plain = write_csv(tmp_path / "f.csv", fer_rows(40))
   full = gzip.compress(open(plain, "rb").read())
@@ -414,6 +430,17 @@ def test_ferplus_api_mistakes_are_named(tmp_path, cache_dir):
   with pytest.raises(TypeError, match="got FerPlusLabels and FerData"):
     data_lib.with_ferplus_labels(fp, data)
   assert data_lib.with_ferplus_labels(data, fp).labels.tolist() == [6, 6]
+
+
+def test_ferplus_after_with_held_out_names_the_new_split(tmp_path, cache_dir):
+  csv_path = write_csv(tmp_path / "f.csv", fer_rows(20, usages=("Training",)))
+  fp_path = _ferplus_csv(tmp_path / "fp.csv", ["Training,a.png,10,0,0,0,0,0,0,0,0,0"] * 20)
+  held = data_lib.load_fer2013(csv_path).with_held_out("Training", "val", 0.2)
+  # Before: "load the CSV form of FER2013, not an image folder", though it was the CSV.
+  with pytest.raises(DataError, match=r"has the split\(s\) val, not Training, PublicTest, "
+                     r"PrivateTest: load the CSV form of FER2013, and relabel it before making "
+                     r"new splits \(with_held_out\)"):
+    data_lib.with_ferplus_labels(held, data_lib.load_ferplus(fp_path))
 
 
 def test_real_fer2013_counts(fer2013_path):

@@ -191,13 +191,48 @@ def test_detector_counts_must_be_whole_numbers(kwargs, message):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(every=1.5), "every must be a whole number of at least 1, got 1.5"),
     (dict(redetect_every=2.0), "redetect_every must be a whole number of at least 1, got 2.0"),
-    (dict(max_frames=2.5), "max_frames must be a whole number, got 2.5"),
+    (dict(max_frames=2.5), (r"max_frames must be a whole number of at least 1 \(None: no "
+                            r"limit\), got 2.5")),
+    # Before: -1 (elsewhere "no limit") gave no frames, without a word.
+    (dict(max_frames=-1), (r"max_frames must be a whole number of at least 1 \(None: no "
+                           r"limit\), got -1")),
 ])
 def test_analyze_video_counts_must_be_whole_numbers(kwargs, message):
   # Before: every=1.5 analysed every third frame (index % 1.5 == 0) without a word.
   from ferjax.video import analyze_video
   with pytest.raises(ConfigError, match=message):
     analyze_video(CLIP, None, FaceDetector(), **kwargs)
+
+
+def test_analyze_names_a_predictor_detector_or_source_that_is_not_one(tmp_path):
+  from ferjax.models import create_model
+  from ferjax.video import analyze_frame, analyze_video, run_pipeline
+  frame = np.zeros((480, 640, 3), np.uint8)
+  # Before: AttributeError: 'str' object has no attribute 'max_faces' (or 'predict_faces',
+  # and only once a frame had a face).
+  with pytest.raises(ConfigError, match="predictor must be a ferjax.inference.Predictor, e.g. "
+                                        "Predictor\\(\\) for the shipped weights, got str; load a "
+                                        "checkpoint with Predictor\\(path\\)$"):
+    analyze_video(CLIP, "ferjax/weights/default")
+  with pytest.raises(ConfigError, match="predictor must be .*got FaceDetector$"):
+    analyze_frame(frame, FaceDetector(), FaceDetector())  # Predictor and detector swapped.
+  model = create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), **TINY_MODEL)
+  predictor = Predictor.from_model(model, [str(i) for i in range(7)])
+  # Before: TypeError: FaceDetector.detect() missing 1 required positional argument: 'gray'.
+  with pytest.raises(ConfigError, match="detector must be a ferjax.faces.FaceDetector, e.g. "
+                                        "FaceDetector\\(\\), or None for the default, got <class"):
+    analyze_frame(frame, predictor, FaceDetector)
+  table = tmp_path / "faces.csv"
+  with pytest.raises(ConfigError, match="predictor must be"):
+    run_pipeline(CLIP, None, csv_path=str(table))
+  assert not table.exists()
+  # Before: TypeError: expected str, bytes or os.PathLike object, not ndarray.
+  with pytest.raises(sources.SourceError, match="source must be a camera index, a video or image "
+                     "file, a folder of images, a URL or 'demo', got ndarray; for one frame "
+                     "already in memory use ferjax.video.analyze_frame$"):
+    analyze_video(frame, predictor)
+  with pytest.raises(sources.SourceError, match="got NoneType$"):
+    analyze_video(None, predictor)
 
 
 def test_no_face_gives_no_boxes():
@@ -232,6 +267,33 @@ def test_to_gray_accepts_opencv_layouts_and_refuses_others():
     to_gray(np.zeros((4, 5, 3), np.float32))
   with pytest.raises(ValueError, match="shape"):
     to_gray(np.zeros((4, 5, 2), np.uint8))
+
+
+def test_detector_names_a_float_or_missing_frame_and_takes_bgr(clip_frames):
+  detector = FaceDetector()
+  bgr = clip_frames[0]
+  gray = to_gray(bgr)
+  boxes = detector.detect(gray)
+  # Before: an OpenCV assertion "_image.depth() == CV_8U in function 'detectMultiScale'".
+  for call in (detector.detect, lambda f: detector.detect_near(f, boxes),
+               lambda f: detector.crops(f, boxes)):
+    with pytest.raises(ValueError, match="frames must be uint8 .*got float64"):
+      call(gray / 255.0)
+    # Before: AttributeError: 'NoneType' object has no attribute 'shape' (a failed imread).
+    with pytest.raises(ValueError, match=r"no frame \(None\): cv2.imread and VideoCapture.read"):
+      call(None)
+  # A BGR frame is made grey (before, crops failed on it with a numpy broadcast error).
+  assert detector.detect(bgr) == boxes and detector.detect_near(bgr, boxes) == \
+      detector.detect_near(gray, boxes)
+  np.testing.assert_array_equal(detector.crops(bgr, boxes), detector.crops(gray, boxes))
+
+
+@pytest.mark.parametrize("min_size", [-5, "48", None])
+def test_detector_refuses_a_min_size_that_is_not_a_size(min_size):
+  # Before: accepted; "48" failed at the first detect() as a TypeError.
+  with pytest.raises(ConfigError, match=f"min_size must be a number of pixels, at least 0, got "
+                                        f"{re.escape(repr(min_size))}"):
+    FaceDetector(min_size=min_size)
 
 
 def test_a_missing_cascade_is_a_clear_error(tmp_path):
@@ -349,6 +411,26 @@ def test_predictor_refuses_batch_sizes_that_are_not_whole_numbers(kwargs, messag
   assert predictor.predict_faces(np.zeros((3, 48, 48), np.uint8)).shape == (3, 7)
 
 
+def test_from_model_names_a_load_model_pair_a_name_string_and_a_batch_size_number():
+  from ferjax.inference import default_weights_dir
+  from ferjax.models import create_model
+  pair = checkpoint_lib.load_model(default_weights_dir())
+  # Before: AttributeError: 'tuple' object has no attribute 'eval'.
+  with pytest.raises(ConfigError, match=r"model must be a ferjax model .*got tuple; load_model "
+                                        r"returns \(model, meta\): unpack it"):
+    Predictor.from_model(pair, pair[1]["class_names"])
+  model = create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), **TINY_MODEL)
+  # Before: "abcdefg" passed as seven one-letter class names.
+  with pytest.raises(ConfigError, match="class_names must be a sequence of names, one per class"):
+    Predictor.from_model(model, "abcdefg")
+  # Before: TypeError: 'int' object is not iterable.
+  with pytest.raises(ConfigError, match=r"batch_sizes must be a sequence of whole numbers, e\.g\. "
+                                        r"\(1, 8\), got 4"):
+    Predictor.from_model(model, [str(i) for i in range(7)], batch_sizes=4)
+  assert Predictor.from_model(model, tuple("abcdefg"),
+                              batch_sizes=np.array([2])).batch_sizes == (2, 8)
+
+
 def test_a_which_that_is_not_a_step_names_the_argument():
   # Before: which=None raised a bare TypeError from int().
   from ferjax.inference import default_weights_dir
@@ -366,6 +448,22 @@ def test_a_which_that_is_not_a_step_names_the_argument():
       checkpoint_lib.load_model(which)
   with pytest.raises(CheckpointError, match="no-such-run: no such directory$"):
     checkpoint_lib.load_model("no-such-run")
+
+
+def test_a_fractional_or_bool_which_is_not_rounded_to_a_step():
+  # Before: int() turned which=1.5 (and True) into step 1, loaded if the run had it.
+  from ferjax.inference import default_weights_dir
+  for which in (1.5, True, float("inf")):
+    message = f"expected best, latest or a step number, got {re.escape(repr(which))}$"
+    with pytest.raises(CheckpointError, match=message):
+      checkpoint_lib.load_model(default_weights_dir(), which)
+  store = checkpoint_lib.CheckpointStore(checkpoint_lib.find_checkpoints(default_weights_dir()),
+                                         read_only=True)
+  try:
+    step = store.latest_step()
+    assert store.resolve(float(step)) == store.resolve(np.int64(step)) == step
+  finally:
+    store.close()
 
 
 def test_missing_default_weights_or_checkpoint_is_a_checkpoint_error(tmp_path, monkeypatch):

@@ -94,6 +94,20 @@ def test_model_input_of_the_wrong_dtype_or_shape_is_refused(name, x, message):
       call(x)
 
 
+def test_dnn_refuses_another_input_size_and_takes_an_empty_batch():
+  model = tiny("dnn")
+  model.eval()
+  # Before: a dot_general "contracting dimensions" TypeError from its dense layer (the
+  # attention models take other sizes: their LSTM runs over more positions).
+  with pytest.raises(ValueError, match=r"model input must be \(B, 48, 48, 1\) for this model "
+                                       r"\(image_size=48\), got shape \(2, 64, 64, 1\); "
+                                       "resize the faces to 48x48"):
+    model(jnp.zeros((2, 64, 64, 1)))
+  # Before: a ZeroDivisionError from reshape(0, -1).
+  assert model(jnp.zeros((0, 48, 48, 1))).shape == (0, 7)
+  assert tiny("dnn", image_size=24)(jnp.zeros((1, 24, 24, 1))).shape == (1, 7)
+
+
 def test_lstm_runs_over_36_steps_and_every_position_matters():
   model = tiny("acnn_alstm")
   model.eval()
@@ -290,6 +304,14 @@ def test_a_bad_number_of_classes_is_a_config_error(num_classes):
     with pytest.raises(ConfigError, match=f"num_classes must be a whole number of at least 2, "
                                           f"got {num_classes!r}"):
       models.create_model(name, num_classes=num_classes, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("rngs", [0, None])
+def test_rngs_that_are_not_nnx_rngs_are_a_config_error(rngs):
+  # Before: an AttributeError ('int' object has no attribute 'params') from the first layer.
+  with pytest.raises(ConfigError, match=f"rngs must be a flax.nnx.Rngs, e.g. rngs=nnx.Rngs\\(0\\), "
+                                        f"got {rngs!r}"):
+    models.create_model("dnn", num_classes=7, rngs=rngs)
 
 
 @pytest.mark.parametrize("name,option,value,need", [

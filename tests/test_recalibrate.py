@@ -106,6 +106,23 @@ def test_a_model_without_batch_norm_or_faces_is_refused():
     recalibrate.recalibrate_batch_norm(model, _faces(0))
 
 
+def test_a_load_model_pair_a_ferdata_or_a_fractional_batch_size_is_named():
+  from ferjax.data import FerData
+  model = create_model("acnn_alstm", num_classes=7, rngs=nnx.Rngs(0), **TINY_ALSTM)
+  # Before: AttributeError: 'tuple' object has no attribute 'eval'.
+  with pytest.raises(ConfigError, match=r"got tuple; load_model returns \(model, meta\): unpack"):
+    recalibrate.recalibrate_batch_norm((model, {}), _faces(4))
+  data = FerData(images=_faces(4), labels=np.zeros(4, np.int32), splits=["Training"] * 4,
+                 rows=np.arange(4))
+  # Before: "needs uint8 faces (N, H, W, 1), N > 0; got object ()".
+  with pytest.raises(ConfigError, match=r"takes the faces, not a FerData: pass its images, e\.g\. "
+                                        r"data.split\('Training'\).images"):
+    recalibrate.recalibrate_batch_norm(model, data)
+  # Before: batch_size=2.5 passed the check and failed as a TypeError from a slice.
+  with pytest.raises(ConfigError, match="batch_size must be a whole number of at least 1, got 2.5"):
+    recalibrate.recalibrate_batch_norm(model, data.images, batch_size=2.5)
+
+
 def test_which_models_have_batch_norm():
   assert recalibrate.model_has_batch_norm("acnn_alstm", TINY_ALSTM)
   assert recalibrate.model_has_batch_norm("vgg_alstm")

@@ -166,6 +166,32 @@ def test_metrics_by_hand():
   assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3) / 3)
 
 
+@pytest.mark.parametrize("probs, labels, message", [
+    # Before: IndexErrors from numpy that named neither argument.
+    (np.full((4, 7), 1 / 7), [0, 1, 2, 3],
+     r"probs must be \(N, 3\), one column per class name, got shape \(4, 7\)"),
+    (np.full((4, 3), 1 / 3), [0, 1, 2],
+     r"labels must be 4 class indices \(N,\) in 0..2, one per row of probs, got int64 \(3,\)"),
+    (np.full((4, 3), 1 / 3), [0, 1, 2, 9], r"got int64 \(4,\) with values 0..9"),
+    (np.full((4, 3), 1 / 3), np.eye(3)[[0, 1, 2, 0]], r"got float64 \(4, 3\)"),
+    (np.full((2, 3), 1 / 3), [0.0, 1.0], r"got float64 \(2,\) with values 0.0..1.0"),
+])
+def test_metrics_name_mismatched_arguments(probs, labels, message):
+  with pytest.raises(ConfigError, match=message):
+    classification_metrics(probs, np.asarray(labels), ["a", "b", "c"])
+  # Lists are taken as arrays (before: AttributeError, 'list' object has no attribute 'argmax').
+  assert classification_metrics([[0.9, 0.1, 0.0]], [0], ["a", "b", "c"])["accuracy"] == 1.0
+
+
+def test_model_metrics_refuses_a_batch_size_below_one(tiny_data):
+  from ferjax.evaluate import model_metrics
+  from ferjax.models import create_model
+  model = create_model("dnn", num_classes=7, rngs=nnx.Rngs(0), width=4, fc_sizes=(8, 8))
+  # Before: ValueError: range() arg 3 must not be zero.
+  with pytest.raises(ConfigError, match="batch_size must be a whole number of at least 1, got 0"):
+    model_metrics(model, tiny_data.split("PrivateTest"), tiny_data.class_names, batch_size=0)
+
+
 def test_loss_falls_when_overfitting_one_batch(tiny_data):
   config = tiny_config(augment=NO_AUGMENT, label_smoothing=0.0, learning_rate=1e-2,
                        model_overrides={**TINY_ALSTM, "dropout": 0.0})
@@ -671,6 +697,27 @@ def test_evaluate_checks_its_arguments_and_the_datas_label_set(tmp_path, tiny_da
   assert not os.path.exists(out)
 
 
+def test_training_refuses_data_of_another_label_set_before_writing(tmp_path, tiny_data):
+  from ferjax.data import FERPLUS_CLASSES
+  workdir = tmp_path / "run"
+  # Before: an AttributeError ('str' object has no attribute 'split_names').
+  with pytest.raises(TypeError, match="data must be a FerData .* got str; pass a file as data_"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=1), str(workdir), data=tiny_data.source)
+  # Before: FER2013 data trained a 7-class model saved as a FER+ run (and soft_targets
+  # trained on the hard labels), silently.
+  with pytest.raises(ConfigError, match="labels=ferplus, but the data has the 7 classes angry, "
+                                        ".*relabel it with ferjax.data.with_ferplus_labels"):
+    train_lib.train_and_evaluate(tiny_config(labels="ferplus", max_steps=1), str(workdir),
+                                 data=tiny_data)
+  ferplus = dataclasses.replace(tiny_data, class_names=FERPLUS_CLASSES)
+  with pytest.raises(ConfigError, match="labels=fer2013, but the data has FER\\+ labels"):
+    train_lib.train_and_evaluate(tiny_config(max_steps=1), str(workdir), data=ferplus)
+  with pytest.raises(ConfigError, match="soft_targets needs FER\\+ vote distributions"):
+    train_lib.train_and_evaluate(tiny_config(labels="ferplus", soft_targets=True, max_steps=1),
+                                 str(workdir), data=ferplus)
+  assert not workdir.exists()
+
+
 def test_evaluate_takes_data_holding_only_the_reported_split(tmp_path, tiny_data):
   from ferjax.inference import default_weights_dir
   weights, out = default_weights_dir(), str(tmp_path / "out")
@@ -988,6 +1035,9 @@ def test_from_dict_leaves_the_dict_it_reads_unchanged():
     (dict(swa_epochs=1, swa_learning_rate=0.0), "swa_learning_rate must be positive, got 0.0"),
     (dict(swa_epochs=1, ema_decay=0.9), "ema_decay and swa_epochs both average the weights"),
     (dict(augment={"mixup_alpha": 0.2}), "augment must be a ferjax.augment.AugmentConfig"),
+    # Before: accepted; distill_from=3 failed in training as an AttributeError (no .split).
+    (dict(distill_from=3), r"distill_from must be a path \(a run's workdir\), got 3"),
+    (dict(init_from=["runs/a"]), r"init_from must be a path \(a run's workdir\), got \['runs/a'\]"),
 ])
 def test_a_config_field_of_the_wrong_type_or_value_is_a_config_error(changes, message):
   # Each of these used to pass and fail later inside training (numpy's "seed must be
@@ -999,6 +1049,12 @@ def test_a_config_field_of_the_wrong_type_or_value_is_a_config_error(changes, me
   # Integers where floats are expected, and numpy scalars, are fine.
   c = tiny_config(learning_rate=1, weight_decay=np.float32(0), epochs=np.int64(2))
   assert c.learning_rate == 1 and c.epochs == 2
+  # A pathlib.Path is kept as text (before, json.dump of config.json failed on it half-way
+  # through writing the file, in the new workdir).
+  import pathlib
+  c = tiny_config(init_from=pathlib.Path("runs", "a"), distill_from=pathlib.Path("runs", "b"))
+  assert (c.init_from, c.distill_from) == (os.path.join("runs", "a"), os.path.join("runs", "b"))
+  json.dumps(c.to_dict())
 
 
 def test_class_weights_follow_the_class_frequencies_with_mean_one():

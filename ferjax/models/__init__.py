@@ -56,13 +56,16 @@ def create_model(name: str, *, num_classes: int, rngs: nnx.Rngs, **overrides) ->
     The model; it maps float ``(B, 48, 48, 1)`` from ``preprocess`` to logits.
 
   Raises:
-    ConfigError: unknown name or option, or ``num_classes`` not a whole number
-      of at least 2.
+    ConfigError: unknown name or option, ``num_classes`` not a whole number
+      of at least 2, or ``rngs`` not an ``nnx.Rngs``.
   """
   factory = _factory(name)
   # Checked here: 0 classes fails in the initialiser (ZeroDivisionError), "7" in JAX.
   if not is_whole(num_classes, 2):
     raise ConfigError(f"num_classes must be a whole number of at least 2, got {num_classes!r}")
+  # A seed or None fails in the first layer's initialiser, as an AttributeError (no .params).
+  if not isinstance(rngs, nnx.Rngs):
+    raise ConfigError(f"rngs must be a flax.nnx.Rngs, e.g. rngs=nnx.Rngs(0), got {rngs!r}")
   check_options(name, overrides)
   return factory(num_classes, rngs=rngs, **overrides)
 
@@ -97,6 +100,20 @@ def check_options(name: str, overrides: dict[str, object]) -> None:
       continue
     if not ok:
       raise ConfigError(f"model option {key}={value!r}: must be {need}")
+
+
+def check_model(model) -> None:
+  """Raises ConfigError unless ``model`` is a Flax NNX model, naming a ``load_model`` pair.
+
+  The ``(model, meta)`` pair of :func:`ferjax.checkpoint.load_model`, not unpacked,
+  would otherwise fail as an AttributeError ('tuple' object has no attribute 'eval').
+  """
+  if isinstance(model, nnx.Module):
+    return
+  hint = ("; load_model returns (model, meta): unpack it, model, meta = load_model(...)"
+          if isinstance(model, tuple) and model and isinstance(model[0], nnx.Module) else "")
+  raise ConfigError(f"model must be a ferjax model (a flax.nnx.Module, from create_model or "
+                    f"load_model), got {type(model).__name__}{hint}")
 
 
 def _factory(name: str):

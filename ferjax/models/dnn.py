@@ -30,20 +30,21 @@ class DNN(nnx.Module):
     self.fc2 = nnx.Linear(fc_sizes[0], fc_sizes[1], rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.classifier = nnx.Linear(fc_sizes[1], num_classes, rngs=rngs)
+    self.image_size = image_size  # fc1's size depends on it: other input sizes cannot run.
 
   def forward(self, x_BxHxWx1: jax.Array) -> tuple[jax.Array, dict]:
     """Returns logits ``(B, C)`` and an empty dict (no attention in this model).
 
     Raises:
-      ValueError: input that is not float ``(B, H, W, 1)`` (e.g. uint8 faces
-        not passed through :func:`ferjax.preprocess.preprocess`).
+      ValueError: input that is not float ``(B, image_size, image_size, 1)``
+        (e.g. uint8 faces not passed through :func:`ferjax.preprocess.preprocess`).
     """
-    check_model_input(x_BxHxWx1)
+    check_model_input(x_BxHxWx1, size=self.image_size)
     x = jax.nn.relu(self.conv1(x_BxHxWx1))
     x = self.norm1(max_pool_same(x))
     x = jax.nn.relu(self.conv2(x))
     x = max_pool_same(self.norm2(x))
-    x = x.reshape(x.shape[0], -1)
+    x = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # Not -1: an empty batch has size 0.
     x = self.dropout(jax.nn.relu(self.fc1(x)))
     x = self.fc2(x)  # Linear, as in the original.
     return self.classifier(x), {}

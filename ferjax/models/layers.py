@@ -19,19 +19,24 @@ from flax import nnx
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 
 
-def check_model_input(x_BxHxWxC: jax.Array, channels: int = 1) -> None:
+def check_model_input(x_BxHxWxC: jax.Array, channels: int = 1, size: int | None = None) -> None:
   """Raises ValueError unless ``x`` is float ``(B, H, W, channels)`` model input.
 
   Catches two easy slips before they turn into wrong logits or an error from
   deep inside a convolution: uint8 faces passed without
   :func:`ferjax.preprocess.preprocess` (they would run, unstandardised, to
-  meaningless logits), and faces without the batch or channel axis.
+  meaningless logits), and faces without the batch or channel axis. With
+  ``size``, H and W must both be ``size`` (a model with a fixed-size dense layer).
   """
   shape, dtype = jnp.shape(x_BxHxWxC), jnp.result_type(x_BxHxWxC)
   if len(shape) != 4 or shape[-1] != channels:
     raise ValueError(f"model input must be (B, H, W, {channels}), got shape {tuple(shape)}; "
                      f"add a batch axis for one face (x[None]) and a channel axis for grey "
                      f"(B, H, W) faces (x[..., None])")
+  if size is not None and tuple(shape[1:3]) != (size, size):
+    raise ValueError(f"model input must be (B, {size}, {size}, {channels}) for this model "
+                     f"(image_size={size}), got shape {tuple(shape)}; resize the faces to "
+                     f"{size}x{size}")
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"model input must be float, as ferjax.preprocess.preprocess returns, got "
                      f"{dtype}; call model(preprocess(faces_uint8))")
