@@ -11,9 +11,12 @@ do.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import re
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -65,8 +68,11 @@ class CheckpointStore:
     if swa is not None:
       items["swa"] = ocp.args.StandardSave(swa)
     metrics = None if eval_accuracy is None else {BEST_METRIC: float(eval_accuracy)}
-    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
-    self._manager.wait_until_finished()
+    # Ctrl-C in the middle lost the checkpoint and printed Orbax's background threads'
+    # tracebacks as the interpreter shut down under them: it now waits for the write.
+    with _ctrl_c_deferred():
+      self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+      self._manager.wait_until_finished()
 
   def latest_step(self) -> int | None:
     """The newest saved step (None if there is none)."""
@@ -147,6 +153,27 @@ class CheckpointStore:
   def close(self) -> None:
     """Releases the Orbax manager."""
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+  """Holds a Ctrl-C (SIGINT) back until the block ends, then raises KeyboardInterrupt.
+
+  Only where Python's own handler is installed, on the main thread; a program's own
+  handler is left to do as it does.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  caught = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if caught:
+    raise KeyboardInterrupt
 
 
 def _unreadable(directory: str, step: int, e: Exception) -> CheckpointError:

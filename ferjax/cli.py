@@ -159,14 +159,18 @@ def _as_flag(message: str) -> str:
   The library names its settings as its arguments and config fields do
   (``epochs must be at least 1, got 0``); the entrypoints' flags have the same
   names, so a message that opens with one of them, followed by ``must``,
-  ``needs`` or ``and``, is given the flag's dashes.
+  ``needs`` or ``and``, is given the flag's dashes (and so is a second flag
+  after that ``and``).
   """
   from absl import flags
 
   match = re.match(r"([a-z][a-z0-9_]*) (must|needs|and) ", message)
-  if match and match[1] in flags.FLAGS:
-    return "--" + message
-  return message
+  if not match or match[1] not in flags.FLAGS:
+    return message
+  second = re.match(r"[a-z0-9_]+ and ([a-z][a-z0-9_]*) ", message)
+  if second and second[1] in flags.FLAGS:  # "ema_decay and swa_epochs both ...": both flags.
+    return f"--{match[1]} and --{message[second.start(1):]}"
+  return "--" + message
 
 
 def _drop_abandoned_coroutines() -> None:

@@ -43,7 +43,7 @@ def load_source(config: TrainConfig, workdir: str) -> tuple[nnx.Module, dict] | 
   ours = json.loads(json.dumps(config.model_overrides))  # Tuples as lists, as saved.
   if theirs != ours:
     raise ConfigError(f"--init_from={source} was trained with model options {theirs or '(none)'}, "
-                      f"this run has {config.model_overrides or '(none)'} (--model_option)")
+                      f"this run has {ours or '(none)'} (--model_option)")
   return model, meta
 
 

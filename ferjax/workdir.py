@@ -151,8 +151,9 @@ def drop_records_after(workdir: str, step: int) -> None:
   with open(path + ".tmp", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in kept)
   os.replace(path + ".tmp", path)  # Atomic: a crash here leaves the old records.
-  log.warning("%s: dropped the records of steps %s, written after the last checkpoint (step %d)",
-              path, ", ".join(str(r["step"]) for r in dropped), step)
+  log.warning("%s: dropped the records of step%s %s, written after the last checkpoint (step %d)",
+              path, "s" if len(dropped) > 1 else "", ", ".join(str(r["step"]) for r in dropped),
+              step)
 
 
 def last_record(workdir: str) -> dict:

@@ -159,7 +159,7 @@ def test_train_config_options_given_as_one_string_or_a_dict_are_named():
     # The library's message names the setting; the entrypoint gives it the flag's dashes.
     (["--epochs=0"], 2, "error: --epochs must be at least 1"),
     (["--swa_epochs=2", "--ema_decay=0.9"], 2,
-     "error: --ema_decay and swa_epochs both average the weights"),
+     "error: --ema_decay and --swa_epochs both average the weights"),
     # A switch spelled other than true/false would otherwise read as on.
     (["--model_option=bidirectional=no"], 2, "error: model option bidirectional='no': must be "
      "true or false"),

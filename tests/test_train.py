@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -550,6 +551,32 @@ def test_checkpoint_keeps_latest_and_best(tmp_path):
   assert sorted(store.all_steps()) == [2, 6]
   store.save(7, model=tree, optimizer=tree, ema=None, meta={"step": 7}, eval_accuracy=0.7)
   assert store.resolve("best") == 7 and sorted(store.all_steps()) == [7]
+
+
+def test_ctrl_c_while_saving_lets_the_checkpoint_finish_then_interrupts(tmp_path, monkeypatch):
+  store = checkpoint_lib.CheckpointStore(tmp_path / "ckpt")
+  tree = {"w": jnp.arange(3.0)}
+  manager = store._manager
+  real_save = manager.save
+
+  def save_with_ctrl_c(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # As Ctrl-C during the write.
+    return real_save(*args, **kwargs)
+
+  monkeypatch.setattr(manager, "save", save_with_ctrl_c)
+  # Python's own Ctrl-C handler, as a program has it (a test runner may have another).
+  runner_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      store.save(1, model=tree, optimizer=tree, ema=None, meta={"step": 1}, eval_accuracy=0.5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, runner_handler)
+  assert store.all_steps() == [1] and sorted(os.listdir(tmp_path / "ckpt")) == ["1"]
+  store.close()
+  reread = checkpoint_lib.CheckpointStore(tmp_path / "ckpt", read_only=True)
+  assert reread.read_meta(1) == {"step": 1}
+  reread.close()
 
 
 def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path):
@@ -1437,8 +1464,11 @@ def test_a_bad_init_from_is_refused_before_the_workdir_is_written(tmp_path, tiny
        "^--init_from: .*missing: no such directory"),
       (dict(init_from=source, model="cnn_lstm"), ConfigError,
        "holds model 'acnn_alstm'; this run trains 'cnn_lstm'"),
+      # Both sides as saved (widths a list, not a tuple on one side only, which read as a
+      # difference where there was none).
       (dict(init_from=source, model_overrides={**TINY_ALSTM, "lstm_hidden": 16}), ConfigError,
-       "trained with model options .*lstm_hidden.: 8.*this run has .*lstm_hidden.: 16"),
+       r"trained with model options \{'widths': \[4, 4, 8, 8\], 'lstm_hidden': 8, .*this run "
+       r"has \{'widths': \[4, 4, 8, 8\], 'lstm_hidden': 16"),
   ]
   for changes, error, message in cases:
     with pytest.raises(error, match=message):
@@ -1449,6 +1479,21 @@ def test_a_bad_init_from_is_refused_before_the_workdir_is_written(tmp_path, tiny
     train_lib.train_and_evaluate(tiny_config(max_steps=2, init_from=source), source,
                                  data=tiny_data)
   assert sorted(os.listdir(source)) == before
+
+
+def test_dropped_records_are_named_in_the_singular_or_plural(tmp_path, caplog):
+  from ferjax import workdir as workdir_lib
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (8, 16, 24, 32)))
+  with caplog.at_level(logging.WARNING, logger="ferjax"):
+    workdir_lib.drop_records_after(str(tmp_path), 24)
+    workdir_lib.drop_records_after(str(tmp_path), 8)
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [8]
+  messages = [r.getMessage() for r in caplog.records]
+  assert "dropped the records of step 32, written after the last checkpoint (step 24)" in \
+      messages[0]
+  assert "dropped the records of steps 16, 24, written after the last checkpoint (step 8)" in \
+      messages[1]
 
 
 def test_a_missing_file_of_saved_predictions_is_called_a_missing_file(tmp_path, tiny_data):
