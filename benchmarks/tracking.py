@@ -63,8 +63,8 @@ def main(argv):
                  for ref, got in zip(reference, boxes))
       extra = sum(sum(all(iou(b, a) <= 0.5 for a in ref) for b in got)
                   for ref, got in zip(reference, boxes))
-      rows[str(interval)] = {"faces": sum(map(len, boxes)), "same_as_full_search": same, "extra": extra,
-                     "ms_per_frame": 1e3 * seconds / len(grays)}
+      rows[str(interval)] = {"faces": sum(map(len, boxes)), "same_as_full_search": same,
+                             "extra": extra, "ms_per_frame": 1e3 * seconds / len(grays)}
     results["clips"][path] = {"frames": len(grays), "size": list(grays[0].shape), "rows": rows}
     name = fit(os.path.basename(path), 38)
     for value, row in rows.items():

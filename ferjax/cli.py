@@ -164,12 +164,11 @@ def _as_flag(message: str) -> str:
   """
   from absl import flags
 
-  match = re.match(r"([a-z][a-z0-9_]*) (must|needs|and) ", message)
+  match = re.match(r"([a-z][a-z0-9_]*) (must |needs |and ([a-z][a-z0-9_]*) )", message)
   if not match or match[1] not in flags.FLAGS:
     return message
-  second = re.match(r"[a-z0-9_]+ and ([a-z][a-z0-9_]*) ", message)
-  if second and second[1] in flags.FLAGS:  # "ema_decay and swa_epochs both ...": both flags.
-    return f"--{match[1]} and --{message[second.start(1):]}"
+  if match[3] and match[3] in flags.FLAGS:  # "ema_decay and swa_epochs both ...": both flags.
+    return f"--{match[1]} and --{message[match.start(3):]}"
   return "--" + message
 
 
@@ -220,10 +219,10 @@ def parse_options(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
   """
   # A lone string would be read a character at a time ("--model_option='w': expected key=value").
   if isinstance(items, (str, bytes, dict)):
+    example = "lstm_hidden=256" if flag == "model_option" else "mixup_alpha=0.2"
     hint = (f"; a dict of options goes to default_config(model, model_overrides={items!r})"
             if isinstance(items, dict) and flag == "model_option" else "")
-    raise ConfigError(f"--{flag}: expected a list of key=value strings, e.g. "
-                      f"[{'lstm_hidden=256' if flag == 'model_option' else 'mixup_alpha=0.2'!r}], "
+    raise ConfigError(f"--{flag}: expected a list of key=value strings, e.g. [{example!r}], "
                       f"got {type(items).__name__} {items!r}{hint}")
   out: dict[str, Any] = {}
   for item in items or ():

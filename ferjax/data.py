@@ -268,8 +268,9 @@ def load_fer2013(
     where = ", ".join(str(e.line) if e.line else e.path for e in data.skipped[:20])
     more = ", …" if len(data.skipped) > 20 else ""
     n = len(data.skipped)
-    log.warning("%s: skipped %d bad row%s (line%s %s%s); first: %s", path, n,
-                "s" if n != 1 else "", "s" if n != 1 else "", where, more, data.skipped[0])
+    plural = "s" if n != 1 else ""
+    log.warning("%s: skipped %d bad row%s (line%s %s%s); first: %s", path, n, plural, plural,
+                where, more, data.skipped[0])
   if cache_file is not None and parsed:
     _write_cache(cache_file, data)
   return data
