@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -67,8 +68,14 @@ def predict_probs(model_fn: Callable[[jax.Array], jax.Array], images_BxHxWx1: ja
 
 def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.ndarray,
                     batch_size: int, shard: Callable | None = None, *,
-                    progress: str | None = None, log_every_s: float = 30.0) -> np.ndarray:
+                    progress: str | None = None, log_every_s: float = 30.0,
+                    in_flight: int = 4) -> np.ndarray:
   """Runs ``predict_fn`` over every image once, in fixed-shape padded batches.
+
+  Up to ``in_flight`` batches are dispatched ahead of the one being fetched, so
+  the device never waits on the host, and the progress lines follow the work
+  as it is done (dispatching every batch first would let the runtime's own
+  queue block the dispatch loop for most of the run, with no line meanwhile).
 
   Args:
     predict_fn: uint8 ``(batch_size, 48, 48, 1)`` → probabilities ``(batch_size, C)``.
@@ -79,19 +86,18 @@ def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.nd
       ``log_every_s`` seconds (predicting FER2013's training set with a large
       teacher takes minutes on a CPU).
     log_every_s: seconds between progress lines.
+    in_flight: batches dispatched ahead of the one being fetched.
 
   Returns:
     float32 ``(N, C)`` probabilities; padding rows are dropped.
   """
-  outputs = []
-  dummy = np.zeros(len(images), np.int32)
-  for batch in eval_batches(images, dummy, batch_size):
-    x = batch["image"] if shard is None else shard({"image": batch["image"]})["image"]
-    outputs.append((predict_fn(x), int(batch["mask"].sum())))
-  # All batches are dispatched first; each comes to the host as it is ready.
+  pending: collections.deque = collections.deque()
   start = last = time.monotonic()
   done, results = 0, []
-  for p, n in outputs:
+
+  def fetch_oldest():
+    nonlocal done, last
+    p, n = pending.popleft()
     results.append(np.asarray(p)[:n])
     done += n
     now = time.monotonic()
@@ -99,6 +105,15 @@ def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.nd
       log.info("%s: %d/%d images, %.0f images/s", progress, done, len(images),
                done / (now - start))
       last = now
+
+  dummy = np.zeros(len(images), np.int32)
+  for batch in eval_batches(images, dummy, batch_size):
+    x = batch["image"] if shard is None else shard({"image": batch["image"]})["image"]
+    pending.append((predict_fn(x), int(batch["mask"].sum())))
+    if len(pending) > in_flight:
+      fetch_oldest()
+  while pending:
+    fetch_oldest()
   return np.concatenate(results).astype(np.float32)
 
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,28 @@ def test_predict_dataset_logs_progress_when_labelled(tiny_data, caplog):
   lines = [r.getMessage() for r in caplog.records]
   assert [line.split(",")[0] for line in lines] == ["teacher: 8/21 images", "teacher: 16/21 images"]
   assert all(line.endswith("images/s") for line in lines)
+
+
+def test_predict_dataset_logs_progress_as_the_work_is_done(tiny_data, caplog):
+  """A line while the batches run, not once they are all done: dispatching every batch
+  first let the runtime's full queue block the loop, and a teacher on the 28,709 training
+  faces printed its first line after 7.5 minutes, at 22,272 faces, with the rate 699
+  images/s against 48 (2026-11-28)."""
+  images = tiny_data.split("PrivateTest").images  # 21 faces: five batches of 4, then 1.
+
+  def blocking(x):  # Works at dispatch, as a runtime whose queue is full.
+    time.sleep(0.05)
+    return np.full((x.shape[0], 7), 1 / 7, np.float32)
+
+  with caplog.at_level(logging.INFO, logger="ferjax.evaluate"):
+    probs = predict_dataset(blocking, images, 4, progress="teacher", log_every_s=0.04,
+                            in_flight=1)
+  assert probs.shape == (21, 7)
+  lines = [r.getMessage() for r in caplog.records]
+  assert [line.split(",")[0] for line in lines] == [f"teacher: {n}/21 images"
+                                                    for n in (4, 8, 12, 16, 20)]
+  rates = [float(line.split(", ")[1].split()[0]) for line in lines]
+  assert all(0 < r <= 4 / 0.05 for r in rates)  # At most one batch of 4 per 50 ms.
 
 
 def test_metrics_by_hand():
