@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -119,7 +120,16 @@ def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.nd
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray,
                            class_names: Sequence[str]) -> dict:
-  """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, NLL.
+  """Accuracy with its 95 % interval, macro-F1, per-class precision/recall/F1,
+  confusion matrix, NLL and expected calibration error.
+
+  ``accuracy_ci95`` is the Wilson score interval of the accuracy as a binomial
+  proportion over the ``N`` examples: the spread that the choice of test faces
+  alone allows (on FER2013's 3,589 PrivateTest faces about ±1.5 points at 70 %),
+  before any seed-to-seed spread. ``ece`` is the expected calibration error
+  over ``ECE_BINS`` equal-width bins of the top probability: the mean gap, weighted
+  by each bin's share of the examples, between the confidence a model shows and
+  the accuracy it has.
 
   Args:
     probs: ``(N, C)`` predicted probabilities.
@@ -160,6 +170,8 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
   return {
       "num_examples": int(len(labels)),
       "accuracy": float(tp.sum() / max(len(labels), 1)),
+      "accuracy_ci95": wilson_interval(int(tp.sum()), len(labels)),
+      "ece": expected_calibration_error(probs, labels),
       "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
       "loss": float(nll.mean()) if len(labels) else 0.0,
       "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
@@ -170,13 +182,52 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray,
   }
 
 
+ECE_BINS = 15
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> list[float]:
+  """The Wilson score interval ``[low, high]`` of a proportion (95 % for the default ``z``).
+
+  Unlike the normal approximation ``p ± z·sqrt(p(1-p)/n)`` it stays inside
+  [0, 1] and keeps its coverage near 0 and 1. With no examples: ``[0, 1]``.
+  """
+  if n <= 0:
+    return [0.0, 1.0]
+  p = successes / n
+  scale = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / scale
+  half = z / scale * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
+                               bins: int = ECE_BINS) -> float:
+  """Σ_b (n_b / N)·|accuracy_b − confidence_b| over equal-width bins of the top probability."""
+  probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+  if not len(labels):
+    return 0.0
+  confidence = probs.max(axis=1)
+  correct = probs.argmax(axis=1) == labels
+  # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of 0 joins the first.
+  which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+  gap = np.abs(np.bincount(which, correct, minlength=bins)
+               - np.bincount(which, confidence, minlength=bins))
+  return float(gap.sum() / len(labels))
+
+
 def format_metrics(metrics: dict, title: str = "") -> str:
   """A plain-text table of :func:`classification_metrics` output."""
   names = metrics["class_names"]
   width = max(len(n) for n in names + ["macro avg"]) + 2
   lines = [title] if title else []
-  lines.append(f"accuracy {metrics['accuracy']:.2%}  macro-F1 {metrics['macro_f1']:.4f}  "
-               f"loss {metrics['loss']:.4f}  examples {metrics['num_examples']}")
+  interval = ""
+  if "accuracy_ci95" in metrics:  # Reports written before it was added have none.
+    low, high = metrics["accuracy_ci95"]
+    interval = f" (95% CI {100 * low:.2f}-{100 * high:.2f})"
+  ece = f"  ECE {metrics['ece']:.4f}" if "ece" in metrics else ""
+  lines.append(f"accuracy {metrics['accuracy']:.2%}{interval}  macro-F1 "
+               f"{metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}{ece}  "
+               f"examples {metrics['num_examples']}")
   lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
   for name in names:
     m = metrics["per_class"][name]

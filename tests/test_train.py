@@ -28,7 +28,8 @@ from ferjax.config import TrainConfig, default_config
 from ferjax.data import load_fer2013
 from ferjax.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, evaluate_ensemble,
-                             make_predict_fn, predict_dataset)
+                             expected_calibration_error, format_metrics, make_predict_fn,
+                             predict_dataset, wilson_interval)
 from ferjax.preprocess import preprocess
 from ferjax.splits import resolve_splits
 
@@ -188,6 +189,43 @@ def test_metrics_by_hand():
   assert m["per_class"]["b"]["precision"] == pytest.approx(0.5)
   assert m["per_class"]["d"]["support"] == 0 and m["per_class"]["d"]["f1"] == 0
   assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3) / 3)
+
+
+def test_accuracy_interval_is_the_wilson_score_interval():
+  np.testing.assert_allclose(wilson_interval(50, 100), [0.40383, 0.59617], atol=1e-5)
+  # At 0 or n successes it stays inside [0, 1]: the upper end of 0/n is z²/(n + z²).
+  np.testing.assert_allclose(wilson_interval(0, 10), [0.0, 1.959964**2 / (10 + 1.959964**2)])
+  np.testing.assert_allclose(wilson_interval(10, 10), [10 / (10 + 1.959964**2), 1.0])
+  assert wilson_interval(0, 0) == [0.0, 1.0]
+  # FER2013's PrivateTest at 70 %: about ±1.5 points from the choice of faces alone.
+  low, high = wilson_interval(2512, 3589)
+  assert low < 2512 / 3589 < high and 100 * (high - low) / 2 == pytest.approx(1.5, abs=0.05)
+
+
+def test_expected_calibration_error_by_hand():
+  # Confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 0.7 (right): three bins of 15.
+  # |1 - 1.8| + |1 - 0.6| + |1 - 0.7| over 4 examples.
+  probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+  assert expected_calibration_error(probs, np.array([0, 1, 0, 1])) == pytest.approx(1.5 / 4)
+  # Five faces at confidence 0.8 of which four are right: calibrated, whatever the classes.
+  probs = np.array([[0.8, 0.2], [0.2, 0.8], [0.8, 0.2], [0.2, 0.8], [0.8, 0.2]])
+  assert expected_calibration_error(probs, np.array([0, 1, 0, 1, 1])) == pytest.approx(0)
+  assert expected_calibration_error(np.zeros((0, 2)), np.zeros(0, int)) == 0.0
+
+
+def test_metrics_report_the_interval_and_calibration():
+  probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+  m = classification_metrics(probs, np.array([0, 1, 0, 1]), ["a", "b"])
+  assert m["accuracy_ci95"] == pytest.approx(wilson_interval(3, 4))
+  assert m["ece"] == pytest.approx(1.5 / 4)
+  json.dumps(m)  # Written into the reports as it is.
+  low, high = m["accuracy_ci95"]
+  assert (f"accuracy 75.00% (95% CI {100 * low:.2f}-{100 * high:.2f})  macro-F1 "
+          in format_metrics(m))
+  assert "ECE 0.3750  examples 4" in format_metrics(m)
+  # A report written before the two were added still prints.
+  old = {k: v for k, v in m.items() if k not in ("accuracy_ci95", "ece")}
+  assert format_metrics(old).splitlines()[0].startswith("accuracy 75.00%  macro-F1 ")
 
 
 @pytest.mark.parametrize("probs, labels, message", [
