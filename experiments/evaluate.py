@@ -12,6 +12,13 @@ runs' probabilities, each run weighted equally, written to --output_dir:
 
   python -m experiments.evaluate --workdir=runs/vgg_alstm,runs/acnn_alstm \
       --tta=ten_crop --output_dir=runs/ensemble
+
+--baseline compares one run with another (its best checkpoint) on the same
+faces: both accuracies, the faces only one of them gets right, and McNemar's
+exact p-value:
+
+  python -m experiments.evaluate --workdir=runs/vgg_alstm-bnrecal \
+      --baseline=runs/vgg_alstm
 """
 
 from absl import app, flags
@@ -39,6 +46,9 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows 
                               "them) instead of failing, as training's flag.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Default: the "
                               "workdir (required for an ensemble).")
+_BASELINE = flags.DEFINE_string("baseline", None, "Another run's workdir (its best checkpoint) "
+                                "to compare with on the same faces and TTA: the faces only one "
+                                "gets right, McNemar's exact p-value. One --workdir only.")
 
 
 @cli.exit_on_errors
@@ -55,14 +65,20 @@ def main(argv):
                          "results")
   if len(set(workdirs)) < len(workdirs):
     raise app.UsageError(f"--workdir names a run twice: {','.join(workdirs)}")
-  from ferjax.evaluate import evaluate_checkpoint, evaluate_ensemble, format_metrics
+  if _BASELINE.value is not None and len(workdirs) > 1:
+    raise app.UsageError("--baseline compares one run with another: give --workdir one run, "
+                         "not an ensemble")
+  if _BASELINE.value is not None and not _BASELINE.value.strip():
+    raise app.UsageError("--baseline is empty; give the workdir of the run to compare with")
+  from ferjax.evaluate import (evaluate_checkpoint, evaluate_ensemble, format_comparison,
+                               format_metrics)
 
   common = dict(checkpoint=_WHICH.value, split=_SPLIT.value, tta=_TTA.value,
                 data_path=_DATA.value, ferplus_path=_FERPLUS.value, batch_size=_BATCH.value,
                 expect_model=_MODEL.value, output_dir=_OUTPUT.value,
                 on_error="skip" if _SKIP_BAD.value else "raise")
   if len(workdirs) == 1:
-    metrics = evaluate_checkpoint(workdirs[0], **common)
+    metrics = evaluate_checkpoint(workdirs[0], baseline=_BASELINE.value, **common)
     title = f"{metrics['model']} on {metrics['split']} (step {metrics['step']}, " \
         f"tta={metrics['tta']})"
   else:
@@ -72,6 +88,8 @@ def main(argv):
             f"{m['accuracy']:.2%}, macro-F1 {m['macro_f1']:.4f}")
     title = f"{metrics['model']} on {metrics['split']} (tta={metrics['tta']})"
   print(format_metrics(metrics, title))
+  if "baseline" in metrics:
+    print(format_comparison(metrics["baseline"]))
   print("wrote " + ", ".join(metrics["files"]))
 
 

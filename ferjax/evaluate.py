@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import fractions
 import json
 import logging
 import math
@@ -215,6 +216,57 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
   return float(gap.sum() / len(labels))
 
 
+def mcnemar_exact_p(only_a: int, only_b: int) -> float:
+  """Two-sided exact McNemar p-value: the discordant pairs as a fair coin's tosses.
+
+  Of the examples exactly one of two models gets right, ``only_a`` are model
+  A's and ``only_b`` model B's. Under "equally accurate" each is A's with
+  probability 1/2; the p-value is twice the binomial tail of the smaller count
+  (at most 1). Exact integer arithmetic, so it holds for thousands of pairs.
+  """
+  n, k = only_a + only_b, min(only_a, only_b)
+  if n == 0:
+    return 1.0
+  tail = sum(math.comb(n, i) for i in range(k + 1))
+  return min(1.0, float(fractions.Fraction(2 * tail, 2 ** n)))
+
+
+def paired_comparison(probs: np.ndarray, baseline_probs: np.ndarray,
+                      labels: np.ndarray) -> dict:
+  """Two models' predictions on the same examples, compared pair by pair.
+
+  More sensitive than comparing two accuracies' intervals: the faces both
+  models get right, or both get wrong, say nothing about which is better, and
+  McNemar's test (:func:`mcnemar_exact_p`) weighs only the others.
+
+  Returns:
+    ``accuracy`` and ``baseline_accuracy``, their ``difference``, the counts
+    ``right_only_here`` and ``right_only_in_baseline``, ``num_examples`` and
+    the two-sided ``p_value``.
+  """
+  probs, baseline_probs, labels = map(np.asarray, (probs, baseline_probs, labels))
+  if probs.shape != baseline_probs.shape or labels.shape != probs.shape[:1]:
+    raise ConfigError(f"the two models' probabilities must have one shape, one row per label: "
+                      f"got {probs.shape} and {baseline_probs.shape} for {labels.shape} labels")
+  right = probs.argmax(axis=1) == labels
+  baseline_right = baseline_probs.argmax(axis=1) == labels
+  only_here, only_there = int(np.sum(right & ~baseline_right)), int(np.sum(~right & baseline_right))
+  n = max(len(labels), 1)
+  return {"accuracy": float(right.sum() / n), "baseline_accuracy": float(baseline_right.sum() / n),
+          "difference": (only_here - only_there) / n, "right_only_here": only_here,
+          "right_only_in_baseline": only_there, "num_examples": int(len(labels)),
+          "p_value": mcnemar_exact_p(only_here, only_there)}
+
+
+def format_comparison(baseline: dict) -> str:
+  """One line for the ``baseline`` entry of :func:`evaluate_checkpoint`'s metrics."""
+  return (f"against {baseline['workdir']} ({baseline['model']}, step {baseline['step']}): "
+          f"{baseline['accuracy']:.2%} here, {baseline['baseline_accuracy']:.2%} there "
+          f"({100 * baseline['difference']:+.2f} points); right here only "
+          f"{baseline['right_only_here']}, there only {baseline['right_only_in_baseline']}, of "
+          f"{baseline['num_examples']} faces; McNemar exact p = {baseline['p_value']:.3g}")
+
+
 def format_metrics(metrics: dict, title: str = "") -> str:
   """A plain-text table of :func:`classification_metrics` output."""
   names = metrics["class_names"]
@@ -286,7 +338,7 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
                         tta: str = "none", data=None, data_path: str | None = None,
                         ferplus_path: str | None = None, batch_size: int = 256,
                         expect_model: str | None = None, output_dir: str | None = None,
-                        on_error: str = "raise") -> dict:
+                        on_error: str = "raise", baseline: str | None = None) -> dict:
   """Evaluates a run's checkpoint on a split; writes JSON and a confusion-matrix PNG.
 
   Args:
@@ -304,13 +356,17 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     output_dir: where to write results (default: the workdir).
     on_error: ``skip`` drops malformed data rows (with a warning) instead of
       failing, as training's ``--skip_bad_rows``.
+    baseline: another run (its best checkpoint) to compare with on the same
+      faces and TTA: :func:`paired_comparison`, in the metrics as ``baseline``.
 
   Returns:
-    The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added.
+    The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added
+    (and ``baseline``: its workdir, model and step with the comparison).
 
   Raises:
     ConfigError: a bad ``tta`` or ``batch_size``, an ``output_dir`` that is
-      or lies under a file, or data whose label set is not the checkpoint's.
+      or lies under a file, data whose label set is not the checkpoint's, or
+      a baseline that predicts another label set.
     CheckpointError: no such checkpoint, or not of ``expect_model``.
     DataError: the data cannot be read, or has no such split.
   """
@@ -320,6 +376,13 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
   if output_dir is not None:
     check_folder_path(output_dir, "output_dir")
   model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
+  if baseline is not None:  # Loaded before anything predicts: a bad baseline fails in seconds.
+    base_model, base_meta = checkpoint_lib.load_model(baseline)
+    if (base_meta["labels"], list(base_meta["class_names"])) != (meta["labels"],
+                                                                list(meta["class_names"])):
+      raise ConfigError(f"--baseline={baseline}: its model predicts {base_meta['labels']} "
+                        f"classes {list(base_meta['class_names'])}, {workdir}'s predicts "
+                        f"{meta['labels']} classes {list(meta['class_names'])}")
   subset, split = _test_subset(meta, split, data, data_path, ferplus_path, on_error)
   _log_start(workdir, meta, subset, split, tta)
   probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size,
@@ -327,6 +390,13 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
   metrics = classification_metrics(probs, subset.labels, meta["class_names"])
   metrics.update(step=meta["step"], split=split, tta=tta, model=meta["model"],
                  labels=meta["labels"])
+  if baseline is not None:
+    _log_start(baseline, base_meta, subset, split, tta)
+    base_probs = predict_dataset(make_predict_fn(base_model, tta), subset.images, batch_size,
+                                 progress=f"{baseline} on {split} (tta={tta})")
+    metrics["baseline"] = {"workdir": baseline, "model": base_meta["model"],
+                           "step": base_meta["step"],
+                           **paired_comparison(probs, base_probs, subset.labels)}
   if output_dir is None:
     output_dir = checkpoint_lib.run_folder(workdir)
   _write_report(metrics, output_dir, f"eval-{split}-step{meta['step']}-tta_{tta}",

@@ -63,6 +63,13 @@ def test_train_then_evaluate(trained, csv_path):
   assert "accuracy" in r.stdout and "confusion" in r.stdout
   out = [f for f in os.listdir(workdir) if f.startswith("eval-PrivateTest") and f.endswith(".json")]
   assert json.load(open(os.path.join(workdir, out[0])))["num_examples"] == 9
+  # Against itself: the same faces right, nothing to tell apart.
+  r = run("experiments.evaluate", f"--workdir={workdir}", f"--baseline={workdir}",
+          f"--data={csv_path}", "--batch_size=8")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"against {workdir} (acnn_alstm, step 3): " in r.stdout
+  assert "(+0.00 points); right here only 0, there only 0, of 9 faces; McNemar exact p = 1" \
+      in r.stdout
 
 
 def test_train_with_weight_averaging_reports_the_average_and_evaluate_reads_it(tmp_path,
@@ -182,6 +189,9 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
      "them, pass --coordinator_address, --num_processes and --process_id)"),
     ("experiments.evaluate", ["--workdir=a,a", "--output_dir=unused"],
      "error: --workdir names a run twice: a,a"),
+    ("experiments.evaluate", ["--workdir=a,b", "--output_dir=unused", "--baseline=c"],
+     "error: --baseline compares one run with another: give --workdir one run, not an "
+     "ensemble"),
     # "an ensemble needs at least two runs, got []" before.
     ("experiments.evaluate", ["--workdir="], "error: --workdir is empty; give a training run's "
      "workdir, or several separated by commas"),

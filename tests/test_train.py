@@ -29,7 +29,8 @@ from ferjax.data import load_fer2013
 from ferjax.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, evaluate_ensemble,
                              expected_calibration_error, format_metrics, make_predict_fn,
-                             predict_dataset, wilson_interval)
+                             mcnemar_exact_p, paired_comparison, predict_dataset,
+                             wilson_interval)
 from ferjax.preprocess import preprocess
 from ferjax.splits import resolve_splits
 
@@ -226,6 +227,66 @@ def test_metrics_report_the_interval_and_calibration():
   # A report written before the two were added still prints.
   old = {k: v for k, v in m.items() if k not in ("accuracy_ci95", "ece")}
   assert format_metrics(old).splitlines()[0].startswith("accuracy 75.00%  macro-F1 ")
+
+
+def test_mcnemar_exact_p_by_hand():
+  assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)  # All five discordant pairs one way.
+  assert mcnemar_exact_p(9, 1) == pytest.approx(2 * 11 / 1024)  # 2·(C(10,0) + C(10,1))/2^10.
+  assert mcnemar_exact_p(3, 3) == 1.0 and mcnemar_exact_p(0, 0) == 1.0
+  # Thousands of pairs, beyond what floating-point powers of two could hold.
+  assert 0 < mcnemar_exact_p(1100, 1000) < 0.04 < mcnemar_exact_p(1050, 1000) < 1
+
+
+def test_paired_comparison_counts_the_faces_only_one_model_gets_right():
+  labels = np.array([0, 1, 2, 0, 1, 2])
+  here = np.eye(3)[[0, 1, 2, 0, 0, 0]]  # Right on faces 0-3.
+  there = np.eye(3)[[0, 2, 1, 0, 1, 0]]  # Right on faces 0, 3 and 4.
+  c = paired_comparison(here, there, labels)
+  assert (c["right_only_here"], c["right_only_in_baseline"], c["num_examples"]) == (2, 1, 6)
+  assert c["accuracy"] == pytest.approx(4 / 6) and c["baseline_accuracy"] == pytest.approx(3 / 6)
+  assert c["difference"] == pytest.approx(1 / 6)
+  assert c["p_value"] == pytest.approx(mcnemar_exact_p(2, 1)) == 1.0
+  with pytest.raises(ConfigError, match=r"got \(6, 3\) and \(5, 3\) for \(6,\) labels"):
+    paired_comparison(here, there[:5], labels)
+
+
+def test_evaluate_against_a_baseline_compares_on_the_same_faces(tmp_path, tiny_data,
+                                                                 monkeypatch):
+  dirs = [str(tmp_path / name) for name in ("a", "b")]
+  for seed, workdir in enumerate(dirs):
+    train_lib.train_and_evaluate(tiny_config(max_steps=2, seed=seed), workdir, data=tiny_data)
+  metrics = evaluate_checkpoint(dirs[0], baseline=dirs[1], tta="flip", data=tiny_data,
+                                batch_size=16, output_dir=str(tmp_path / "out"))
+  test = tiny_data.split("PrivateTest")
+  probs = [predict_dataset(make_predict_fn(checkpoint_lib.load_model(d)[0], "flip"),
+                           test.images, 16) for d in dirs]
+  expected = paired_comparison(probs[0], probs[1], test.labels)
+  got = metrics["baseline"]
+  assert (got["workdir"], got["model"], got["step"]) == (dirs[1], "acnn_alstm", 2)
+  assert {k: got[k] for k in expected} == pytest.approx(expected)
+  assert got["accuracy"] == pytest.approx(metrics["accuracy"])
+  saved = json.load(open(metrics["files"][0]))
+  assert saved["baseline"]["p_value"] == pytest.approx(expected["p_value"])
+  # A baseline that cannot be compared fails before anything predicts.
+  from ferjax import evaluate as evaluate_lib
+  real_load = checkpoint_lib.load_model
+
+  def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.
+    model, meta = real_load(path, which, **kw)
+    if path == dirs[1]:
+      meta = {**meta, "labels": "ferplus", "class_names": [*meta["class_names"], "contempt"]}
+    return model, meta
+
+  def must_not_predict(*args, **kwargs):
+    raise AssertionError("predicted before the baseline had loaded")
+
+  monkeypatch.setattr(evaluate_lib, "predict_dataset", must_not_predict)
+  with pytest.raises(CheckpointError, match="missing: no such directory"):
+    evaluate_checkpoint(dirs[0], baseline=str(tmp_path / "missing"), data=tiny_data)
+  monkeypatch.setattr(checkpoint_lib, "load_model", load_ferplus_second)
+  with pytest.raises(ConfigError, match=f"--baseline={dirs[1]}: its model predicts ferplus "
+                     f"classes .*, {dirs[0]}'s predicts fer2013 classes"):
+    evaluate_checkpoint(dirs[0], baseline=dirs[1], data=tiny_data)
 
 
 @pytest.mark.parametrize("probs, labels, message", [
