@@ -250,45 +250,6 @@ def test_paired_comparison_counts_the_faces_only_one_model_gets_right():
     paired_comparison(here, there[:5], labels)
 
 
-def test_evaluate_against_a_baseline_compares_on_the_same_faces(tmp_path, tiny_data,
-                                                                 monkeypatch):
-  dirs = [str(tmp_path / name) for name in ("a", "b")]
-  for seed, workdir in enumerate(dirs):
-    train_lib.train_and_evaluate(tiny_config(max_steps=2, seed=seed), workdir, data=tiny_data)
-  metrics = evaluate_checkpoint(dirs[0], baseline=dirs[1], tta="flip", data=tiny_data,
-                                batch_size=16, output_dir=str(tmp_path / "out"))
-  test = tiny_data.split("PrivateTest")
-  probs = [predict_dataset(make_predict_fn(checkpoint_lib.load_model(d)[0], "flip"),
-                           test.images, 16) for d in dirs]
-  expected = paired_comparison(probs[0], probs[1], test.labels)
-  got = metrics["baseline"]
-  assert (got["workdir"], got["model"], got["step"]) == (dirs[1], "acnn_alstm", 2)
-  assert {k: got[k] for k in expected} == pytest.approx(expected)
-  assert got["accuracy"] == pytest.approx(metrics["accuracy"])
-  saved = json.load(open(metrics["files"][0]))
-  assert saved["baseline"]["p_value"] == pytest.approx(expected["p_value"])
-  # A baseline that cannot be compared fails before anything predicts.
-  from ferjax import evaluate as evaluate_lib
-  real_load = checkpoint_lib.load_model
-
-  def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.
-    model, meta = real_load(path, which, **kw)
-    if path == dirs[1]:
-      meta = {**meta, "labels": "ferplus", "class_names": [*meta["class_names"], "contempt"]}
-    return model, meta
-
-  def must_not_predict(*args, **kwargs):
-    raise AssertionError("predicted before the baseline had loaded")
-
-  monkeypatch.setattr(evaluate_lib, "predict_dataset", must_not_predict)
-  with pytest.raises(CheckpointError, match="missing: no such directory"):
-    evaluate_checkpoint(dirs[0], baseline=str(tmp_path / "missing"), data=tiny_data)
-  monkeypatch.setattr(checkpoint_lib, "load_model", load_ferplus_second)
-  with pytest.raises(ConfigError, match=f"--baseline={dirs[1]}: its model predicts ferplus "
-                     f"classes .*, {dirs[0]}'s predicts fer2013 classes"):
-    evaluate_checkpoint(dirs[0], baseline=dirs[1], data=tiny_data)
-
-
 @pytest.mark.parametrize("probs, labels, message", [
     # Before: IndexErrors from numpy that named neither argument.
     (np.full((4, 7), 1 / 7), [0, 1, 2, 3],
@@ -738,10 +699,19 @@ def test_a_missing_checkpoint_item_is_named(tmp_path):
     store.restore(1, model={"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
 
 
-def test_ensemble_averages_the_members_probabilities(tmp_path, tiny_data, monkeypatch):
-  dirs = [str(tmp_path / name) for name in ("a", "b")]
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_data):
+  """Two tiny finished runs (seeds 0 and 1), for the ensemble and the baseline tests."""
+  root = tmp_path_factory.mktemp("two_runs")
+  dirs = [str(root / name) for name in ("a", "b")]
   for seed, workdir in enumerate(dirs):
     train_lib.train_and_evaluate(tiny_config(max_steps=2, seed=seed), workdir, data=tiny_data)
+  return dirs
+
+
+@pytest.mark.xdist_group("two_runs")  # One worker trains the shared runs once.
+def test_ensemble_averages_the_members_probabilities(two_runs, tmp_path, tiny_data, monkeypatch):
+  dirs = two_runs
   out = tmp_path / "ensemble"
   metrics = evaluate_ensemble(dirs, output_dir=str(out), tta="flip", data=tiny_data,
                               batch_size=16)
@@ -786,6 +756,44 @@ def test_ensemble_averages_the_members_probabilities(tmp_path, tiny_data, monkey
   monkeypatch.setattr(checkpoint_lib, "load_model", load_ferplus_second)
   with pytest.raises(ConfigError, match=f"{dirs[1]}: its model predicts ferplus classes"):
     evaluate_ensemble(dirs, output_dir=str(out), data=tiny_data)
+
+
+@pytest.mark.xdist_group("two_runs")
+def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_path, tiny_data,
+                                                                 monkeypatch):
+  dirs = two_runs
+  metrics = evaluate_checkpoint(dirs[0], baseline=dirs[1], tta="flip", data=tiny_data,
+                                batch_size=16, output_dir=str(tmp_path / "out"))
+  test = tiny_data.split("PrivateTest")
+  probs = [predict_dataset(make_predict_fn(checkpoint_lib.load_model(d)[0], "flip"),
+                           test.images, 16) for d in dirs]
+  expected = paired_comparison(probs[0], probs[1], test.labels)
+  got = metrics["baseline"]
+  assert (got["workdir"], got["model"], got["step"]) == (dirs[1], "acnn_alstm", 2)
+  assert {k: got[k] for k in expected} == pytest.approx(expected)
+  assert got["accuracy"] == pytest.approx(metrics["accuracy"])
+  saved = json.load(open(metrics["files"][0]))
+  assert saved["baseline"]["p_value"] == pytest.approx(expected["p_value"])
+  # A baseline that cannot be compared fails before anything predicts.
+  from ferjax import evaluate as evaluate_lib
+  real_load = checkpoint_lib.load_model
+
+  def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.
+    model, meta = real_load(path, which, **kw)
+    if path == dirs[1]:
+      meta = {**meta, "labels": "ferplus", "class_names": [*meta["class_names"], "contempt"]}
+    return model, meta
+
+  def must_not_predict(*args, **kwargs):
+    raise AssertionError("predicted before the baseline had loaded")
+
+  monkeypatch.setattr(evaluate_lib, "predict_dataset", must_not_predict)
+  with pytest.raises(CheckpointError, match="missing: no such directory"):
+    evaluate_checkpoint(dirs[0], baseline=str(tmp_path / "missing"), data=tiny_data)
+  monkeypatch.setattr(checkpoint_lib, "load_model", load_ferplus_second)
+  with pytest.raises(ConfigError, match=f"--baseline={dirs[1]}: its model predicts ferplus "
+                     f"classes .*, {dirs[0]}'s predicts fer2013 classes"):
+    evaluate_checkpoint(dirs[0], baseline=dirs[1], data=tiny_data)
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path, tiny_data):
