@@ -338,7 +338,8 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
                         tta: str = "none", data=None, data_path: str | None = None,
                         ferplus_path: str | None = None, batch_size: int = 256,
                         expect_model: str | None = None, output_dir: str | None = None,
-                        on_error: str = "raise", baseline: str | None = None) -> dict:
+                        on_error: str = "raise", baseline: str | os.PathLike | None = None
+                        ) -> dict:
   """Evaluates a run's checkpoint on a split; writes JSON and a confusion-matrix PNG.
 
   Args:
@@ -394,7 +395,7 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     _log_start(baseline, base_meta, subset, split, tta)
     base_probs = predict_dataset(make_predict_fn(base_model, tta), subset.images, batch_size,
                                  progress=f"{baseline} on {split} (tta={tta})")
-    metrics["baseline"] = {"workdir": baseline, "model": base_meta["model"],
+    metrics["baseline"] = {"workdir": os.fspath(baseline), "model": base_meta["model"],
                            "step": base_meta["step"],
                            **paired_comparison(probs, base_probs, subset.labels)}
   if output_dir is None:

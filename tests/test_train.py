@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -762,8 +763,8 @@ def test_ensemble_averages_the_members_probabilities(two_runs, tmp_path, tiny_da
 def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_path, tiny_data,
                                                                  monkeypatch):
   dirs = two_runs
-  metrics = evaluate_checkpoint(dirs[0], baseline=dirs[1], tta="flip", data=tiny_data,
-                                batch_size=16, output_dir=str(tmp_path / "out"))
+  metrics = evaluate_checkpoint(dirs[0], baseline=pathlib.Path(dirs[1]), tta="flip",
+                                data=tiny_data, batch_size=16, output_dir=str(tmp_path / "out"))
   test = tiny_data.split("PrivateTest")
   probs = [predict_dataset(make_predict_fn(checkpoint_lib.load_model(d)[0], "flip"),
                            test.images, 16) for d in dirs]
