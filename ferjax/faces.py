@@ -255,7 +255,8 @@ class FaceDetector:
 
     Args:
       gray: uint8 ``(H, W)`` frame; a BGR or BGRA one goes through :func:`to_gray`.
-      previous: the faces of an earlier frame, in ``gray``'s pixels.
+      previous: the faces of an earlier frame, in ``gray``'s pixels: ``Box``es or
+        ``(x, y, w, h)`` tuples (as OpenCV gives them).
 
     Returns:
       Boxes in ``gray``'s pixels, largest first, at most ``max_faces``, no two
@@ -267,6 +268,7 @@ class FaceDetector:
     gray = to_gray(gray)
     found: list[Box] = []
     for box in previous:
+      box = Box(*box)  # Before: a plain (x, y, w, h) tuple failed on box.w.
       region = expand_box(box, self.track_margin, gray.shape[:2])
       side = min(box.w, box.h)
       # Never below detect()'s smallest face, so tracking keeps no face a full search would
