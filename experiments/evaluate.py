@@ -46,9 +46,10 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows 
                               "them) instead of failing, as training's flag.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Default: the "
                               "workdir (required for an ensemble).")
-_BASELINE = flags.DEFINE_string("baseline", None, "Another run's workdir (its best checkpoint) "
-                                "to compare with on the same faces and TTA: the faces only one "
-                                "gets right, McNemar's exact p-value. One --workdir only.")
+_BASELINE = flags.DEFINE_string("baseline", None, "Another run's workdir to compare with: its "
+                                "best checkpoint on this evaluation's faces (this run's data "
+                                "and --split) and --tta; the faces only one gets right, "
+                                "McNemar's exact p-value. One --workdir only.")
 
 
 @cli.exit_on_errors

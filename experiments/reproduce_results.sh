@@ -227,3 +227,8 @@ run vgg_alstm-wide2x-60epochs --model=vgg_alstm --epochs=60 \
 recalibrate vgg_alstm-wide2x-60epochs-bnrecal vgg_alstm-wide2x-60epochs
 recalibrate vgg_alstm-wide2x-40epochs-bnrecal vgg_alstm-wide2x-40epochs
 recalibrate vgg_alstm-wide2x-50epochs-bnrecal vgg_alstm-wide2x-50epochs
+# vgg_alstm distilled from the three wide runs recalibrated (their plain ensemble: 72.67 %
+# on PrivateTest, the strongest teachers at hand), the recipe of vgg_alstm-distilled-vgg120.
+# Started on the CPU on 2026-11-28 and resumed by this same line until it finishes.
+run vgg_alstm-distilled-wide3 --model=vgg_alstm --epochs=60 \
+  --distill_from=runs/vgg_alstm-wide2x-60epochs-bnrecal,runs/vgg_alstm-wide2x-50epochs-bnrecal,runs/vgg_alstm-wide2x-40epochs-bnrecal

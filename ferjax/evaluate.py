@@ -121,8 +121,7 @@ def predict_dataset(predict_fn: Callable[[np.ndarray], jax.Array], images: np.nd
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray,
                            class_names: Sequence[str]) -> dict:
-  """Accuracy with its 95 % interval, macro-F1, per-class precision/recall/F1,
-  confusion matrix, NLL and expected calibration error.
+  """Accuracy (with its 95 % interval), macro-F1, per-class scores, confusion, NLL, ECE.
 
   ``accuracy_ci95`` is the Wilson score interval of the accuracy as a binomial
   proportion over the ``N`` examples: the spread that the choice of test faces
@@ -192,6 +191,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> list[float]:
   Unlike the normal approximation ``p ± z·sqrt(p(1-p)/n)`` it stays inside
   [0, 1] and keeps its coverage near 0 and 1. With no examples: ``[0, 1]``.
   """
+  if not 0 <= successes <= max(n, 0):
+    raise ValueError(f"successes must be in 0..n, got successes={successes}, n={n}")
   if n <= 0:
     return [0.0, 1.0]
   p = successes / n
@@ -210,7 +211,8 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
   confidence = probs.max(axis=1)
   correct = probs.argmax(axis=1) == labels
   # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of 0 joins the first.
-  which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+  # Rounded first, so that a float32 0.8 (0.800000011...) stays on its edge's side.
+  which = np.clip(np.ceil(np.round(confidence * bins, 6)).astype(np.int64) - 1, 0, bins - 1)
   gap = np.abs(np.bincount(which, correct, minlength=bins)
                - np.bincount(which, confidence, minlength=bins))
   return float(gap.sum() / len(labels))
@@ -224,10 +226,13 @@ def mcnemar_exact_p(only_a: int, only_b: int) -> float:
   probability 1/2; the p-value is twice the binomial tail of the smaller count
   (at most 1). Exact integer arithmetic, so it holds for thousands of pairs.
   """
+  if min(only_a, only_b) < 0:
+    raise ValueError(f"counts must be at least 0, got {only_a} and {only_b}")
   n, k = only_a + only_b, min(only_a, only_b)
-  if n == 0:
-    return 1.0
-  tail = sum(math.comb(n, i) for i in range(k + 1))
+  term = tail = 1  # C(n, 0); each next term from the last: C(n, i) = C(n, i-1)·(n-i+1)/i.
+  for i in range(1, k + 1):
+    term = term * (n - i + 1) // i
+    tail += term
   return min(1.0, float(fractions.Fraction(2 * tail, 2 ** n)))
 
 
@@ -357,8 +362,10 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     output_dir: where to write results (default: the workdir).
     on_error: ``skip`` drops malformed data rows (with a warning) instead of
       failing, as training's ``--skip_bad_rows``.
-    baseline: another run (its best checkpoint) to compare with on the same
-      faces and TTA: :func:`paired_comparison`, in the metrics as ``baseline``.
+    baseline: another run to compare with, :func:`paired_comparison`, in the
+      metrics (and the report) as ``baseline``. Its best checkpoint, whatever
+      ``checkpoint`` says, on the faces and TTA of this evaluation (the data
+      and split come from this run's config, as an ensemble's from its first).
 
   Returns:
     The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added

@@ -243,7 +243,8 @@ class FaceDetector:
     boxes.sort(key=lambda b: b.area, reverse=True)
     return boxes[:self.max_faces]
 
-  def detect_near(self, gray: np.ndarray, previous: Sequence[Box]) -> list[Box]:
+  def detect_near(self, gray: np.ndarray,
+                  previous: Sequence[Box | tuple[int, int, int, int]]) -> list[Box]:
     """Faces found again near ``previous`` boxes: the cheap step of tracking.
 
     Each previous face is searched for only in a window around it (the box
@@ -255,8 +256,8 @@ class FaceDetector:
 
     Args:
       gray: uint8 ``(H, W)`` frame; a BGR or BGRA one goes through :func:`to_gray`.
-      previous: the faces of an earlier frame, in ``gray``'s pixels: ``Box``es or
-        ``(x, y, w, h)`` tuples (as OpenCV gives them).
+      previous: the faces of an earlier frame, in ``gray``'s pixels: ``Box``es,
+        ``(x, y, w, h)`` tuples, or the rows of OpenCV's ``detectMultiScale``.
 
     Returns:
       Boxes in ``gray``'s pixels, largest first, at most ``max_faces``, no two
@@ -268,7 +269,7 @@ class FaceDetector:
     gray = to_gray(gray)
     found: list[Box] = []
     for box in previous:
-      box = Box(*box)  # Before: a plain (x, y, w, h) tuple failed on box.w.
+      box = Box(*(int(v) for v in box))  # Plain (x, y, w, h) tuples and array rows too.
       region = expand_box(box, self.track_margin, gray.shape[:2])
       side = min(box.w, box.h)
       # Never below detect()'s smallest face, so tracking keeps no face a full search would

@@ -138,6 +138,7 @@ def test_tracking_finds_no_new_face_and_drops_a_lost_one(clip_frames):
   assert len(detector.detect(pair)) == 2
   assert detector.detect_near(pair, [face]) == detector.detect_near(gray, [face])
   assert detector.detect_near(gray, [tuple(face)]) == detector.detect_near(gray, [face])
+  assert detector.detect_near(gray, np.array([face])) == detector.detect_near(gray, [face])
   # A box where no face is (the clip's face is in the centre) finds nothing.
   assert detector.detect_near(gray, [Box(0, 0, face.w, face.h)]) == []
   # Nor does a face that has shrunk below track_scale of its box.

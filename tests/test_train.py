@@ -199,6 +199,8 @@ def test_accuracy_interval_is_the_wilson_score_interval():
   np.testing.assert_allclose(wilson_interval(0, 10), [0.0, 1.959964**2 / (10 + 1.959964**2)])
   np.testing.assert_allclose(wilson_interval(10, 10), [10 / (10 + 1.959964**2), 1.0])
   assert wilson_interval(0, 0) == [0.0, 1.0]
+  with pytest.raises(ValueError, match="successes must be in 0..n, got successes=3, n=2"):
+    wilson_interval(3, 2)  # Before: math domain error.
   # FER2013's PrivateTest at 70 %: about ±1.5 points from the choice of faces alone.
   low, high = wilson_interval(2512, 3589)
   assert low < 2512 / 3589 < high and 100 * (high - low) / 2 == pytest.approx(1.5, abs=0.05)
@@ -213,6 +215,9 @@ def test_expected_calibration_error_by_hand():
   probs = np.array([[0.8, 0.2], [0.2, 0.8], [0.8, 0.2], [0.2, 0.8], [0.8, 0.2]])
   assert expected_calibration_error(probs, np.array([0, 1, 0, 1, 1])) == pytest.approx(0)
   assert expected_calibration_error(np.zeros((0, 2)), np.zeros(0, int)) == 0.0
+  # float32 probabilities on a bin edge (0.8 is 0.800000011... in float32) stay in their bin.
+  probs = np.array([[0.8, 0.2], [0.2, 0.8], [0.8, 0.2], [0.2, 0.8], [0.8, 0.2]], np.float32)
+  assert expected_calibration_error(probs, np.array([0, 1, 0, 1, 1])) == pytest.approx(0, abs=1e-6)
 
 
 def test_metrics_report_the_interval_and_calibration():
@@ -234,6 +239,8 @@ def test_mcnemar_exact_p_by_hand():
   assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)  # All five discordant pairs one way.
   assert mcnemar_exact_p(9, 1) == pytest.approx(2 * 11 / 1024)  # 2·(C(10,0) + C(10,1))/2^10.
   assert mcnemar_exact_p(3, 3) == 1.0 and mcnemar_exact_p(0, 0) == 1.0
+  with pytest.raises(ValueError, match="counts must be at least 0, got -1 and 3"):
+    mcnemar_exact_p(-1, 3)  # Before: 0.0, silently.
   # Thousands of pairs, beyond what floating-point powers of two could hold.
   assert 0 < mcnemar_exact_p(1100, 1000) < 0.04 < mcnemar_exact_p(1050, 1000) < 1
 
@@ -762,15 +769,24 @@ def test_ensemble_averages_the_members_probabilities(two_runs, tmp_path, tiny_da
 @pytest.mark.xdist_group("two_runs")
 def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_path, tiny_data,
                                                                  monkeypatch):
+  from ferjax.inference import DEFAULT_WEIGHTS
+
   dirs = two_runs
-  metrics = evaluate_checkpoint(dirs[0], baseline=pathlib.Path(dirs[1]), tta="flip",
-                                data=tiny_data, batch_size=16, output_dir=str(tmp_path / "out"))
+  # The baseline is the shipped model (the two tiny runs agree on every face after 2 steps),
+  # on labels set so that the two get different numbers of faces right: a swap would show.
   test = tiny_data.split("PrivateTest")
   probs = [predict_dataset(make_predict_fn(checkpoint_lib.load_model(d)[0], "flip"),
-                           test.images, 16) for d in dirs]
+                           test.images, 16) for d in (dirs[0], DEFAULT_WEIGHTS)]
+  here, there = probs[0].argmax(1), probs[1].argmax(1)
+  neither = [next(c for c in range(7) if c not in (a, b)) for a, b in zip(here, there)]
+  labels = np.where(np.arange(21) < 3, here, np.where(np.arange(21) < 10, there, neither))
+  test = dataclasses.replace(test, labels=labels.astype(np.int32))
+  metrics = evaluate_checkpoint(dirs[0], baseline=pathlib.Path(DEFAULT_WEIGHTS), tta="flip",
+                                data=test, batch_size=16, output_dir=str(tmp_path / "out"))
   expected = paired_comparison(probs[0], probs[1], test.labels)
+  assert expected["right_only_here"] < expected["right_only_in_baseline"]
   got = metrics["baseline"]
-  assert (got["workdir"], got["model"], got["step"]) == (dirs[1], "acnn_alstm", 2)
+  assert (got["workdir"], got["model"], got["step"]) == (DEFAULT_WEIGHTS, "acnn_alstm", 43953)
   assert {k: got[k] for k in expected} == pytest.approx(expected)
   assert got["accuracy"] == pytest.approx(metrics["accuracy"])
   saved = json.load(open(metrics["files"][0]))
