@@ -3,8 +3,9 @@ r"""Evaluates a checkpoint of a training run.
   python -m experiments.evaluate --workdir=runs/acnn_alstm --which=best \
       --split=PrivateTest --tta=flip
 
-Prints accuracy, macro-F1, per-class precision/recall/F1 and the confusion
-matrix, and writes them as JSON and a confusion-matrix PNG into the workdir.
+Prints accuracy with its 95 % interval, macro-F1, loss, the expected
+calibration error, per-class precision/recall/F1 and the confusion matrix, and
+writes them as JSON and a confusion-matrix PNG into the workdir.
 The model and label set come from the checkpoint.
 
 Several comma-separated workdirs evaluate their ensemble: the average of the
