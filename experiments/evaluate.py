@@ -47,6 +47,10 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows 
                               "them) instead of failing, as training's flag.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Default: the "
                               "workdir (required for an ensemble).")
+_MISTAKES = flags.DEFINE_integer("mistakes", 0, "Draw the N most confident wrong predictions "
+                                 "into <report>-mistakes.png, with their data rows (the "
+                                 "0-based rows of fer2013.csv) in the report. One --workdir "
+                                 "only.", lower_bound=0)
 _BASELINE = flags.DEFINE_string("baseline", None, "Another run's workdir to compare with: its "
                                 "best checkpoint on this evaluation's faces (this run's data "
                                 "and --split) and --tta; the faces only one gets right, "
@@ -70,6 +74,9 @@ def main(argv):
   if _BASELINE.value is not None and len(workdirs) > 1:
     raise app.UsageError("--baseline compares one run with another: give --workdir one run, "
                          "not an ensemble")
+  if _MISTAKES.value and len(workdirs) > 1:
+    raise app.UsageError("--mistakes draws one run's mistakes: give --workdir one run, not an "
+                         "ensemble")
   if _BASELINE.value is not None and not _BASELINE.value.strip():
     raise app.UsageError("--baseline is empty; give the workdir of the run to compare with")
   from ferjax.evaluate import (evaluate_checkpoint, evaluate_ensemble, format_comparison,
@@ -80,7 +87,8 @@ def main(argv):
                 expect_model=_MODEL.value, output_dir=_OUTPUT.value,
                 on_error="skip" if _SKIP_BAD.value else "raise")
   if len(workdirs) == 1:
-    metrics = evaluate_checkpoint(workdirs[0], baseline=_BASELINE.value, **common)
+    metrics = evaluate_checkpoint(workdirs[0], baseline=_BASELINE.value,
+                                  mistakes=_MISTAKES.value, **common)
     title = f"{metrics['model']} on {metrics['split']} (step {metrics['step']}, " \
         f"tta={metrics['tta']})"
   else:

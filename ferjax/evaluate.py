@@ -263,6 +263,19 @@ def paired_comparison(probs: np.ndarray, baseline_probs: np.ndarray,
           "p_value": mcnemar_exact_p(only_here, only_there)}
 
 
+def confident_mistakes(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+  """Indices of the (at most) ``n`` wrong predictions with the highest top probability.
+
+  Most confident first; ties keep the examples' order. FER2013 has many faces
+  whose label is itself doubtful, and these are where a model and its label
+  disagree most firmly.
+  """
+  probs, labels = np.asarray(probs), np.asarray(labels)
+  wrong = np.flatnonzero(probs.argmax(axis=1) != labels)
+  order = np.argsort(-probs[wrong].max(axis=1), kind="stable")
+  return wrong[order[:max(n, 0)]]
+
+
 def format_comparison(baseline: dict) -> str:
   """One line for the ``baseline`` entry of :func:`evaluate_checkpoint`'s metrics."""
   return (f"against {baseline['workdir']} ({baseline['model']}, step {baseline['step']}): "
@@ -343,8 +356,8 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
                         tta: str = "none", data=None, data_path: str | None = None,
                         ferplus_path: str | None = None, batch_size: int = 256,
                         expect_model: str | None = None, output_dir: str | None = None,
-                        on_error: str = "raise", baseline: str | os.PathLike | None = None
-                        ) -> dict:
+                        on_error: str = "raise", baseline: str | os.PathLike | None = None,
+                        mistakes: int = 0) -> dict:
   """Evaluates a run's checkpoint on a split; writes JSON and a confusion-matrix PNG.
 
   Args:
@@ -366,6 +379,12 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
       metrics (and the report) as ``baseline``. Its best checkpoint, whatever
       ``checkpoint`` says, on the faces and TTA of this evaluation (the data
       and split come from this run's config, as an ensemble's from its first).
+    mistakes: with N > 0, the N most confident wrong predictions
+      (:func:`confident_mistakes`) are drawn into ``<report>-mistakes.png`` and
+      listed in the metrics as ``mistakes``: position in the split, data row
+      (``FerData.rows``: the 0-based data row of ``fer2013.csv``, where the FER+
+      votes for the face can be looked up; for image folders, the position in
+      the listing), label, prediction and its probability.
 
   Returns:
     The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added
@@ -381,6 +400,8 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
   from ferjax import checkpoint as checkpoint_lib
 
   _check_eval_args(tta, batch_size)
+  if not is_whole(mistakes, 0):
+    raise ConfigError(f"mistakes must be a whole number of at least 0, got {mistakes!r}")
   if output_dir is not None:
     check_folder_path(output_dir, "output_dir")
   model, meta = checkpoint_lib.load_model(workdir, checkpoint, expect_model=expect_model)
@@ -405,10 +426,26 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     metrics["baseline"] = {"workdir": os.fspath(baseline), "model": base_meta["model"],
                            "step": base_meta["step"],
                            **paired_comparison(probs, base_probs, subset.labels)}
+  names = list(meta["class_names"])
+  if mistakes:
+    metrics["mistakes"] = [
+        {"index": int(i), "row": int(subset.rows[i]), "label": names[subset.labels[i]],
+         "predicted": names[probs[i].argmax()], "probability": float(probs[i].max())}
+        for i in confident_mistakes(probs, subset.labels, mistakes)]
   if output_dir is None:
     output_dir = checkpoint_lib.run_folder(workdir)
-  _write_report(metrics, output_dir, f"eval-{split}-step{meta['step']}-tta_{tta}",
-                f"{meta['model']} {split} (step {meta['step']}, tta={tta})")
+  stem = f"eval-{split}-step{meta['step']}-tta_{tta}"
+  _write_report(metrics, output_dir, stem, f"{meta['model']} {split} (step {meta['step']}, "
+                f"tta={tta})")
+  if mistakes:
+    from ferjax import plots
+
+    path = os.path.join(os.path.abspath(output_dir), stem + "-mistakes.png")
+    found = metrics["mistakes"]
+    plots.plot_face_grid(subset.images[[m["index"] for m in found]],
+                         [f"row {m['row']}: {m['label'][:7]}\n→ {m['predicted'][:7]} "
+                          f"{m['probability']:.2f}" for m in found], path)
+    metrics["files"].append(path)
   return metrics
 
 

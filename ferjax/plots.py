@@ -1,4 +1,4 @@
-"""Figures: training curves, confusion matrices and attention maps, written as PNG."""
+"""Figures: training curves, confusion matrices, face grids and attention maps, as PNG."""
 
 from __future__ import annotations
 
@@ -79,20 +79,34 @@ def plot_attention_grid(faces: np.ndarray, alpha: np.ndarray, titles: Sequence[s
     path: the PNG to write.
     columns: faces per row.
   """
+  plot_face_grid(faces, titles, path, columns, alpha=alpha)
+
+
+def plot_face_grid(faces: np.ndarray, titles: Sequence[str], path: str, columns: int = 8, *,
+                   alpha: np.ndarray | None = None) -> None:
+  """Faces in a grid, one caption each; with ``alpha``, its heat map on each face.
+
+  Args:
+    faces: uint8 ``(N, 48, 48, 1)``.
+    titles: one caption per face.
+    path: the PNG to write.
+    columns: faces per row.
+    alpha: optional ``(N, h*w)`` weights over a square grid of positions (row-major).
+  """
   plt = _pyplot()
   n = len(faces)
-  side = int(round(np.sqrt(alpha.shape[1])))
-  rows = -(-n // columns)
+  rows = max(-(-n // columns), 1)
   fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.85 * rows), squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
   for i in range(n):
     ax = axes.ravel()[i]
     ax.imshow(faces[i, ..., 0], cmap="gray", vmin=0, vmax=255)
-    heat = alpha[i].reshape(side, side)
-    ax.imshow(heat, cmap="jet", alpha=0.45, extent=(-0.5, faces.shape[2] - 0.5,
-                                                    faces.shape[1] - 0.5, -0.5),
-              interpolation="bilinear")
+    if alpha is not None:
+      side = int(round(np.sqrt(alpha.shape[1])))
+      ax.imshow(alpha[i].reshape(side, side), cmap="jet", alpha=0.45,
+                extent=(-0.5, faces.shape[2] - 0.5, faces.shape[1] - 0.5, -0.5),
+                interpolation="bilinear")
     ax.set_title(titles[i], fontsize=7)
   _save(fig, path)
   plt.close(fig)

@@ -204,6 +204,8 @@ def test_train_errors_are_one_line(tmp_path, args, code, message):
     ("experiments.evaluate", ["--workdir=a,b", "--output_dir=unused", "--baseline=c"],
      "error: --baseline compares one run with another: give --workdir one run, not an "
      "ensemble"),
+    ("experiments.evaluate", ["--workdir=a,b", "--output_dir=unused", "--mistakes=3"],
+     "error: --mistakes draws one run's mistakes: give --workdir one run, not an ensemble"),
     ("experiments.evaluate", ["--workdir=a", "--baseline= "],
      "error: --baseline is empty; give the workdir of the run to compare with"),
     # "an ensemble needs at least two runs, got []" before.

@@ -28,10 +28,10 @@ from ferjax.augment import NO_AUGMENT
 from ferjax.config import TrainConfig, default_config
 from ferjax.data import load_fer2013
 from ferjax.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
-from ferjax.evaluate import (classification_metrics, evaluate_checkpoint, evaluate_ensemble,
-                             expected_calibration_error, format_metrics, make_predict_fn,
-                             mcnemar_exact_p, paired_comparison, predict_dataset,
-                             wilson_interval)
+from ferjax.evaluate import (classification_metrics, confident_mistakes, evaluate_checkpoint,
+                             evaluate_ensemble, expected_calibration_error, format_metrics,
+                             make_predict_fn, mcnemar_exact_p, paired_comparison,
+                             predict_dataset, wilson_interval)
 from ferjax.preprocess import preprocess
 from ferjax.splits import resolve_splits
 
@@ -243,6 +243,14 @@ def test_mcnemar_exact_p_by_hand():
     mcnemar_exact_p(-1, 3)  # Before: 0.0, silently.
   # Thousands of pairs, beyond what floating-point powers of two could hold.
   assert 0 < mcnemar_exact_p(1100, 1000) < 0.04 < mcnemar_exact_p(1050, 1000) < 1
+
+
+def test_confident_mistakes_are_the_wrong_answers_most_confident_first():
+  probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.95, 0.05], [0.7, 0.3]])
+  labels = np.array([1, 1, 1, 0, 0, 1])  # Wrong: 0 (0.9), 2 (0.6), 3 (0.7), 5 (0.7).
+  assert confident_mistakes(probs, labels, 10).tolist() == [0, 3, 5, 2]  # Ties keep order.
+  assert confident_mistakes(probs, labels, 2).tolist() == [0, 3]
+  assert confident_mistakes(probs, labels, 0).tolist() == []
 
 
 def test_paired_comparison_counts_the_faces_only_one_model_gets_right():
@@ -791,6 +799,20 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
   assert got["accuracy"] == pytest.approx(metrics["accuracy"])
   saved = json.load(open(metrics["files"][0]))
   assert saved["baseline"]["p_value"] == pytest.approx(expected["p_value"])
+  # The most confident mistakes, drawn and listed with their data rows.
+  metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
+                                output_dir=str(tmp_path / "mistakes"), mistakes=5)
+  wrong = confident_mistakes(probs[1], test.labels, 5)
+  assert len(wrong) == 5
+  names = list(tiny_data.class_names)
+  assert metrics["mistakes"] == [
+      {"index": int(i), "row": int(test.rows[i]), "label": names[test.labels[i]],
+       "predicted": names[probs[1][i].argmax()], "probability": pytest.approx(probs[1][i].max())}
+      for i in wrong]
+  assert metrics["files"][-1].endswith("-tta_flip-mistakes.png")
+  assert os.path.getsize(metrics["files"][-1]) > 1000
+  with pytest.raises(ConfigError, match="mistakes must be a whole number of at least 0, got -1"):
+    evaluate_checkpoint(DEFAULT_WEIGHTS, data=test, mistakes=-1)
   # A baseline that cannot be compared fails before anything predicts.
   from ferjax import evaluate as evaluate_lib
   real_load = checkpoint_lib.load_model
