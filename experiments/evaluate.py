@@ -20,6 +20,8 @@ exact p-value:
 
   python -m experiments.evaluate --workdir=runs/vgg_alstm-bnrecal \
       --baseline=runs/vgg_alstm
+
+--mistakes=N draws the N most confident wrong answers, with their data rows.
 """
 
 from absl import app, flags
