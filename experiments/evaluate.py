@@ -49,10 +49,10 @@ _SKIP_BAD = flags.DEFINE_bool("skip_bad_rows", False, "Drop malformed data rows 
                               "them) instead of failing, as training's flag.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Default: the "
                               "workdir (required for an ensemble).")
-_MISTAKES = flags.DEFINE_integer("mistakes", 0, "Draw the N most confident wrong predictions "
-                                 "into <report>-mistakes.png, with their data rows (the "
-                                 "0-based rows of fer2013.csv) in the report. One --workdir "
-                                 "only.", lower_bound=0)
+_MISTAKES = flags.DEFINE_integer("mistakes", 0, "List the N most confident wrong predictions "
+                                 "in the report, with their data rows (the 0-based rows of "
+                                 "fer2013.csv), and draw the first 256 into "
+                                 "<report>-mistakes.png. One --workdir only.", lower_bound=0)
 _BASELINE = flags.DEFINE_string("baseline", None, "Another run's workdir to compare with: its "
                                 "best checkpoint on this evaluation's faces (this run's data "
                                 "and --split) and --tta; the faces only one gets right, "

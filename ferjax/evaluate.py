@@ -263,6 +263,9 @@ def paired_comparison(probs: np.ndarray, baseline_probs: np.ndarray,
           "p_value": mcnemar_exact_p(only_here, only_there)}
 
 
+MISTAKES_DRAWN = 256
+
+
 def confident_mistakes(probs: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
   """Indices of the (at most) ``n`` wrong predictions with the highest top probability.
 
@@ -380,8 +383,8 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
       ``checkpoint`` says, on the faces and TTA of this evaluation (the data
       and split come from this run's config, as an ensemble's from its first).
     mistakes: with N > 0, the N most confident wrong predictions
-      (:func:`confident_mistakes`) are drawn into ``<report>-mistakes.png`` and
-      listed in the metrics as ``mistakes``: position in the split, data row
+      (:func:`confident_mistakes`) are listed in the metrics as ``mistakes``,
+      and the first ``MISTAKES_DRAWN`` drawn into ``<report>-mistakes.png``: position in the split, data row
       (``FerData.rows``: the 0-based data row of ``fer2013.csv``, where the FER+
       votes for the face can be looked up; for image folders, the position in
       the listing), label, prediction and its probability.
@@ -441,7 +444,7 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     from ferjax import plots
 
     path = os.path.join(os.path.abspath(output_dir), stem + "-mistakes.png")
-    found = metrics["mistakes"]
+    found = metrics["mistakes"][:MISTAKES_DRAWN]  # A larger grid outgrows what a PNG can hold.
     plots.plot_face_grid(subset.images[[m["index"] for m in found]],
                          [f"row {m['row']}: {m['label'][:7]}\n→ {m['predicted'][:7]} "
                           f"{m['probability']:.2f}" for m in found], path)

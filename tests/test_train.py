@@ -811,10 +811,20 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
       for i in wrong]
   assert metrics["files"][-1].endswith("-tta_flip-mistakes.png")
   assert os.path.getsize(metrics["files"][-1]) > 1000
+  # All are listed; the grid draws the first MISTAKES_DRAWN (a PNG has a size limit).
+  from ferjax import evaluate as evaluate_lib
+  from ferjax import plots
+  drawn = []
+  monkeypatch.setattr(evaluate_lib, "MISTAKES_DRAWN", 3)
+  monkeypatch.setattr(plots, "plot_face_grid", lambda faces, titles, path: drawn.append(titles))
+  metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
+                                output_dir=str(tmp_path / "mistakes"), mistakes=5)
+  assert len(metrics["mistakes"]) == 5 and len(drawn) == 1 and len(drawn[0]) == 3
+  assert drawn[0][0].startswith(f"row {metrics['mistakes'][0]['row']}: ")
+  monkeypatch.undo()
   with pytest.raises(ConfigError, match="mistakes must be a whole number of at least 0, got -1"):
     evaluate_checkpoint(DEFAULT_WEIGHTS, data=test, mistakes=-1)
   # A baseline that cannot be compared fails before anything predicts.
-  from ferjax import evaluate as evaluate_lib
   real_load = checkpoint_lib.load_model
 
   def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.
