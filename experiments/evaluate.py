@@ -41,7 +41,8 @@ _TTA = flags.DEFINE_enum("tta", "none", TTA_MODES, "Test-time augmentation.")
 _DATA = flags.DEFINE_string("data", None, "FER2013 in any supported form. Default: "
                             "$FER2013_PATH.")
 _FERPLUS = flags.DEFINE_string("ferplus", None, "fer2013new.csv, for runs trained on FER+ "
-                               "labels. Default: $FERPLUS_PATH.")
+                               "labels, and for --mistakes of a FER2013 run. Default: "
+                               "$FERPLUS_PATH.")
 _MODEL = flags.DEFINE_string("model", None, "If set, fail unless the checkpoint is this model.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.",
                               lower_bound=1)
@@ -51,8 +52,9 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where to write results. Defau
                               "workdir (required for an ensemble).")
 _MISTAKES = flags.DEFINE_integer("mistakes", 0, "List the N most confident wrong predictions "
                                  "in the report, with their data rows (the 0-based rows of "
-                                 "fer2013.csv), and draw the first 256 into "
-                                 "<report>-mistakes.png. One --workdir only.", lower_bound=0)
+                                 "fer2013.csv; with --ferplus, FER+'s majority for each), "
+                                 "and draw the first 256 into <report>-mistakes.png. One "
+                                 "--workdir only.", lower_bound=0)
 _BASELINE = flags.DEFINE_string("baseline", None, "Another run's workdir to compare with: its "
                                 "best checkpoint on this evaluation's faces (this run's data "
                                 "and --split) and --tta; the faces only one gets right, "

@@ -387,7 +387,9 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
       and the first ``MISTAKES_DRAWN`` drawn into ``<report>-mistakes.png``: position in the split, data row
       (``FerData.rows``: the 0-based data row of ``fer2013.csv``, where the FER+
       votes for the face can be looked up; for image folders, the position in
-      the listing), label, prediction and its probability.
+      the listing), label, prediction and its probability. For a FER2013 run
+      with ``ferplus_path`` (or ``$FERPLUS_PATH``) and CSV data, each also gets
+      ``ferplus``: the FER+ majority for its row, or None where FER+ has none.
 
   Returns:
     The metrics dict, with ``step``, ``split``, ``tta`` and ``model`` added
@@ -415,6 +417,10 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
       raise ConfigError(f"--baseline={baseline}: its model predicts {base_meta['labels']} "
                         f"classes {list(base_meta['class_names'])}, {workdir}'s predicts "
                         f"{meta['labels']} classes {list(meta['class_names'])}")
+  ferplus_votes = None
+  if mistakes and meta["labels"] == "fer2013":  # FER+ for the mistakes, not as labels.
+    ferplus_votes = ferplus_path or os.environ.get("FERPLUS_PATH")
+    ferplus_path = None
   subset, split = _test_subset(meta, split, data, data_path, ferplus_path, on_error)
   _log_start(workdir, meta, subset, split, tta)
   probs = predict_dataset(make_predict_fn(model, tta), subset.images, batch_size,
@@ -435,6 +441,8 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
         {"index": int(i), "row": int(subset.rows[i]), "label": names[subset.labels[i]],
          "predicted": names[probs[i].argmax()], "probability": float(probs[i].max())}
         for i in confident_mistakes(probs, subset.labels, mistakes)]
+    if ferplus_votes and subset.csv_rows:
+      _add_ferplus_majority(metrics["mistakes"], subset, ferplus_votes)
   if output_dir is None:
     output_dir = checkpoint_lib.run_folder(workdir)
   stem = f"eval-{split}-step{meta['step']}-tta_{tta}"
@@ -447,7 +455,9 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     found = metrics["mistakes"][:MISTAKES_DRAWN]  # A larger grid outgrows what a PNG can hold.
     plots.plot_face_grid(subset.images[[m["index"] for m in found]],
                          [f"row {m['row']}: {m['label'][:7]}\n→ {m['predicted'][:7]} "
-                          f"{m['probability']:.2f}" for m in found], path)
+                          f"{m['probability']:.2f}"
+                          + (f"\nFER+ {(m['ferplus'] or '-')[:7]}" if "ferplus" in m else "")
+                          for m in found], path)
     metrics["files"].append(path)
   return metrics
 
@@ -527,6 +537,19 @@ def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: s
   _write_report(metrics, output_dir, f"eval-ensemble-{split}-tta_{tta}",
                 f"ensemble of {len(members)} ({name}) {split} (tta={tta})")
   return metrics
+
+
+def _add_ferplus_majority(found: list[dict], subset, ferplus_path: str) -> None:
+  """Adds ``ferplus`` to each mistake: FER+'s majority label for its row, or None."""
+  from ferjax.data import load_ferplus, with_ferplus_labels
+
+  # The join checks that the two files are row-aligned (their Usage columns agree).
+  picked = with_ferplus_labels(subset.select(np.array([m["index"] for m in found], np.int64)),
+                               load_ferplus(ferplus_path))
+  majority = {int(row): picked.class_names[label]
+              for row, label in zip(picked.rows, picked.labels)}
+  for m in found:
+    m["ferplus"] = majority.get(m["row"])
 
 
 def _check_eval_args(tta: str, batch_size: int) -> None:

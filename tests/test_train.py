@@ -779,6 +779,7 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
                                                                  monkeypatch):
   from ferjax.inference import DEFAULT_WEIGHTS
 
+  monkeypatch.delenv("FERPLUS_PATH", raising=False)  # CI sets it; the FER+ case is below.
   dirs = two_runs
   # The baseline is the shipped model (the two tiny runs agree on every face after 2 steps),
   # on labels set so that the two get different numbers of faces right: a swap would show.
@@ -824,6 +825,20 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
   monkeypatch.undo()
   with pytest.raises(ConfigError, match="mistakes must be a whole number of at least 0, got -1"):
     evaluate_checkpoint(DEFAULT_WEIGHTS, data=test, mistakes=-1)
+  # With FER+ votes, each mistake gets its row's FER+ majority: rows cycle through happiness,
+  # contempt and "not a face" (no majority) here.
+  votes = ["0,10,0,0,0,0,0,0,0,0", "0,0,0,0,0,0,0,10,0,0", "0,0,0,0,0,0,0,0,0,10"]
+  usage = ["Training"] * 64 + ["PublicTest"] * 20 + ["PrivateTest"] * 21
+  ferplus = tmp_path / "fer2013new.csv"
+  ferplus.write_text("Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,"
+                     "contempt,unknown,NF\n" + "".join(
+                         f"{usage[i]},fer{i:07d}.png,{votes[i % 3]}\n" for i in range(105)))
+  metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
+                                output_dir=str(tmp_path / "mistakes"), mistakes=5,
+                                ferplus_path=str(ferplus))
+  assert [m["ferplus"] for m in metrics["mistakes"]] == [
+      ["happy", "contempt", None][m["row"] % 3] for m in metrics["mistakes"]]
+  assert {m["row"] % 3 for m in metrics["mistakes"]} == {0, 1, 2}
   # A baseline that cannot be compared fails before anything predicts.
   real_load = checkpoint_lib.load_model
 
