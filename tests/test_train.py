@@ -715,6 +715,30 @@ def test_a_missing_checkpoint_item_is_named(tmp_path):
     store.restore(1, model={"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
 
 
+def _load_as_if_ferplus(monkeypatch, workdir: str) -> None:
+  """``checkpoint.load_model`` as if the run in ``workdir`` had FER+ labels."""
+  real_load = checkpoint_lib.load_model
+
+  def load(path, which="best", **kw):
+    model, meta = real_load(path, which, **kw)
+    if path == workdir:
+      meta = {**meta, "labels": "ferplus", "class_names": [*meta["class_names"], "contempt"]}
+    return model, meta
+
+  monkeypatch.setattr(checkpoint_lib, "load_model", load)
+
+
+def _tiny_ferplus_csv(tmp_path) -> pathlib.Path:
+  """FER+ votes row-aligned with tiny_csv's 105 rows: happiness, contempt, "not a face", ..."""
+  votes = ["0,10,0,0,0,0,0,0,0,0", "0,0,0,0,0,0,0,10,0,0", "0,0,0,0,0,0,0,0,0,10"]
+  usage = ["Training"] * 64 + ["PublicTest"] * 20 + ["PrivateTest"] * 21
+  ferplus = tmp_path / "fer2013new.csv"
+  ferplus.write_text("Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,"
+                     "contempt,unknown,NF\n" + "".join(
+                         f"{usage[i]},fer{i:07d}.png,{votes[i % 3]}\n" for i in range(105)))
+  return ferplus
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_data):
   """Two tiny finished runs (seeds 0 and 1), for the ensemble and the baseline tests."""
@@ -761,15 +785,7 @@ def test_ensemble_averages_the_members_probabilities(two_runs, tmp_path, tiny_da
     evaluate_ensemble([dirs[0], dirs[0]], output_dir=str(out), tta="flip", data=tiny_data,
                       batch_size=16)
   assert (out / "eval-ensemble-PrivateTest-tta_flip.json").read_text() == before
-  real_load = checkpoint_lib.load_model
-
-  def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.
-    model, meta = real_load(path, which, **kw)
-    if path == dirs[1]:
-      meta = {**meta, "labels": "ferplus", "class_names": [*meta["class_names"], "contempt"]}
-    return model, meta
-
-  monkeypatch.setattr(checkpoint_lib, "load_model", load_ferplus_second)
+  _load_as_if_ferplus(monkeypatch, dirs[1])
   with pytest.raises(ConfigError, match=f"{dirs[1]}: its model predicts ferplus classes"):
     evaluate_ensemble(dirs, output_dir=str(out), data=tiny_data)
 
@@ -827,12 +843,7 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
     evaluate_checkpoint(DEFAULT_WEIGHTS, data=test, mistakes=-1)
   # With FER+ votes, each mistake gets its row's FER+ majority: rows cycle through happiness,
   # contempt and "not a face" (no majority) here.
-  votes = ["0,10,0,0,0,0,0,0,0,0", "0,0,0,0,0,0,0,10,0,0", "0,0,0,0,0,0,0,0,0,10"]
-  usage = ["Training"] * 64 + ["PublicTest"] * 20 + ["PrivateTest"] * 21
-  ferplus = tmp_path / "fer2013new.csv"
-  ferplus.write_text("Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,"
-                     "contempt,unknown,NF\n" + "".join(
-                         f"{usage[i]},fer{i:07d}.png,{votes[i % 3]}\n" for i in range(105)))
+  ferplus = _tiny_ferplus_csv(tmp_path)
   metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
                                 output_dir=str(tmp_path / "mistakes"), mistakes=5,
                                 ferplus_path=str(ferplus))
@@ -840,21 +851,13 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
       ["happy", "contempt", None][m["row"] % 3] for m in metrics["mistakes"]]
   assert {m["row"] % 3 for m in metrics["mistakes"]} == {0, 1, 2}
   # A baseline that cannot be compared fails before anything predicts.
-  real_load = checkpoint_lib.load_model
-
-  def load_ferplus_second(path, which="best", **kw):  # As if run b had FER+ labels.
-    model, meta = real_load(path, which, **kw)
-    if path == dirs[1]:
-      meta = {**meta, "labels": "ferplus", "class_names": [*meta["class_names"], "contempt"]}
-    return model, meta
-
   def must_not_predict(*args, **kwargs):
     raise AssertionError("predicted before the baseline had loaded")
 
   monkeypatch.setattr(evaluate_lib, "predict_dataset", must_not_predict)
   with pytest.raises(CheckpointError, match="missing: no such directory"):
     evaluate_checkpoint(dirs[0], baseline=str(tmp_path / "missing"), data=tiny_data)
-  monkeypatch.setattr(checkpoint_lib, "load_model", load_ferplus_second)
+  _load_as_if_ferplus(monkeypatch, dirs[1])
   with pytest.raises(ConfigError, match=f"--baseline={dirs[1]}: its model predicts ferplus "
                      f"classes .*, {dirs[0]}'s predicts fer2013 classes"):
     evaluate_checkpoint(dirs[0], baseline=dirs[1], data=tiny_data)
@@ -1426,13 +1429,7 @@ def test_export_weights_cli_exports_the_checkpoint_named_by_which(tmp_path, tiny
 
 
 def test_ferplus_labels_train_an_8_class_model(tmp_path, tiny_csv):
-  n = 105  # Rows of tiny_csv, in order.
-  votes = ["0,10,0,0,0,0,0,0,0,0", "0,0,0,0,0,0,0,10,0,0", "0,0,0,0,0,0,0,0,0,10"]
-  usage = ["Training"] * 64 + ["PublicTest"] * 20 + ["PrivateTest"] * 21
-  ferplus = tmp_path / "fer2013new.csv"
-  ferplus.write_text("Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,"
-                     "contempt,unknown,NF\n" + "".join(
-                         f"{usage[i]},fer{i:07d}.png,{votes[i % 3]}\n" for i in range(n)))
+  ferplus = _tiny_ferplus_csv(tmp_path)
   workdir = str(tmp_path / "run")
   results = train_lib.train_and_evaluate(
       tiny_config(labels="ferplus", soft_targets=True, max_steps=2), workdir,
