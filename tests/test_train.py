@@ -816,41 +816,9 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
   assert got["accuracy"] == pytest.approx(metrics["accuracy"])
   saved = json.load(open(metrics["files"][0]))
   assert saved["baseline"]["p_value"] == pytest.approx(expected["p_value"])
-  # The most confident mistakes, drawn and listed with their data rows.
-  metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
-                                output_dir=str(tmp_path / "mistakes"), mistakes=5)
-  wrong = confident_mistakes(probs[1], test.labels, 5)
-  assert len(wrong) == 5
-  names = list(tiny_data.class_names)
-  assert metrics["mistakes"] == [
-      {"index": int(i), "row": int(test.rows[i]), "label": names[test.labels[i]],
-       "predicted": names[probs[1][i].argmax()], "probability": pytest.approx(probs[1][i].max())}
-      for i in wrong]
-  assert metrics["files"][-1].endswith("-tta_flip-mistakes.png")
-  assert os.path.getsize(metrics["files"][-1]) > 1000
-  # All are listed; the grid draws the first MISTAKES_DRAWN (a PNG has a size limit).
-  from ferjax import evaluate as evaluate_lib
-  from ferjax import plots
-  drawn = []
-  monkeypatch.setattr(evaluate_lib, "MISTAKES_DRAWN", 3)
-  monkeypatch.setattr(plots, "plot_face_grid", lambda faces, titles, path: drawn.append(titles))
-  metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
-                                output_dir=str(tmp_path / "mistakes"), mistakes=5)
-  assert len(metrics["mistakes"]) == 5 and len(drawn) == 1 and len(drawn[0]) == 3
-  assert drawn[0][0].startswith(f"row {metrics['mistakes'][0]['row']}: ")
-  monkeypatch.undo()
-  with pytest.raises(ConfigError, match="mistakes must be a whole number of at least 0, got -1"):
-    evaluate_checkpoint(DEFAULT_WEIGHTS, data=test, mistakes=-1)
-  # With FER+ votes, each mistake gets its row's FER+ majority: rows cycle through happiness,
-  # contempt and "not a face" (no majority) here.
-  ferplus = _tiny_ferplus_csv(tmp_path)
-  metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
-                                output_dir=str(tmp_path / "mistakes"), mistakes=5,
-                                ferplus_path=str(ferplus))
-  assert [m["ferplus"] for m in metrics["mistakes"]] == [
-      ["happy", "contempt", None][m["row"] % 3] for m in metrics["mistakes"]]
-  assert {m["row"] % 3 for m in metrics["mistakes"]} == {0, 1, 2}
   # A baseline that cannot be compared fails before anything predicts.
+  from ferjax import evaluate as evaluate_lib
+
   def must_not_predict(*args, **kwargs):
     raise AssertionError("predicted before the baseline had loaded")
 
@@ -861,6 +829,51 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
   with pytest.raises(ConfigError, match=f"--baseline={dirs[1]}: its model predicts ferplus "
                      f"classes .*, {dirs[0]}'s predicts fer2013 classes"):
     evaluate_checkpoint(dirs[0], baseline=dirs[1], data=tiny_data)
+
+
+def test_evaluate_lists_and_draws_the_most_confident_mistakes(tmp_path, tiny_data, monkeypatch):
+  from ferjax import evaluate as evaluate_lib
+  from ferjax import plots
+  from ferjax.inference import DEFAULT_WEIGHTS
+
+  monkeypatch.delenv("FERPLUS_PATH", raising=False)  # CI sets it; the FER+ case is below.
+  test = tiny_data.split("PrivateTest")
+  probs = predict_dataset(make_predict_fn(checkpoint_lib.load_model(DEFAULT_WEIGHTS)[0], "flip"),
+                          test.images, 16)
+  # Labels the shipped model gets right on 7 faces and wrong on 14.
+  predicted = probs.argmax(1)
+  labels = np.where(np.arange(21) < 7, predicted, (predicted + 1) % 7)
+  test = dataclasses.replace(test, labels=labels.astype(np.int32))
+  metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
+                                output_dir=str(tmp_path / "mistakes"), mistakes=5)
+  wrong = confident_mistakes(probs, test.labels, 5)
+  assert len(wrong) == 5
+  names = list(tiny_data.class_names)
+  assert metrics["mistakes"] == [
+      {"index": int(i), "row": int(test.rows[i]), "label": names[test.labels[i]],
+       "predicted": names[probs[i].argmax()], "probability": pytest.approx(probs[i].max())}
+      for i in wrong]
+  assert metrics["files"][-1].endswith("-tta_flip-mistakes.png")
+  assert os.path.getsize(metrics["files"][-1]) > 1000
+  # All are listed; the grid draws the first MISTAKES_DRAWN (a PNG has a size limit).
+  drawn = []
+  with monkeypatch.context() as patch:
+    patch.setattr(evaluate_lib, "MISTAKES_DRAWN", 3)
+    patch.setattr(plots, "plot_face_grid", lambda faces, titles, path: drawn.append(titles))
+    metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
+                                  output_dir=str(tmp_path / "mistakes"), mistakes=5)
+  assert len(metrics["mistakes"]) == 5 and len(drawn) == 1 and len(drawn[0]) == 3
+  assert drawn[0][0].startswith(f"row {metrics['mistakes'][0]['row']}: ")
+  with pytest.raises(ConfigError, match="mistakes must be a whole number of at least 0, got -1"):
+    evaluate_checkpoint(DEFAULT_WEIGHTS, data=test, mistakes=-1)
+  # With FER+ votes, each mistake gets its row's FER+ majority: rows cycle through happiness,
+  # contempt and "not a face" (no majority) here.
+  metrics = evaluate_checkpoint(DEFAULT_WEIGHTS, tta="flip", data=test, batch_size=16,
+                                output_dir=str(tmp_path / "mistakes"), mistakes=5,
+                                ferplus_path=str(_tiny_ferplus_csv(tmp_path)))
+  assert [m["ferplus"] for m in metrics["mistakes"]] == [
+      ["happy", "contempt", None][m["row"] % 3] for m in metrics["mistakes"]]
+  assert {m["row"] % 3 for m in metrics["mistakes"]} == {0, 1, 2}
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path, tiny_data):
