@@ -795,7 +795,6 @@ def test_evaluate_against_a_baseline_compares_on_the_same_faces(two_runs, tmp_pa
                                                                  monkeypatch):
   from ferjax.inference import DEFAULT_WEIGHTS
 
-  monkeypatch.delenv("FERPLUS_PATH", raising=False)  # CI sets it; the FER+ case is below.
   dirs = two_runs
   # The baseline is the shipped model (the two tiny runs agree on every face after 2 steps),
   # on labels set so that the two get different numbers of faces right: a swap would show.
