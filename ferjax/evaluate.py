@@ -435,31 +435,43 @@ def evaluate_checkpoint(workdir: str, *, checkpoint: str | int = "best", split: 
     metrics["baseline"] = {"workdir": os.fspath(baseline), "model": base_meta["model"],
                            "step": base_meta["step"],
                            **paired_comparison(probs, base_probs, subset.labels)}
-  names = list(meta["class_names"])
   if mistakes:
-    metrics["mistakes"] = [
-        {"index": int(i), "row": int(subset.rows[i]), "label": names[subset.labels[i]],
-         "predicted": names[probs[i].argmax()], "probability": float(probs[i].max())}
-        for i in confident_mistakes(probs, subset.labels, mistakes)]
-    if ferplus_votes and subset.csv_rows:
-      _add_ferplus_majority(metrics["mistakes"], subset, ferplus_votes)
+    metrics["mistakes"] = _list_mistakes(probs, subset, meta["class_names"], mistakes,
+                                         ferplus_votes)
   if output_dir is None:
     output_dir = checkpoint_lib.run_folder(workdir)
   stem = f"eval-{split}-step{meta['step']}-tta_{tta}"
   _write_report(metrics, output_dir, stem, f"{meta['model']} {split} (step {meta['step']}, "
                 f"tta={tta})")
   if mistakes:
-    from ferjax import plots
-
     path = os.path.join(os.path.abspath(output_dir), stem + "-mistakes.png")
-    found = metrics["mistakes"][:MISTAKES_DRAWN]  # A larger grid outgrows what a PNG can hold.
-    plots.plot_face_grid(subset.images[[m["index"] for m in found]],
-                         [f"row {m['row']}: {m['label'][:7]}\n→ {m['predicted'][:7]} "
-                          f"{m['probability']:.2f}"
-                          + (f"\nFER+ {(m['ferplus'] or '-')[:7]}" if "ferplus" in m else "")
-                          for m in found], path)
+    _draw_mistakes(metrics["mistakes"], subset.images, path)
     metrics["files"].append(path)
   return metrics
+
+
+def _list_mistakes(probs: np.ndarray, subset, class_names: Sequence[str], n: int,
+                   ferplus_path: str | None) -> list[dict]:
+  """The ``n`` most confident mistakes as report entries (FER+'s majority where given)."""
+  names = list(class_names)
+  found = [{"index": int(i), "row": int(subset.rows[i]), "label": names[subset.labels[i]],
+            "predicted": names[probs[i].argmax()], "probability": float(probs[i].max())}
+           for i in confident_mistakes(probs, subset.labels, n)]
+  if ferplus_path and subset.csv_rows:
+    _add_ferplus_majority(found, subset, ferplus_path)
+  return found
+
+
+def _draw_mistakes(found: list[dict], images: np.ndarray, path: str) -> None:
+  """The first ``MISTAKES_DRAWN`` entries as a captioned face grid (a larger one outgrows a PNG)."""
+  from ferjax import plots
+
+  found = found[:MISTAKES_DRAWN]
+  plots.plot_face_grid(images[[m["index"] for m in found]],
+                       [f"row {m['row']}: {m['label'][:7]}\n→ {m['predicted'][:7]} "
+                        f"{m['probability']:.2f}"
+                        + (f"\nFER+ {(m['ferplus'] or '-')[:7]}" if "ferplus" in m else "")
+                        for m in found], path)
 
 
 def evaluate_ensemble(workdirs: Sequence[str], *, output_dir: str, checkpoint: str | int = "best",
